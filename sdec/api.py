@@ -1,0 +1,78 @@
+"""The public entry points of the front end: parse, parse_file, analyze."""
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from .build import build
+from .checks import MIX_TOL, run_checks
+from .diagnostics import Diagnostic, SpecError, error
+from .parse import decode, parse_text
+
+
+@attrs.frozen
+class Analysis:
+    """Everything `sdec check` shows: the spec (if it built), diagnostics, proofs."""
+
+    spec: object
+    diagnostics: tuple
+    source: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.spec is not None and not any(d.severity == "error" for d in self.diagnostics)
+
+
+def analyze(text: str | bytes, filename: str | None = None, mix_tol: float = MIX_TOL) -> Analysis:
+    """Run every stage that can run; never raises for a bad spec."""
+    filename = filename or "<spec>"
+    if isinstance(text, bytes):
+        text, diags = decode(text, filename)
+        if text is None:
+            return Analysis(None, tuple(diags), None)
+    if not text.strip():
+        return Analysis(None, (error(None, f"{filename} is empty; a spec declares at least "
+                                           "'sde', 'state', 'beta(t)', 'T', 'target' and the process"),), text)
+    statements, diags = parse_text(text, filename)
+    if any(d.severity == "error" for d in diags):
+        return Analysis(None, tuple(diags), text)
+    spec, more = build(statements, filename)
+    diags = list(diags) + list(more)
+    if spec is None:
+        return Analysis(None, tuple(diags), text)
+    report = run_checks(spec, mix_tol)
+    spec = attrs.evolve(spec, source=text, report=report)
+    for proof in report.proofs:
+        if proof.verdict == "failed":
+            diags.append(Diagnostic(proof.span, proof.detail if proof.detail[:1].isupper() or ":" in proof.detail
+                                    else f"{proof.name}: {proof.detail}", "error"))
+        elif proof.verdict == "warning":
+            diags.append(Diagnostic(proof.span, proof.detail, "warning"))
+    return Analysis(spec, tuple(diags), text)
+
+
+def parse(text: str | bytes, filename: str | None = None):
+    """Parse and check a spec; return the checked IR (sdec.ir.Spec) or raise SpecError."""
+    result = analyze(text, filename)
+    if not result.ok:
+        raise SpecError([d for d in result.diagnostics if d.severity == "error"] or result.diagnostics, result.source)
+    return result.spec
+
+
+def read_spec_bytes(path) -> bytes:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise SpecError([error(None, f"{path}: no such file")]) from None
+    except IsADirectoryError:
+        raise SpecError([error(None, f"{path}: is a directory, not a .sde file")]) from None
+    except OSError as exc:
+        raise SpecError([error(None, f"{path}: cannot read ({exc.strerror})")]) from None
+
+
+def parse_file(path):
+    """Parse and check the spec in a file; raise SpecError naming the file on failure."""
+    return parse(read_spec_bytes(path), os.fspath(path))

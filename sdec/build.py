@@ -1,0 +1,301 @@
+"""Syntax statements → the IR (sdec.ir.Spec): name resolution, sizes, forms.
+
+Every user error becomes a Diagnostic pointing at the construct at fault; the builder
+goes on after an error where it can, so one run reports several.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from . import learn
+from . import syntax as S
+from .diagnostics import Diagnostic, Span, error, warning
+from .evaluate import FUNCTIONS, T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
+from .ir import LEARN_KINDS, Learned, Param, Spec, param_symbol
+
+MAX_STATE = 8
+RESERVED = {"t", "pi", "I", "beta", "random", "T", "t_min", "Q", "D", "drift", "diffusion"} | set(FUNCTIONS)
+_BLOCKS = ("Q", "D", "drift")
+_SINGLE = ("T", "t_min", "Q", "D", "drift", "diffusion")
+
+
+class _Abort(Exception):
+    """Stop building: a missing piece makes the rest meaningless."""
+
+
+class Builder:
+    def __init__(self, statements, filename: str):
+        self.stmts = statements
+        self.filename = filename
+        self.diags: list[Diagnostic] = []
+        self.spans: list = []
+        self.constants: dict = {}
+        self.params: dict = {}
+        self.param_list: list = []
+
+    # ---- helpers --------------------------------------------------------------------
+    def err(self, span, message, hint=None):
+        self.diags.append(error(span, message, hint))
+
+    def where(self, key, span):
+        if span is not None:
+            self.spans.append((key, span))
+
+    def top(self) -> Span:
+        return Span.point(self.filename, 1, 1)
+
+    def value(self, node, scope, expect=None):
+        """Evaluate, turning EvalError into a diagnostic; None on failure."""
+        try:
+            result = evaluate(node, scope)
+        except EvalError as exc:
+            self.err(exc.span or getattr(node, "span", None), exc.message, exc.hint)
+            return None
+        if expect == "scalar" and is_matrix(result):
+            self.err(node.span, f"expected a scalar, got a {shape_text(result)}")
+            return None
+        return result
+
+    def of(self, kind):
+        return [s for s in self.stmts if isinstance(s, kind)]
+
+    def single(self, kind, what):
+        found = self.of(kind)
+        for extra in found[1:]:
+            self.err(extra.span, f"{what} is declared twice (first at line {found[0].span.line})")
+        return found[0] if found else None
+
+    def scope(self, **kw):
+        return Scope(constants=self.constants, params=self.params, size=self.K, **kw)
+
+    # ---- the whole spec -------------------------------------------------------------
+    def build(self) -> Spec | None:
+        try:
+            name = self.name()
+            self.variables = self.state()
+            self.K = len(self.variables)
+            self.declare_constants()
+            self.declare_params()
+            beta = self.beta()
+            T, t_min = self.horizon()
+            target = self.target()
+            aux = self.aux_init()
+            process = self.process(beta, target)
+        except _Abort:
+            return None
+        if any(d.severity == "error" for d in self.diags) or None in (beta, T, t_min, target, aux, process):
+            return None
+        form, Q, D, learned, drift, diffusion, wiener = process
+        self.warn_unused()
+        return Spec(name=name, variables=self.variables, constants=tuple(self.constants.items()),
+                    params=tuple(self.param_list), T=T, t_min=t_min, beta=beta, target=target,
+                    aux_init=aux, form=form, Q=Q, D=D, learned=tuple(learned), drift=drift,
+                    diffusion=diffusion, wiener=wiener, spans=tuple(self.spans), filename=self.filename)
+
+    def name(self) -> str:
+        stmt = self.single(S.SdeStmt, "the spec name ('sde NAME')")
+        if stmt is None:
+            self.err(self.top(), "missing the spec name", "start the file with 'sde NAME'")
+            return "unnamed"
+        self.where("name", stmt.span)
+        return stmt.name.name
+
+    def state(self) -> tuple:
+        stmt = self.single(S.StateStmt, "the state")
+        if stmt is None:
+            self.err(self.top(), "missing the state declaration", "declare it as 'state x, v' (data variable first)")
+            raise _Abort
+        self.where("state", stmt.span)
+        seen = set()
+        for ident in stmt.names:
+            if ident.name in seen:
+                self.err(ident.span, f"state variable '{ident.name}' is declared twice")
+            elif ident.name in RESERVED:
+                self.err(ident.span, f"'{ident.name}' is reserved and cannot name a state variable")
+            seen.add(ident.name)
+            self.where(("var", ident.name), ident.span)
+        if len(stmt.names) > MAX_STATE:
+            self.err(stmt.span, f"{len(stmt.names)} state variables; sdec handles at most {MAX_STATE}")
+        if any(d.severity == "error" for d in self.diags if d.span and d.span.line == stmt.span.line):
+            raise _Abort
+        return tuple(i.name for i in stmt.names)
+
+    def check_new_name(self, ident) -> bool:
+        name = ident.name
+        if name in RESERVED:
+            self.err(ident.span, f"'{name}' is reserved and cannot be redefined")
+        elif name in self.variables:
+            self.err(ident.span, f"'{name}' is already a state variable")
+        elif name in self.constants or name in self.params:
+            self.err(ident.span, f"'{name}' is defined twice")
+        else:
+            return True
+        return False
+
+    def declare_constants(self):
+        for stmt in self.of(S.ConstStmt):
+            if not self.check_new_name(stmt.name):
+                continue
+            value = self.value(stmt.value, self.scope())
+            if value is not None:
+                self.constants[stmt.name.name] = value
+                self.where(("const", stmt.name.name), stmt.span)
+
+    def declare_params(self):
+        for stmt in self.of(S.ParamStmt):
+            if not self.check_new_name(stmt.name):
+                continue
+            positive = stmt.bound is not None
+            if positive and stmt.bound.text.replace("_", "").strip("0.") != "":
+                self.err(stmt.bound.span, "a parameter bound must be '> 0'")
+            init = self.value(stmt.init, Scope(constants=self.constants, size=self.K), expect="scalar")
+            if init is None:
+                continue
+            if init.free_symbols or not init.is_real:
+                self.err(stmt.init.span, "a parameter's initial value must be a number")
+                continue
+            if positive and not init.is_positive:
+                self.err(stmt.init.span, f"parameter '{stmt.name.name}' is declared > 0 but starts at {init}")
+                continue
+            param = Param(stmt.name.name, positive, init, stmt.span)
+            self.param_list.append(param)
+            self.params[param.name] = param.symbol
+            self.where(("param", param.name), stmt.span)
+
+    def beta(self):
+        funcs = self.of(S.FuncStmt)
+        for stmt in funcs:
+            if stmt.name.name != "beta":
+                self.err(stmt.name.span, f"only beta(t) can be defined, not {stmt.name.name}()")
+        funcs = [f for f in funcs if f.name.name == "beta"]
+        for extra in funcs[1:]:
+            self.err(extra.span, f"beta(t) is defined twice (first at line {funcs[0].span.line})")
+        if not funcs:
+            self.err(self.top(), "missing the time change beta(t)", "e.g. 'beta(t) = 0.1 + 9.9*t' or 'beta(t) = 4'")
+            return None
+        stmt = funcs[0]
+        self.where("beta", stmt.body.span)
+        constants = dict(self.constants)
+        if stmt.arg.name != "t":
+            self.err(stmt.arg.span, "write the time change as beta(t)")
+            return None
+        value = self.value(stmt.body, Scope(constants=constants, time=True, size=self.K), expect="scalar")
+        if value is not None and value.free_symbols - {T_SYMBOL}:
+            self.err(stmt.body.span, "beta(t) may depend only on t and constants")
+            return None
+        return value
+
+    def assignments(self, name):
+        found = [s for s in self.of(S.AssignStmt) if s.target.name == name]
+        for extra in found[1:]:
+            self.err(extra.span, f"{name} is assigned twice (first at line {found[0].span.line})")
+        return found[0] if found else None
+
+    def horizon(self):
+        values = []
+        for key, default in (("T", None), ("t_min", sp.Rational(1, 1000))):
+            stmt = self.assignments(key)
+            if stmt is None:
+                if default is None:
+                    self.err(self.top(), "missing the time horizon", "e.g. 'T = 1'")
+                values.append(default)
+                continue
+            self.where(key, stmt.value.span)
+            value = self.value(stmt.value, Scope(constants=self.constants), expect="scalar")
+            if value is not None and not (value.is_number and value.is_positive):
+                self.err(stmt.value.span, f"{key} must be a positive number, got {value}")
+                value = None
+            values.append(value)
+        T, t_min = values
+        if T is not None and t_min is not None and not (t_min < T) == True:  # noqa: E712 (sympy relational)
+            self.err(self.span_of("t_min") or self.top(), f"t_min = {t_min} must be smaller than T = {T}")
+        return T, t_min
+
+    def span_of(self, key):
+        return next((s for k, s in self.spans if k == key), None)
+
+    def target(self):
+        stmt = self.single(S.TargetStmt, "the target distribution")
+        if stmt is None:
+            self.err(self.top(), "missing the target distribution", "e.g. 'target normal(0, I)'")
+            return None
+        self.where("target", stmt.cov.span)
+        self.zero_mean(stmt.mean)
+        return self.covariance(stmt.cov, self.K, "the target covariance")
+
+    def zero_mean(self, node):
+        value = self.value(node, Scope(constants=self.constants, size=self.K))
+        if value is None:
+            return
+        if (is_matrix(value) and not value.is_zero_matrix) or (not is_matrix(value) and value != 0):
+            self.err(node.span, "only zero-mean normal laws are supported: write normal(0, ...)")
+
+    def covariance(self, node, n, what):
+        value = self.value(node, Scope(constants=self.constants, size=self.K))
+        if value is None:
+            return None
+        if not is_matrix(value):
+            value = sp.ImmutableMatrix(sp.eye(n) * value)
+        if value.shape != (n, n):
+            self.err(node.span, f"{what} must be {n}x{n}, got a {shape_text(value)}")
+            return None
+        if value.free_symbols:
+            self.err(node.span, f"{what} must be a constant matrix")
+            return None
+        return sp.ImmutableMatrix(value)
+
+    def aux_init(self):
+        aux = self.variables[1:]
+        blocks = {}
+        for stmt in self.of(S.InitStmt):
+            names = [i.name for i in stmt.variables]
+            bad = [i for i in stmt.variables if i.name not in aux]
+            for ident in bad:
+                what = "is the data variable; its initial law is the data" if ident.name == self.variables[0] \
+                    else "is not an auxiliary state variable"
+                self.err(ident.span, f"'{ident.name}' {what}")
+            again = [i for i in stmt.variables if any(i.name in b for b in blocks)]
+            for ident in again:
+                self.err(ident.span, f"initial law of '{ident.name}' is given twice")
+            if bad or again or len(set(names)) != len(names):
+                continue
+            self.zero_mean(stmt.mean)
+            cov = self.covariance(stmt.cov, len(names), "the initial covariance")
+            if cov is not None:
+                blocks[tuple(names)] = cov
+                for name in names:
+                    self.where(("init", name), stmt.cov.span)
+        missing = [v for v in aux if not any(v in b for b in blocks)]
+        for name in missing:
+            self.err(self.span_of(("var", name)), f"auxiliary variable '{name}' has no initial law",
+                     f"add 'init {name} ~ normal(0, 0.01)'")
+        if missing or len(blocks) != len({tuple(k) for k in blocks}):
+            return None
+        full = sp.zeros(len(aux), len(aux))
+        for names, cov in blocks.items():
+            idx = [aux.index(n) for n in names]
+            for a, i in enumerate(idx):
+                for b, j in enumerate(idx):
+                    full[i, j] = cov[a, b]
+        return sp.ImmutableMatrix(full)
+
+    # ---- the process --------------------------------------------------------------
+    def process(self, beta, target):
+        from .build_process import build_process
+        return build_process(self, beta, target)
+
+    def warn_unused(self):
+        used = set()
+        for stmt in self.stmts:
+            for node in S.walk(stmt):
+                if isinstance(node, S.Name):
+                    used.add(node.name)
+        for name in self.constants:
+            if name not in used:
+                self.diags.append(warning(self.span_of(("const", name)), f"constant '{name}' is never used"))
+
+
+def build(statements, filename: str) -> tuple[Spec | None, list[Diagnostic]]:
+    builder = Builder(statements, filename)
+    spec = builder.build()
+    return spec, builder.diags
