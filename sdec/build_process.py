@@ -114,24 +114,32 @@ def _recipe(b, target):
             continue
         learned[block[0].block] = block
     blocks = {}
-    for name in ("Q", "D"):
+    for name in ("Q", "D"):  # both blocks are looked at, so one run reports the errors of both
         given = _block(b, name, scope)
         if name in learned and given is not None:
             b.err(learned[name][0].span, f"{name} is both given and learned; use one "
                   "(fixed entries and tied entries can be written with 'param')")
-            return None
-        if name in learned:
+        elif name in learned:
             blocks[name] = learned[name][1]
             b.where(name, learned[name][0].span)
         elif given is not None:
             blocks[name] = given
-        else:
+        elif _attempted(b, name):
+            pass  # its error is already reported
+        elif name == "Q":
             blocks[name] = sp.ImmutableMatrix(sp.zeros(b.K, b.K))
-            if name == "D":
-                b.err(b.top(), "D is not given; without noise nothing diffuses", "add 'D = ...' or 'learn D: psd ...'")
-                return None
+        else:
+            b.err(b.top(), "D is not given; without noise nothing diffuses", "add 'D = ...' or 'learn D: psd ...'")
+    if len(blocks) < 2:
+        return None
     learned_tuple = tuple(v[0] for k, v in sorted(learned.items()))
     return "recipe", blocks["Q"], blocks["D"], learned_tuple, None, None, ()
+
+
+def _attempted(b, name) -> bool:
+    """Was block `name` written at all (whole, entry by entry or learned)?"""
+    return (b.assignments(name) is not None or any(s.target.name == name for s in b.of(S.EntryStmt))
+            or any(s.block.name == name for s in b.of(S.LearnStmt)))
 
 
 def _learned(b, stmt):
@@ -278,44 +286,53 @@ def _matrices(b, beta):
 def _equations(b, beta):
     state = {v: sp.Symbol(v, real=True) for v in b.variables}
     scope = _time_scope(b, beta, state)
-    by_var, wiener, noise_terms = {}, [], {}
+    by_var, seen, noise_terms = {}, {}, {}
     for stmt in b.of(S.EquationStmt):
         var = stmt.target.name[1:] if stmt.target.name.startswith("d") else None
         if var not in b.variables:
             b.err(stmt.target.span, f"'{stmt.target.name}' does not name the differential of a state variable",
                   f"write one of: {', '.join('d' + v for v in b.variables)}")
             continue
-        if var in by_var:
-            b.err(stmt.span, f"d{var} has two equations (first at line {by_var[var][1]})")
+        if var in seen:
+            b.err(stmt.span, f"d{var} has two equations (first at line {seen[var]})")
             continue
+        seen[var] = stmt.span.line  # written, even if rejected below: no "has no equation" on top
         row = _linear_row(b, stmt, scope, state)
         if row is None:
             continue
-        by_var[var] = (row, stmt.span.line)
+        by_var[var] = row
         b.where(("eq", var), stmt.span)
         for noise in stmt.noises:
-            name = noise.wiener.name[3:] if noise.wiener.name.startswith("dW_") else var
-            coeff = b.value(noise.coeff, scope, expect="scalar")
-            if coeff is None:
-                continue
-            if coeff.free_symbols & set(state.values()):
-                b.err(noise.coeff.span, "the noise coefficient depends on the state; sdec handles additive noise only")
-                continue
-            if name not in wiener:
-                wiener.append(name)
-            key = (var, name)
-            noise_terms[key] = noise_terms.get(key, 0) + (coeff if noise.sign == "+" else -coeff)
-    missing = [v for v in b.variables if v not in by_var]
+            _noise_term(b, noise, var, scope, state, noise_terms)
+    missing = [v for v in b.variables if v not in seen]
     for v in missing:
         b.err(b.span_of(("var", v)), f"state variable '{v}' has no equation", f"add 'd{v} = ... dt'")
-    if missing or len(by_var) != b.K:
+    if len(by_var) != b.K:
         return None, None, ()
-    F = sp.ImmutableMatrix([by_var[v][0] for v in b.variables])
+    F = sp.ImmutableMatrix([by_var[v] for v in b.variables])
+    # canonical columns: sorted names, and a Brownian motion that enters nowhere is dropped
+    wiener = sorted({w for (_, w), c in noise_terms.items() if sp.simplify(c) != 0})
     if not wiener:
-        b.err(b.top(), "no equation has a noise term ('+ ... dW'); nothing diffuses")
+        if not any(s.noises for s in b.of(S.EquationStmt)):
+            b.err(b.top(), "no equation has a noise term ('+ ... dW'); nothing diffuses")
+        elif not any(d.severity == "error" for d in b.diags):
+            b.err(b.span_of(("eq", b.variables[0])), "every noise coefficient is zero; nothing diffuses")
         return None, None, ()
     G = sp.ImmutableMatrix(b.K, len(wiener), lambda i, j: noise_terms.get((b.variables[i], wiener[j]), 0))
     return F, G, tuple(wiener)
+
+
+def _noise_term(b, noise, var, scope, state, noise_terms):
+    """Add one '± c dW[_name]' term of var's equation into noise_terms[(var, name)]."""
+    name = noise.wiener.name[3:] if noise.wiener.name.startswith("dW_") else var
+    coeff = sp.Integer(1) if noise.coeff is None else b.value(noise.coeff, scope, expect="scalar")
+    if coeff is None:
+        return
+    if coeff.free_symbols & set(state.values()):
+        b.err(noise.coeff.span, "the noise coefficient depends on the state; sdec handles additive noise only")
+        return
+    key = (var, name)
+    noise_terms[key] = noise_terms.get(key, 0) + (coeff if noise.sign == "+" else -coeff)
 
 
 def _linear_row(b, stmt, scope, state):

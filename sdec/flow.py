@@ -30,7 +30,7 @@ FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_ad
                       "implicit_adams")
 # torchdiffeq options a caller may pass through ``options``; anything else is an error.
 ADAPTIVE_OPTIONS = ("first_step", "max_step", "safety", "ifactor", "dfactor", "step_t", "jump_t")
-FIXED_GRID_OPTIONS = ("step_size", "perturb")
+FIXED_GRID_OPTIONS = ("step_size", "perturb", "interp")
 _TORCHDIFFEQ_ASSERTS = ("underflow in dt", "non-finite values", "max_num_steps exceeded")
 
 
@@ -131,6 +131,10 @@ def solve(field, state0, times, *, method, rtol, atol, min_step, max_steps, opti
     than ``max_steps`` steps are attempted.
     """
     options = check_method(method, options)
+    if method in FIXED_GRID_METHODS and len(times) == 2 and "step_size" not in options:
+        raise ValueError(f"fixed-grid method {method!r} would take a single step from "
+                         f"{float(times[0])} to {float(times[1])}: pass "
+                         f"options={{'step_size': h}} or use an adaptive method")
     floor = min_step if method in ADAPTIVE_METHODS else 0.0
     guarded = _GuardedField(field, floor, max_steps, hint)
     try:

@@ -75,7 +75,8 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
     exact_divergence: None = exact iff K*d <= 64. hutchinson: "rademacher" or "gaussian".
     min_step: smallest allowed adaptive step (default 1e-9 * (T - t_min)); max_steps: budget of
     attempted steps. Both raise :class:`sdec.flow.ODESolveError`. options: extra torchdiffeq
-    options (first_step, max_step, step_t, ...); unknown ones are errors.
+    options (first_step, max_step, step_t, ...); unknown ones are errors. dtype: ODE state
+    dtype (default x.dtype). generator: drives v0, y_eps and the Hutchinson noise.
     """
     if hutchinson not in HUTCHINSON_NOISES:
         raise ValueError(f"unknown Hutchinson noise {hutchinson!r}; valid: "
@@ -86,7 +87,9 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
     y0, aux_lp = _augment(proc, x, generator)
     y_start, truncation = _truncate(proc, y0, t0, generator)
     d = x[0].numel()
-    exact = proc.K * d <= EXACT_DIVERGENCE_MAX_DIM if exact_divergence is None else exact_divergence
+    exact = exact_divergence
+    if exact is None:
+        exact = proc.K * d <= EXACT_DIVERGENCE_MAX_DIM
     divergence = divergence_exact if exact else _hutchinson(y_start, hutchinson, generator)
     field = _LogDensityField(proc, score_fn, divergence, d)
     times = torch.tensor([t0, float(proc.T)], dtype=torch.float64, device=x.device)

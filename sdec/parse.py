@@ -206,6 +206,8 @@ def _syntax_error(exc, stmt: Statement, filename: str) -> Diagnostic:
         token = exc.token
         if token.type != "$END":
             span = _shift(filename, stmt, token.line, token.column, token.end_line, token.end_column)
+        elif isinstance(token.end_line, int):  # $END borrows the last token's place: point just past it
+            span = _shift(filename, stmt, token.end_line, token.end_column, token.end_line, token.end_column + 1)
         message = f"unexpected {_token_text(token)}; expected {_describe_expected(exc.expected)}"
         if token.line == 1 and token.column == 1 and str(token) in ("+", "-"):
             hint = "a statement cannot start with an operator; to continue an expression on the next line, wrap it in parentheses"
@@ -290,9 +292,13 @@ class _Builder:
         return S.EntryStmt(self.ident(name), self.ident(row), self.ident(col), self.expr(value), self.where.span(t))
 
     def _equation_stmt(self, t, name, drift, *noises):
-        terms = tuple(S.Noise(str(n.children[0]), self.expr(n.children[1]), self.ident(n.children[2]),
-                              self.where.span(n)) for n in noises)
-        return S.EquationStmt(self.ident(name), self.expr(drift), terms, self.where.span(t))
+        return S.EquationStmt(self.ident(name), self.expr(drift), tuple(self._noise(n) for n in noises),
+                              self.where.span(t))
+
+    def _noise(self, tree):
+        sign, coeff, wiener = tree.children
+        return S.Noise(str(sign), self.expr(coeff) if coeff is not None else None, self.ident(wiener),
+                       self.where.span(tree))
 
     def _learn_stmt(self, t, block, kind, rank, *rest):
         *options, init = rest

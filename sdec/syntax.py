@@ -133,7 +133,7 @@ class EntryStmt:
 @attrs.frozen
 class Noise:
     sign: str
-    coeff: object
+    coeff: object | None  # None for a bare '+ dW' (coefficient 1)
     wiener: Ident  # dW or dW_name
     span: Span | None = _span
 

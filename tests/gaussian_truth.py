@@ -55,3 +55,28 @@ def gauss_log_prob(y, cov):
     d = yf.shape[-1]
     quad = torch.einsum("bkd,kl,bld->b", yf, torch.linalg.inv(cov), yf)
     return -0.5 * (quad + d * torch.logdet(cov) + K * d * math.log(2 * math.pi))
+
+
+def reverse_cov(proc, s2, t_end, *, sde):
+    """Exact covariance (K, K) at t_end of the reverse process started from the prior at T.
+
+    With the true (linear) score, y stays Gaussian; its covariance P solves, backwards from
+    P(T) = Sigma_inf, dP/dt = A P + P A^T - [sde] G G^T with A = F + c G G^T C_t^{-1},
+    c = 1 (reverse SDE) or 1/2 (probability-flow ODE). It differs from C_{t_end} by how the
+    prior mismatch N(0, Sigma_inf) vs q_T propagates (the ODE keeps it, the SDE forgets it).
+    """
+    from scipy.integrate import solve_ivp
+
+    K = proc.K
+
+    def rhs(t, p):
+        P = torch.tensor(p.reshape(K, K))
+        tt = torch.tensor(t, dtype=torch.float64)
+        F, M = proc.drift(tt).double(), proc.noise_cov(tt).double()
+        A = F + (1.0 if sde else 0.5) * M @ torch.linalg.inv(marginal_cov(proc, s2, t))
+        return (A @ P + P @ A.T - (M if sde else 0.0 * M)).numpy().ravel()
+
+    p0 = proc.stationary_cov.double().numpy().ravel()
+    sol = solve_ivp(rhs, (float(proc.T), float(t_end)), p0, method="DOP853", rtol=1e-10,
+                    atol=1e-12)
+    return torch.tensor(sol.y[:, -1].reshape(K, K))

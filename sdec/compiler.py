@@ -1,0 +1,53 @@
+"""sdec.compile: spec → an instance of the generated Diffusion class, in process.
+
+The source is the same text that ``sdec compile SPEC -o FILE`` writes; it is written to a
+cache file named by its hash and imported from there with importlib, so the in-process
+module and the standalone file are the same code and give bit-identical numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+
+from .api import parse_file
+from .emit.module import generate_source
+from .lower import lower
+
+
+def _cache_dir() -> str:
+    path = os.environ.get("SDEC_CACHE") or os.path.join(tempfile.gettempdir(), f"sdec-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load_source(source: str):
+    """Import generated source as a module (cached by content hash); return the module."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    name = f"sdec_generated_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(_cache_dir(), name + ".py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_source(spec_or_path) -> str:
+    """The standalone module source for a Spec or a path to a .sde file."""
+    spec = spec_or_path if hasattr(spec_or_path, "variables") else parse_file(spec_or_path)
+    return generate_source(lower(spec))
+
+
+def compile(spec_or_path):  # noqa: A001 - the public verb is sdec.compile
+    """Return a fresh instance of the generated ``Diffusion`` (a torch.nn.Module)."""
+    return load_source(compile_source(spec_or_path)).Diffusion()

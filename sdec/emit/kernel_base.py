@@ -1,0 +1,475 @@
+"""Shared numerical core of every compiled sdec diffusion.
+
+A generated subclass supplies hooks (``_beta``, ``_B``, ``_blocks``, ``_phi_closed``,
+buffers ``_sigma_inf`` and ``_aux_init_cov``); this base class derives from them the
+transition kernel, perturbation, prior, ELBO terms and the importance time sampler.
+
+Numerics.  With A = -(Q + D) Σ∞⁻¹ the drift is F(t) = beta(t) A and the noise covariance
+G Gᵀ(t) = 2 beta(t) D, so everything is a function of s = B(t):
+
+    Φ(s) = expm(s A),   dΣ/ds = A Σ + Σ Aᵀ + 2 D,   Σ(0) = Σ0.
+
+All K x K algebra runs in float64; results are cast to the caller's dtype.  Σ(s) has two
+evaluation branches, chosen per element of s:
+
+* small s (s ||A||₂ <= _SERIES_TAU): the exact Taylor series about s = 0,
+  Σ = Σ_k s^k/k! N_k with N_0 = Σ0, N_1 = A Σ0 + Σ0 Aᵀ + 2D, N_{k+1} = A N_k + N_k Aᵀ, and
+  Φ = Σ_k s^k/k! A^k.  Structural zeros of the coefficients stay exactly zero, so the tiny
+  entries of Σ at small t (CLD Σ_xx ~ s³, third-order processes ~ s⁵) keep full relative
+  accuracy.  _SERIES_TERMS terms make the truncation error below 1e-18 relative.
+* large s: Φ from ``_phi_closed`` (or ``torch.linalg.matrix_exp``) and the stationary
+  identity Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, which is accurate once Φ is no longer close to I.
+
+Each branch is evaluated only on its own elements, so gradients never touch the other
+branch.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
+Quantities that do not depend on the batch are cached while no gradient into the module's
+parameters is needed; the cache is keyed on the parameters' and buffers' versions.
+"""
+import math
+import torch
+
+_SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
+_SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
+_QUAD_PANELS = 16      # score_norm: composite Gauss-Legendre in u = log t
+_QUAD_NODES = 8
+_TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
+_TABLE_NODES = 4       # Gauss-Legendre nodes per bin for the bin masses
+_TIME_SAMPLERS = ("uniform", "importance")
+
+
+class CholeskyError(RuntimeError):
+    """Σ_t is not numerically positive definite (usually t is too close to 0)."""
+
+
+class Perturbed:
+    """y_t ~ q(y_t | x): y = mean + chol @ eps, score = -chol⁻ᵀ eps (the target score)."""
+
+    __slots__ = ("y", "eps", "mean", "chol", "score")
+
+    def __init__(self, y, eps, mean, chol, score):
+        self.y, self.eps, self.mean, self.chol, self.score = y, eps, mean, chol, score
+
+
+class ELBOTerms:
+    """Per-example ELBO terms in nats; ``total`` is their sum (an unbiased bound estimate)."""
+
+    TERMS = ("prior", "score", "score_norm", "divergence", "truncation", "aux_entropy")
+
+    def __init__(self, prior, score, score_norm, divergence, truncation, aux_entropy,
+                 t, weight):
+        self.prior, self.score, self.score_norm = prior, score, score_norm
+        self.divergence, self.truncation, self.aux_entropy = divergence, truncation, aux_entropy
+        self.total = prior + score + score_norm + divergence + truncation + aux_entropy
+        self.t, self.weight = t, weight
+
+    def as_dict(self):
+        keys = self.TERMS + ("total", "t", "weight")
+        return {k: getattr(self, k) for k in keys}
+
+    def __repr__(self):
+        means = ", ".join(f"{k}={float(getattr(self, k).mean()):.6g}"
+                          for k in self.TERMS + ("total",))
+        return f"ELBOTerms({means})"
+
+
+def _apply(mat, y):
+    """Apply (B, K, K) or (K, K) matrices to states (B, K, *data_shape), per coordinate."""
+    flat = y.reshape(y.shape[0], y.shape[1], -1)
+    return torch.matmul(mat, flat).reshape(y.shape)
+
+
+def _taylor_weights(s, n):
+    """(m, n) matrix of s^k / k!, k = 0..n-1, by a running product (safe at s = 0)."""
+    k = torch.arange(1, n, dtype=s.dtype, device=s.device)
+    steps = torch.cat([torch.ones_like(s)[:, None], s[:, None] / k], dim=1)
+    return torch.cumprod(steps, dim=1)
+
+
+def _series_coefficients(A, D, S0, n):
+    """A^k and N_k (k < n): Φ = Σ s^k/k! A^k, Σ = Σ s^k/k! N_k."""
+    powers, moments = [torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)], [S0]
+    AS0 = A @ S0
+    nxt = AS0 + AS0.mT + 2.0 * D
+    for _ in range(1, n):
+        powers.append(A @ powers[-1])
+        moments.append(nxt)
+        AN = A @ nxt
+        nxt = AN + AN.mT
+    return torch.stack(powers), torch.stack(moments)
+
+
+def _gauss_legendre(n, device):
+    """Nodes and weights on [-1, 1] (Golub-Welsch, float64)."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    off = k / torch.sqrt(4.0 * k * k - 1.0)
+    J = torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vecs = torch.linalg.eigh(J)
+    return nodes.to(device), (2.0 * vecs[0] ** 2).to(device)
+
+
+def _composite_nodes(a, b, panels, n, device):
+    """Composite Gauss-Legendre nodes and weights on [a, b] (equal panels)."""
+    x, w = _gauss_legendre(n, device)
+    edges = torch.linspace(a, b, panels + 1, dtype=torch.float64, device=device)
+    half = 0.5 * (edges[1:] - edges[:-1])
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    return (mid[:, None] + half[:, None] * x).reshape(-1), (half[:, None] * w).reshape(-1)
+
+
+class DiffusionBase(torch.nn.Module):
+    """A linear diffusion dy = beta(t) A y dt + sqrt(2 beta(t)) D^{1/2} dW (see module doc)."""
+
+    names = ()
+    T = 1.0
+    t_min = 1e-3
+    noised = ()
+
+    def __init__(self):
+        super().__init__()
+        self._cache = {}
+
+    # ----------------------------------------------------------------- hooks
+    def _beta(self, t):
+        raise NotImplementedError("generated subclass must define _beta(t)")
+
+    def _B(self, t):
+        raise NotImplementedError("generated subclass must define _B(t)")
+
+    def _blocks(self):
+        raise NotImplementedError("generated subclass must define _blocks() -> (Q, D)")
+
+    def _phi_closed(self, s):
+        return None
+
+    def _D_sqrt(self):
+        """Symmetric square root of D.  Eigenvalues are clamped at 0: this only removes
+        rounding (-1e-17 for a PSD D), it is not jitter.  Not differentiable at singular D."""
+        lam, V = torch.linalg.eigh(self._blocks()[1].to(torch.float64))
+        return (V * lam.clamp(min=0.0).sqrt()[None, :]) @ V.mT
+
+    # ---------------------------------------------------------------- caching
+    def _needs_graph(self):
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _state_key(self):
+        tensors = list(self.parameters()) + list(self.buffers())
+        return tuple((p.data_ptr(), p._version, str(p.device), p.dtype) for p in tensors)
+
+    def _cached(self, key, build, graph=True):
+        """build() once per module state; rebuilt each call when a graph is needed."""
+        if graph and self._needs_graph():
+            return build()
+        state = self._state_key()
+        if self._cache.get("_state") != state:
+            self._cache = {"_state": state}
+        if key not in self._cache:
+            if graph:
+                self._cache[key] = build()
+            else:
+                with torch.no_grad():
+                    self._cache[key] = build()
+        return self._cache[key]
+
+    # ------------------------------------------------------- basic quantities
+    @property
+    def K(self):
+        return len(self.names)
+
+    @property
+    def stationary_cov(self):
+        return self._sigma_inf.to(torch.float64)
+
+    @property
+    def aux_init_cov(self):
+        return self._aux_init_cov.to(torch.float64)
+
+    def _device(self):
+        return self._sigma_inf.device
+
+    def _A_D(self):
+        Q, D = (m.to(torch.float64) for m in self._blocks())
+        return -torch.linalg.solve(self.stationary_cov, (Q + D).mT).mT, D
+
+    def _sigma0(self, hybrid):
+        K = self.K
+        S0 = torch.zeros(K, K, dtype=torch.float64, device=self._device())
+        if hybrid and K > 1:
+            S0 = S0.clone()
+            S0[1:, 1:] = self.aux_init_cov
+        return S0
+
+    def _coeffs(self, hybrid):
+        return self._cached(("coeffs", hybrid), lambda: self._build_coeffs(hybrid))
+
+    def _build_coeffs(self, hybrid):
+        A, D = self._A_D()
+        S0 = self._sigma0(hybrid)
+        powers, moments = _series_coefficients(A, D, S0, _SERIES_TERMS)
+        norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
+        radius = _SERIES_TAU / norm if norm > 0 else math.inf
+        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments,
+                "radius": radius, "sinf": self.stationary_cov}
+
+    def _time(self, t):
+        """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t, dtype=torch.get_default_dtype(), device=self._device())
+        return t.reshape(-1).to(torch.float64), t.shape, t.dtype, t.device
+
+    def _B_at(self, t):
+        return self._B(torch.as_tensor(t, dtype=torch.float64, device=self._device()))
+
+    def drift(self, t):
+        t64, shape, dtype, _ = self._time(t)
+        A = self._coeffs(False)["A"]
+        F = self._beta(t64)[:, None, None] * A
+        return F.reshape(*shape, self.K, self.K).to(dtype)
+
+    def noise_cov(self, t):
+        t64, shape, dtype, _ = self._time(t)
+        D = self._coeffs(False)["D"]
+        GG = 2.0 * self._beta(t64)[:, None, None] * D
+        return GG.reshape(*shape, self.K, self.K).to(dtype)
+
+    def diffusion(self, t):
+        """G(t) = sqrt(2 beta(t)) _D_sqrt(), with G Gᵀ = noise_cov(t)."""
+        t64, shape, dtype, _ = self._time(t)
+        G = torch.sqrt(2.0 * self._beta(t64))[:, None, None] * self._D_sqrt().to(torch.float64)
+        return G.reshape(*shape, self.K, self.K).to(dtype)
+
+    # ------------------------------------------------------- transition kernel
+    def _series(self, s, c):
+        w = _taylor_weights(s, _SERIES_TERMS)
+        Phi = torch.einsum("mk,kij->mij", w, c["powers"])
+        return Phi, torch.einsum("mk,kij->mij", w, c["moments"])
+
+    def _stationary(self, s, c):
+        Phi = self._phi_closed(s)
+        if Phi is None:
+            Phi = torch.linalg.matrix_exp(s[:, None, None] * c["A"])
+        Phi = Phi.to(torch.float64)
+        Sig = c["sinf"] + Phi @ (c["S0"] - c["sinf"]) @ Phi.mT
+        return Phi, 0.5 * (Sig + Sig.mT)
+
+    def _phi_sigma(self, s, hybrid):
+        """Φ(s), Σ(s) for flat float64 s, each branch on its own elements only."""
+        c = self._coeffs(hybrid)
+        K, n = self.K, s.shape[0]
+        small = s.detach().abs() <= c["radius"]
+        Phi = s.new_zeros(n, K, K)
+        Sig = s.new_zeros(n, K, K)
+        for mask, branch in ((small, self._series), (~small, self._stationary)):
+            idx = mask.nonzero().reshape(-1)
+            if idx.numel() > 0:
+                P, S = branch(s[idx], c)
+                Phi = Phi.index_copy(0, idx, P)
+                Sig = Sig.index_copy(0, idx, S)
+        return Phi, Sig
+
+    def transition(self, t, hybrid=True):
+        """(Φ_t, Σ_t), each (*t.shape, K, K): y_t | x ~ N(Φ_t m0, Σ_t)."""
+        t64, shape, dtype, _ = self._time(t)
+        Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
+        K = self.K
+        return Phi.reshape(*shape, K, K).to(dtype), Sig.reshape(*shape, K, K).to(dtype)
+
+    def _cholesky(self, Sig, t64):
+        L, info = torch.linalg.cholesky_ex(Sig)
+        if bool((info > 0).any()):
+            i = int((info > 0).nonzero()[0, 0])
+            lam = float(torch.linalg.eigvalsh(Sig[i].detach())[0])
+            raise CholeskyError(
+                f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g} (s=B(t)); smallest "
+                f"eigenvalue {lam:.3e}. The kernel is singular as t -> 0: use a larger "
+                f"t_min (currently {self.t_min}).")
+        return L
+
+    def _kernel_factors(self, t64, hybrid):
+        """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t."""
+        Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
+        L = self._cholesky(Sig, t64)
+        eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        return Phi, L, Linv.mT
+
+    def _batch_time(self, t, n, like):
+        if not torch.is_tensor(t):
+            t = torch.full((n,), float(t), dtype=like.dtype, device=like.device)
+        return t.reshape(-1).expand(n) if t.numel() == 1 else t
+
+    def perturb(self, x, t, hybrid=True, eps=None, generator=None):
+        """Sample y_t given x (hybrid) or given y0 (hybrid=False); t has shape (B,)."""
+        n = x.shape[0]
+        t = self._batch_time(t, n, x)
+        Phi, L, LinvT = (m.to(x.dtype) for m in
+                         self._kernel_factors(t.to(torch.float64), hybrid))
+        if hybrid:
+            shape = (n, self.K) + tuple(x.shape[1:])
+            mean = Phi[:, :, 0].reshape((n, self.K) + (1,) * (x.dim() - 1)) * x[:, None]
+        else:
+            shape = tuple(x.shape)
+            mean = _apply(Phi, x)
+        if eps is None:
+            eps = torch.randn(shape, generator=generator, dtype=x.dtype,
+                              device=x.device)
+        return Perturbed(mean + _apply(L, eps), eps, mean, L, -_apply(LinvT, eps))
+
+    def score_from_eps(self, eps_fn, hybrid=True):
+        """score_fn(y, t) = -L_t⁻ᵀ eps_fn(y, t) for a noise-prediction network."""
+        def score_fn(y, t):
+            t = self._batch_time(t, y.shape[0], y)
+            LinvT = self._kernel_factors(t.to(torch.float64), hybrid)[2].to(y.dtype)
+            return -_apply(LinvT, eps_fn(y, t))
+        return score_fn
+
+    # ---------------------------------------------------------- prior and aux
+    def _gaussian_draw(self, cov, shape, generator, dtype, device):
+        eps = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return _apply(torch.linalg.cholesky(cov).to(dtype), eps)
+
+    def _gaussian_log_prob(self, cov, y):
+        """log N(y_j; 0, cov) summed over data coordinates j; y (B, k, *data_shape)."""
+        n, k, d = y.shape[0], y.shape[1], math.prod(y.shape[2:])
+        if k == 0:
+            return y.new_zeros(n)
+        L = torch.linalg.cholesky(cov)
+        eye = torch.eye(k, dtype=L.dtype, device=L.device)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False).to(y.dtype)
+        z = _apply(Linv, y).reshape(n, -1)
+        const = 0.5 * d * (k * math.log(2 * math.pi) + 2.0 * torch.log(L.diagonal()).sum())
+        return -0.5 * (z * z).sum(1) - const.to(y.dtype)
+
+    def prior_sample(self, n, data_shape, generator=None, dtype=None, device=None):
+        dtype = dtype or torch.get_default_dtype()
+        device = device or self._device()
+        shape = (n, self.K) + tuple(data_shape)
+        return self._gaussian_draw(self.stationary_cov, shape, generator, dtype, device)
+
+    def prior_log_prob(self, y):
+        return self._gaussian_log_prob(self.stationary_cov, y)
+
+    def aux_sample(self, x, generator=None):
+        shape = (x.shape[0], self.K - 1) + tuple(x.shape[1:])
+        if self.K == 1:
+            return x.new_zeros(shape)
+        return self._gaussian_draw(self.aux_init_cov, shape, generator, x.dtype, x.device)
+
+    def aux_log_prob(self, v0):
+        return self._gaussian_log_prob(self.aux_init_cov, v0)
+
+    # -------------------------------------------------------------- ELBO terms
+    def _prior_term(self, x):
+        """E log π(y_T) under q(y_T | x) = N(Φ_T (x, 0..), Σ_T), closed form."""
+        d, K = x[0].numel(), self.K
+        Phi, Sig = self._phi_sigma(self._B_at([self.T]), True)
+        Linf = torch.linalg.cholesky(self.stationary_cov)
+        c = Phi[0, :, :1]
+        quad = torch.cholesky_solve(c, Linf)[:, 0] @ c[:, 0]
+        trace = torch.cholesky_solve(Sig[0], Linf).diagonal().sum()
+        logdet = 2.0 * torch.log(Linf.diagonal()).sum()
+        const = -0.5 * d * (K * math.log(2 * math.pi) + logdet + trace)
+        sq = (x * x).reshape(x.shape[0], -1).sum(1)
+        return const.to(x.dtype) - 0.5 * quad.to(x.dtype) * sq
+
+    def _trace_rate(self, t64):
+        """tr(Σ_t⁻¹ G Gᵀ(t)) for the hybrid kernel, flat float64 t."""
+        Sig = self._phi_sigma(self._B(t64), True)[1]
+        GG = 2.0 * self._beta(t64)[:, None, None] * self._coeffs(True)["D"]
+        L = self._cholesky(Sig, t64)
+        return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    def _score_norm_per_dim(self, t_min):
+        """½ ∫_{t_min}^T tr(Σ_t⁻¹ G Gᵀ) dt by composite Gauss-Legendre in u = log t."""
+        u, w = _composite_nodes(math.log(t_min), math.log(self.T), _QUAD_PANELS,
+                                _QUAD_NODES, self._device())
+        t = torch.exp(u)
+        return 0.5 * (w * t * self._trace_rate(t)).sum()
+
+    def _aux_entropy_per_dim(self):
+        if self.K == 1:
+            return torch.zeros((), dtype=torch.float64, device=self._device())
+        logdet = torch.linalg.slogdet(self.aux_init_cov)[1]
+        return 0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi)) + 0.5 * logdet
+
+    def _elbo_times(self, n, t, sampler, t_min, generator, like):
+        if sampler not in _TIME_SAMPLERS:
+            raise ValueError(f"unknown time_sampler {sampler!r}; valid: {_TIME_SAMPLERS}")
+        if t is None and sampler == "importance":
+            return self.sample_time(n, t_min=t_min, generator=generator,
+                                    dtype=like.dtype, device=like.device)
+        if t is None:
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=like.device)
+            t = (t_min + (self.T - t_min) * u).to(like.dtype)
+        t = self._batch_time(t, n, like)
+        if sampler == "uniform":
+            return t, torch.full_like(t, self.T - t_min)
+        return t, 1.0 / self.time_density(t, t_min=t_min)
+
+    def elbo(self, x, score_fn, t=None, time_sampler="uniform", t_min=None, generator=None):
+        """Per-example ELBO terms (hybrid kernel), one time sample per example."""
+        t_min = float(self.t_min if t_min is None else t_min)
+        n, d = x.shape[0], x[0].numel()
+        t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
+        eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
+                          dtype=x.dtype, device=x.device)
+        pert = self.perturb(x, t, hybrid=True, eps=eps)
+        diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
+        GG = self.noise_cov(t)
+        score = -0.5 * weight * (diff * torch.matmul(GG, diff)).sum((1, 2))
+        norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
+        trA = self._coeffs(True)["A"].diagonal().sum()
+        B = self._B_at([t_min, self.T])
+        ones = x.new_ones(n)
+        return ELBOTerms(
+            prior=self._prior_term(x), score=score,
+            score_norm=(d * norm).to(x.dtype) * ones,
+            divergence=(d * trA * (B[1] - B[0])).to(x.dtype) * ones,
+            truncation=(d * trA * B[0]).to(x.dtype) * ones,
+            aux_entropy=(d * self._aux_entropy_per_dim()).to(x.dtype) * ones,
+            t=t, weight=weight)
+
+    # ------------------------------------------------ importance time sampler
+    def _time_table(self, t_min):
+        return self._cached(("table", t_min), lambda: self._build_table(t_min), graph=False)
+
+    def _build_table(self, t_min):
+        """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ)."""
+        if not 0.0 < t_min < self.T:
+            raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
+        dev = self._device()
+        u_edges = torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
+                                 dtype=torch.float64, device=dev)
+        x, w = _gauss_legendre(_TABLE_NODES, dev)
+        half = 0.5 * (u_edges[1:] - u_edges[:-1])
+        u = 0.5 * (u_edges[1:] + u_edges[:-1])[:, None] + half[:, None] * x
+        t = torch.exp(u)
+        rate = self._trace_rate(t.reshape(-1)).reshape(t.shape)
+        mass = (half[:, None] * w * t * rate).sum(1)
+        probs = mass / mass.sum()
+        edges = torch.exp(u_edges)
+        edges[0], edges[-1] = t_min, self.T
+        return edges, probs, probs / (edges[1:] - edges[:-1])
+
+    def time_density(self, t, t_min=None):
+        """Importance density p(t) on [t_min, T] (0 outside), same dtype as t."""
+        t_min = float(self.t_min if t_min is None else t_min)
+        edges, _, dens = self._time_table(t_min)
+        t64 = torch.as_tensor(t, dtype=torch.float64, device=edges.device)
+        i = (torch.searchsorted(edges, t64, right=True) - 1).clamp(0, _TABLE_BINS - 1)
+        inside = (t64 >= t_min) & (t64 <= self.T)
+        out = torch.where(inside, dens[i], torch.zeros_like(t64))
+        return out.to(t.dtype if torch.is_tensor(t) else torch.get_default_dtype())
+
+    def sample_time(self, n, t_min=None, generator=None, dtype=None, device=None):
+        """(t, weight): t ~ p (pick a bin, then uniform in it), weight = 1 / p(t)."""
+        t_min = float(self.t_min if t_min is None else t_min)
+        edges, probs, dens = self._time_table(t_min)
+        gdev = generator.device if generator is not None else edges.device
+        u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gdev)
+        u = u.to(edges.device)
+        cdf = torch.cumsum(probs, 0)
+        i = torch.searchsorted(cdf, u[0] * cdf[-1], right=True).clamp(0, _TABLE_BINS - 1)
+        t = edges[i] + u[1] * (edges[i + 1] - edges[i])
+        dtype = dtype or torch.get_default_dtype()
+        device = device or edges.device
+        return t.to(dtype=dtype, device=device), (1.0 / dens[i]).to(dtype=dtype, device=device)

@@ -1,0 +1,46 @@
+"""sympy scalar expressions → torch source text, for the generated module.
+
+Strict: symbols must be mapped explicitly (t, s, parameters); any sympy node the torch
+printer does not know raises. Constant sub-expressions that are not rationals (sqrt(2),
+pi, exp(1), ...) are evaluated at 30 digits and printed as float literals, so the
+generated code never calls torch on a Python number.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.pytorch import TorchPrinter
+
+
+class KernelPrinter(TorchPrinter):
+    def __init__(self, names: dict):
+        super().__init__({"strict": True, "fully_qualified_modules": True})
+        self.names = names  # Symbol -> python identifier
+
+    def _print_Symbol(self, expr):
+        if expr not in self.names:
+            raise ValueError(f"symbol {expr} has no name in the generated code")
+        return self.names[expr]
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        if expr.q == 1:
+            return f"{expr.p}.0"
+        return f"({expr.p}/{expr.q})"
+
+    def _print_Integer(self, expr):
+        return f"{expr.p}.0"
+
+
+def _fold_constants(expr):
+    """Replace maximal numeric, non-rational sub-expressions by 30-digit floats."""
+    if expr.is_number:
+        return expr if expr.is_Rational else sp.Float(sp.N(expr, 30), 30)
+    if not expr.args:
+        return expr
+    return expr.func(*[_fold_constants(a) for a in expr.args])
+
+
+def torch_expr(expr, names: dict) -> str:
+    return KernelPrinter(names).doprint(_fold_constants(sp.sympify(expr)))

@@ -1,0 +1,108 @@
+"""IR → .sde text (the inverse of parse + build, up to formatting).
+
+``format_spec(spec)`` prints a canonical spec: constants as their values, matrices as
+literals, learnable blocks as ``learn`` statements. parse(format_spec(spec)) == spec.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.str import StrPrinter
+
+from .evaluate import T_SYMBOL
+
+
+class SdePrinter(StrPrinter):
+    """sympy's str printer restricted to what the .sde grammar reads back."""
+
+    def _print_Exp1(self, expr):
+        return "exp(1)"
+
+    def _print_Pi(self, expr):
+        return "pi"
+
+    def _print_Symbol(self, expr):
+        return expr.name
+
+    def _print_Float(self, expr):  # never in the IR; print exactly if it ever is
+        return self._print(sp.Rational(expr))
+
+    def emptyPrinter(self, expr):
+        raise TypeError(f"cannot print {type(expr).__name__} as .sde syntax")
+
+
+def expr_text(expr) -> str:
+    return SdePrinter({"order": None}).doprint(sp.sympify(expr) if isinstance(expr, int) else expr)
+
+
+def matrix_text(M) -> str:
+    if M.rows == 1 and M.cols == 1:
+        return f"[[{expr_text(M[0, 0])}]]"
+    rows = ["[" + ", ".join(expr_text(M[i, j]) for j in range(M.cols)) + "]" for i in range(M.rows)]
+    return "[" + ",\n     ".join(rows) + "]"
+
+
+def format_spec(spec) -> str:
+    out = [f"sde {spec.name}", "state " + ", ".join(spec.variables)]
+    out += [f"const {name} = {expr_text(value) if not isinstance(value, sp.MatrixBase) else matrix_text(value)}"
+            for name, value in spec.constants]
+    out += [f"param {p.name}{' > 0' if p.positive else ''} = {expr_text(p.init)}" for p in spec.params]
+    out += _init_lines(spec)
+    out.append(f"beta(t) = {expr_text(spec.beta)}")
+    out.append(f"T = {expr_text(spec.T)}")
+    out.append(f"t_min = {expr_text(spec.t_min)}")
+    out.append(f"target normal(0, {matrix_text(spec.target)})")
+    out += {"recipe": _recipe_lines, "matrices": _matrix_lines, "equations": _equation_lines}[spec.form](spec)
+    return "\n".join(out) + "\n"
+
+
+def _init_lines(spec):
+    aux, S = spec.auxiliaries, spec.aux_init
+    if not aux:
+        return []
+    if all(S[i, j] == 0 for i in range(S.rows) for j in range(S.cols) if i != j):
+        return [f"init {v} ~ normal(0, {expr_text(S[i, i])})" for i, v in enumerate(aux)]
+    return [f"init ({', '.join(aux)}) ~ normal(0, {matrix_text(S)})"]
+
+
+def _recipe_lines(spec):
+    learned = {b.block: b for b in spec.learned}
+    lines = []
+    for name, value in (("Q", spec.Q), ("D", spec.D)):
+        if name in learned:
+            lines.append(_learn_line(learned[name], spec.K))
+        else:
+            lines.append(f"{name} = {matrix_text(value)}")
+    return lines
+
+
+def _learn_line(block, K):
+    kind = block.kind + (f"({block.rank})" if block.rank is not None else "")
+    parts = [f"learn {block.block}: {kind}"]
+    if len(block.over) != K:
+        parts.append(f"on ({', '.join(block.over)})")
+    if block.mask is not None:
+        parts.append(f"mask {matrix_text(block.mask)}")
+    if block.random is not None:
+        std, seed = block.random
+        parts.append(f"init random({expr_text(std)}, {seed})")
+    else:
+        parts.append(f"init {matrix_text(block.init)}")
+    return " ".join(parts)
+
+
+def _matrix_lines(spec):
+    return [f"drift = {matrix_text(spec.drift)}", f"diffusion = {matrix_text(spec.diffusion)}"]
+
+
+def _equation_lines(spec):
+    lines = []
+    for i, v in enumerate(spec.variables):
+        terms = [f"({expr_text(spec.drift[i, j])})*{u}" for j, u in enumerate(spec.variables) if spec.drift[i, j] != 0]
+        drift = " + ".join(terms) if terms else "0"
+        noise = "".join(f" + ({expr_text(spec.diffusion[i, k])}) dW_{w}"
+                        for k, w in enumerate(spec.wiener) if spec.diffusion[i, k] != 0)
+        lines.append(f"d{v} = {drift} dt{noise}")
+    return lines
+
+
+__all__ = ["format_spec", "expr_text", "T_SYMBOL"]

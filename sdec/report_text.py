@@ -1,0 +1,80 @@
+"""Rendering of `sdec check` results as text and as JSON."""
+from __future__ import annotations
+
+from .printer import expr_text
+
+_MARK = {"proved": "proved ", "checked": "checked", "holds": "holds  ", "warning": "WARNING",
+         "failed": "FAILED ", "info": "info   "}
+
+
+def matrix_lines(M, names=None, indent="    ") -> list:
+    cells = [[expr_text(M[i, j]) for j in range(M.cols)] for i in range(M.rows)]
+    width = max((len(c) for row in cells for c in row), default=1)
+    label = max((len(n) for n in names), default=0) if names else 0
+    lines = []
+    if names and M.cols == len(names):
+        lines.append(indent + " " * (label + 3) + "  ".join(n.rjust(width) for n in names))
+    for i, row in enumerate(cells):
+        head = (names[i].ljust(label) + " ") if names and M.rows == len(names) else ""
+        lines.append(f"{indent}{head}[ " + "  ".join(c.rjust(width) for c in row) + " ]")
+    return lines
+
+
+def check_text(result) -> str:
+    out = []
+    spec = result.spec
+    if spec is not None:
+        out += _spec_lines(spec)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    warnings = [d for d in result.diagnostics if d.severity == "warning"]
+    if result.diagnostics:
+        out.append("")
+        out += [d.render(result.source) for d in result.diagnostics]
+    out.append("")
+    if errors:
+        out.append(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s)")
+    else:
+        out.append(f"OK: every proof holds ({len(warnings)} warning(s))")
+    return "\n".join(out)
+
+
+def _spec_lines(spec) -> list:
+    r = spec.report
+    v = spec.variables
+    out = [f"{spec.filename}: sde {spec.name} ({spec.form} form)",
+           f"state: {v[0]} (data)" + "".join(f", {a} (auxiliary)" for a in v[1:]) + f"   K = {spec.K}"]
+    if spec.K > 1:
+        out.append("q(v0 | x) = N(0, Σ_v0), Σ_v0 =")
+        out += matrix_lines(spec.aux_init, list(v[1:]))
+    B = r.fact("B")
+    out.append(f"time: beta(t) = {expr_text(spec.beta)};  B(t) = {B if B else '(quadrature)'};  "
+               f"T = {expr_text(spec.T)};  t_min = {expr_text(spec.t_min)}")
+    for title, M in (("Q (skew part)", spec.Q), ("D (noise)", spec.D), ("Σ∞ (target covariance)", spec.target),
+                     ("F(t) = -beta(t) (Q + D) Σ∞⁻¹", spec.F), ("G Gᵀ(t) = 2 beta(t) D", spec.GGT)):
+        out.append(f"{title} =")
+        out += matrix_lines(M, list(v))
+    out.append("")
+    out.append("proofs:")
+    for p in r.proofs:
+        out.append(f"  [{_MARK[p.verdict]}] {p.name}: {p.detail}")
+    out.append("")
+    noised = r.fact("noised_directly") or []
+    out.append(f"noised directly: {', '.join(noised) or 'none'};  noise reaches: {', '.join(r.fact('noise_reaches') or []) or '?'}")
+    out.append(f"the score network must predict noise for: {', '.join(noised) or 'none'}")
+    syms = r.fact("learnable_symbols") or []
+    out.append(f"learnable parameters: {spec.parameter_count}" + (f" ({', '.join(syms)})" if syms else ""))
+    return out
+
+
+def check_json(result) -> dict:
+    spec = result.spec
+    doc = {"ok": result.ok, "diagnostics": [
+        {"severity": d.severity, "message": d.message, "hint": d.hint,
+         "file": d.span.file if d.span else None, "line": d.span.line if d.span else None,
+         "column": d.span.column if d.span else None} for d in result.diagnostics]}
+    if spec is not None:
+        doc["spec"] = dict(spec.report.facts)
+        doc["proofs"] = [{"name": p.name, "verdict": p.verdict, "detail": p.detail,
+                          "line": p.span.line if p.span else None, "column": p.span.column if p.span else None,
+                          **({"data": dict(p.data)} if p.data else {})} for p in spec.report.proofs]
+    return doc
