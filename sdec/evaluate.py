@@ -116,9 +116,28 @@ def _checked(value, span):
             raise EvalError(span, "value is undefined or infinite (division by zero or log(0)?)")
         if item.has(sp.I):
             raise EvalError(span, "value is not real (square root or log of a negative number?)")
-        if isinstance(item, sp.Rational) and max(item.p.bit_length(), item.q.bit_length()) > MAX_RATIONAL_BITS:
-            raise EvalError(span, "number is too large to handle exactly")
+        if isinstance(item, sp.Rational):
+            if max(item.p.bit_length(), item.q.bit_length()) > MAX_RATIONAL_BITS:
+                raise EvalError(span, "number is too large to handle exactly")
+        elif item.is_number:
+            _check_magnitude(item, span)
     return value
+
+
+def _check_magnitude(item, span):
+    """An irrational number: real, and no larger than the largest rational allowed.
+
+    Every value passes here as it is built, so the operands of the next operation are
+    bounded too and evaluating them numerically stays cheap (no e^(e^(e^10)) ever forms).
+    """
+    approx = sp.N(item, 15)
+    if not approx.is_real:
+        raise EvalError(span, "value is not real (a negative number raised to a fractional power?)")
+    if not approx.is_finite or abs(approx) > _LARGEST:
+        raise EvalError(span, "number is too large to handle exactly")
+
+
+_LARGEST = sp.Float(2) ** MAX_RATIONAL_BITS
 
 
 def _binary(node: S.Binary, left, right):
@@ -154,13 +173,16 @@ def _binary(node: S.Binary, left, right):
 
 
 def _guard_power(base, exponent, span):
+    if exponent.is_Rational and abs(exponent.p) > 1000:
+        raise EvalError(span, "exponent is too large to evaluate exactly")
     if exponent.is_Rational and base.is_Rational:
         if base == 0 and exponent < 0:
             raise EvalError(span, "division by zero (0 raised to a negative power)")
-        if abs(exponent.p) > 1000:
-            raise EvalError(span, "exponent is too large to evaluate exactly")
         bits = max(base.p.bit_length(), base.q.bit_length())
         if bits * abs(exponent.p) > MAX_RATIONAL_BITS:
+            raise EvalError(span, "power is too large to handle exactly")
+    elif base.is_number and exponent.is_number and base != 0:
+        if sp.N(exponent * sp.log(abs(base)), 15) > MAX_RATIONAL_BITS * sp.log(2):
             raise EvalError(span, "power is too large to handle exactly")
 
 
@@ -195,7 +217,7 @@ def _scalar_fn(fn, name):
             raise EvalError(node.span, "log of a number that is not positive")
         if name == "sqrt" and value.is_number and value.is_negative:
             raise EvalError(node.span, "sqrt of a negative number")
-        if name == "exp" and value.is_number and value.is_Rational and abs(value) > 700:
+        if name == "exp" and value.is_number and abs(sp.N(value, 15)) > 700:
             raise EvalError(node.span, "exp() argument is out of range (|x| > 700)")
         return fn(value)
     return apply

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .algebra import check_aux_init, check_psd, check_skew, check_target
 from .convergence import check_convergence, reached
 from .mixing import MIX_TOL, check_mixing
+from .ranges import check_ranges
 from .report import Proof, Report, at_init, matrix_text
 from .schedule import check_beta, check_integral
 from .stationarity import check_stationarity
@@ -12,24 +13,35 @@ __all__ = ["run_checks", "Proof", "Report", "MIX_TOL"]
 
 
 def run_checks(spec, mix_tol: float = MIX_TOL) -> Report:
-    proofs = []
-    proofs += check_target(spec)
+    """Each group of proofs runs only when what it builds on holds (no Σ∞⁻¹ of a singular Σ∞)."""
+    proofs = check_ranges(spec)
+    if proofs:
+        return Report(tuple(proofs), _facts(spec, None, None, False))
+    target = check_target(spec)
+    proofs += target
     proofs += check_aux_init(spec)
-    proofs += check_beta(spec)
-    integral, B = check_integral(spec)
-    proofs += integral
+    beta = check_beta(spec)
+    proofs += beta
+    B = None
+    if _ok(beta):
+        integral, B = check_integral(spec)
+        proofs += integral
     proofs += check_skew(spec)
     proofs += check_psd(spec)
-    proofs += check_stationarity(spec)
-    basics_ok = all(p.ok for p in proofs)
+    if _ok(target):
+        proofs += check_stationarity(spec)
+    basics_ok = _ok(proofs)
     mixing = None
     if basics_ok:
         proofs += check_convergence(spec)
-        if all(p.ok for p in proofs):
+        if _ok(proofs):
             more, mixing = check_mixing(spec, B, mix_tol)
             proofs += more
-    facts = _facts(spec, B, mixing, basics_ok)
-    return Report(tuple(proofs), facts)
+    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok))
+
+
+def _ok(proofs) -> bool:
+    return all(p.ok for p in proofs)
 
 
 def _facts(spec, B, mixing, basics_ok):
@@ -39,7 +51,8 @@ def _facts(spec, B, mixing, basics_ok):
         ("data", spec.data), ("K", spec.K), ("T", str(spec.T)), ("t_min", str(spec.t_min)),
         ("beta", str(spec.beta)), ("B", str(B) if B is not None else None),
         ("Q", matrix_text(spec.Q)), ("D", matrix_text(spec.D)), ("target", matrix_text(spec.target)),
-        ("aux_init", matrix_text(spec.aux_init)), ("F", matrix_text(spec.F)), ("GGT", matrix_text(spec.GGT)),
+        ("aux_init", matrix_text(spec.aux_init)),
+        ("F", matrix_text(spec.F) if basics_ok else None), ("GGT", matrix_text(spec.GGT)),
         ("noised_directly", [v for v, n in zip(spec.variables, spec.noised) if n]),
         ("learnable_parameters", spec.parameter_count),
         ("learnable_symbols", [s.name for s in spec.symbols]),

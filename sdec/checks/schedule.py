@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import sympy as sp
+from sympy.calculus.util import continuous_domain
 
 from ..evaluate import T_SYMBOL
 from .report import Proof
@@ -24,23 +25,66 @@ def integrated_beta(beta) -> sp.Expr | None:
 
 
 def check_beta(spec):
+    """A float64 grid first (cheap, never raises), then an exact minimum where sympy can give one."""
     span = spec.span_of("beta")
     title = "beta(t) > 0 on [0, T]"
     beta, T = spec.beta, spec.T
+    grid = np.linspace(0.0, float(T), GRID)
+    values = _grid_values(beta, grid)
+    bad = ~np.isfinite(values) | (values <= 0) | (values > LARGEST)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return [Proof(title, "failed", _bad_value(values[i], grid[i], T), span)]
+    exact = _exact_minimum(beta, T)
+    if exact == "singular":
+        return [Proof(title, "failed", f"beta(t) is not finite everywhere on [0, {T}] "
+                      "(a pole or a gap between grid points)", span)]
+    if exact is not None:
+        if exact.is_positive:
+            return [Proof(title, "proved", f"exact minimum {exact} on [0, {T}]", span)]
+        return [Proof(title, "failed", f"beta(t) reaches {exact} on [0, {T}]; the time change must stay positive", span)]
+    return [Proof(title, "checked", f"numerically on a {GRID}-point grid (minimum {values.min():.6g}); not proved", span)]
+
+
+GRID = 2001
+LARGEST = 1e30
+
+
+def _grid_values(beta, grid):
+    f = sp.lambdify(T_SYMBOL, beta, "numpy")
+    with np.errstate(all="ignore"):
+        try:
+            values = np.broadcast_to(np.asarray(f(grid), dtype=complex), grid.shape)
+        except (ArithmeticError, ValueError, TypeError):  # e.g. an integer power too large for numpy
+            return np.full(grid.shape, np.nan)
+    return np.where(np.abs(values.imag) > 0, np.nan, values.real)
+
+
+def _bad_value(value, t, T):
+    if not np.isfinite(value):
+        return f"beta(t) is not a finite real number at t = {t:.6g}"
+    if value > LARGEST:
+        return f"beta({t:.6g}) = {value:.3g} is out of range (more than 1e30)"
+    return f"beta({t:.6g}) = {value:.6g}; the time change must stay positive on [0, {T}]"
+
+
+def _exact_minimum(beta, T):
+    """The exact minimum of beta on [0, T], "singular" if beta is not continuous there, or None.
+
+    Periodic functions are left to the grid: sympy's solver lists every critical point,
+    and cos(100000 t) has tens of thousands of them.
+    """
+    if beta.has(sp.sin, sp.cos, sp.tan):
+        return None
+    interval = sp.Interval(0, T)
     try:
-        low = sp.minimum(beta, T_SYMBOL, sp.Interval(0, T))
-    except Exception:  # minimum() is not total; fall back to a dense grid
-        low = None
-    if low is not None and low.is_number:
-        if low.is_positive:
-            return [Proof(title, "proved", f"exact minimum {low} on [0, {T}]", span)]
-        return [Proof(title, "failed", f"beta(t) reaches {low} on [0, {T}]; the time change must stay positive", span)]
-    grid = np.linspace(0.0, float(T), 2001)
-    f = sp.lambdify(T_SYMBOL, beta, "math")
-    values = np.array([float(f(float(x))) for x in grid])
-    if np.all(np.isfinite(values)) and values.min() > 0:
-        return [Proof(title, "checked", f"numerically on a 2001-point grid (minimum {values.min():.6g})", span)]
-    return [Proof(title, "failed", f"beta(t) is not positive and finite on [0, {T}] (minimum {np.nanmin(values):.6g})", span)]
+        if not beta.is_polynomial(T_SYMBOL) and not interval.is_subset(
+                continuous_domain(beta, T_SYMBOL, interval)):
+            return "singular"
+        low = sp.minimum(beta, T_SYMBOL, interval)
+    except Exception:  # minimum() and continuous_domain() are not total; the grid verdict stands
+        return None
+    return low if low.is_number else None
 
 
 def check_integral(spec):

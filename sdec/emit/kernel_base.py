@@ -187,8 +187,15 @@ class DiffusionBase(torch.nn.Module):
         return self._sigma_inf.device
 
     def _A_D(self):
+        """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
+        return self._cached("A_D", self._build_A_D)
+
+    def _build_A_D(self):
         Q, D = (m.to(torch.float64) for m in self._blocks())
         return -torch.linalg.solve(self.stationary_cov, (Q + D).mT).mT, D
+
+    def _G_factor(self):
+        return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
 
     def _sigma0(self, hybrid):
         K = self.K
@@ -221,20 +228,18 @@ class DiffusionBase(torch.nn.Module):
 
     def drift(self, t):
         t64, shape, dtype, _ = self._time(t)
-        A = self._coeffs(False)["A"]
-        F = self._beta(t64)[:, None, None] * A
+        F = self._beta(t64)[:, None, None] * self._A_D()[0]
         return F.reshape(*shape, self.K, self.K).to(dtype)
 
     def noise_cov(self, t):
         t64, shape, dtype, _ = self._time(t)
-        D = self._coeffs(False)["D"]
-        GG = 2.0 * self._beta(t64)[:, None, None] * D
+        GG = 2.0 * self._beta(t64)[:, None, None] * self._A_D()[1]
         return GG.reshape(*shape, self.K, self.K).to(dtype)
 
     def diffusion(self, t):
         """G(t) = sqrt(2 beta(t)) _D_sqrt(), with G Gᵀ = noise_cov(t)."""
         t64, shape, dtype, _ = self._time(t)
-        G = torch.sqrt(2.0 * self._beta(t64))[:, None, None] * self._D_sqrt().to(torch.float64)
+        G = torch.sqrt(2.0 * self._beta(t64))[:, None, None] * self._G_factor()
         return G.reshape(*shape, self.K, self.K).to(dtype)
 
     # ------------------------------------------------------- transition kernel
@@ -374,7 +379,7 @@ class DiffusionBase(torch.nn.Module):
     def _trace_rate(self, t64):
         """tr(Σ_t⁻¹ G Gᵀ(t)) for the hybrid kernel, flat float64 t."""
         Sig = self._phi_sigma(self._B(t64), True)[1]
-        GG = 2.0 * self._beta(t64)[:, None, None] * self._coeffs(True)["D"]
+        GG = 2.0 * self._beta(t64)[:, None, None] * self._A_D()[1]
         L = self._cholesky(Sig, t64)
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
@@ -417,7 +422,7 @@ class DiffusionBase(torch.nn.Module):
         GG = self.noise_cov(t)
         score = -0.5 * weight * (diff * torch.matmul(GG, diff)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
-        trA = self._coeffs(True)["A"].diagonal().sum()
+        trA = self._A_D()[0].diagonal().sum()
         B = self._B_at([t_min, self.T])
         ones = x.new_ones(n)
         return ELBOTerms(

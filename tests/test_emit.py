@@ -1,0 +1,229 @@
+"""The emitted module: standalone, identical to sdec.compile, equal to independent kernels."""
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+
+import sdec
+from sdec.checks import at_init
+from sdec.cli import main as cli_main
+
+from kernels import make
+
+SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
+
+
+def spec_path(name):
+    return os.path.join(SPECS, f"{name}.sde")
+
+
+T_GRID = torch.tensor([1e-5, 1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spec,kernel", [("vpsde", "vpsde"), ("alda", "alda"), ("malda", "malda"), ("cld", "cld_paper")])
+def test_compiled_spec_matches_handwritten_kernel(spec, kernel):
+    compiled, reference = sdec.compile(spec_path(spec)), make(kernel)
+    for hybrid in (True, False):
+        P1, S1 = compiled.transition(T_GRID, hybrid=hybrid)
+        P2, S2 = reference.transition(T_GRID, hybrid=hybrid)
+        assert torch.allclose(P1, P2, rtol=0, atol=1e-12)
+        assert torch.allclose(S1, S2, rtol=1e-10, atol=1e-14)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.01, 0.4, 0.9], dtype=torch.float64)
+    e1 = compiled.elbo(x, lambda y, tt: -y, t=t, t_min=1e-3, generator=torch.Generator().manual_seed(2))
+    e2 = reference.elbo(x, lambda y, tt: -y, t=t, t_min=1e-3, generator=torch.Generator().manual_seed(2))
+    # the score_norm quadrature (integrand ~ 1/t) amplifies last-bit differences between the
+    # printed schedule (99/20)*t**2 + t/10 and the hand-written 0.1*t + 4.95*t*t
+    assert torch.allclose(e1.total, e2.total, rtol=1e-7, atol=1e-9)
+
+
+def test_closed_form_phi_equals_matrix_exponential():
+    proc = sdec.compile(spec_path("cld"))
+    assert proc._phi_closed(torch.tensor(0.5, dtype=torch.float64)) is not None
+    s = proc._B(T_GRID)
+    Q, D = proc._blocks()
+    A = -(Q + D) @ torch.linalg.inv(proc.stationary_cov.double())
+    ref = torch.linalg.matrix_exp(s[:, None, None] * A)
+    assert torch.allclose(proc._phi_closed(s), ref, rtol=0, atol=1e-13)
+
+
+def _imports(source):
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add((node.module or "").split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("name", ["vpsde", "cld", "alda", "malda", "learned2", "learned3"])
+def test_emitted_module_imports_only_math_and_torch(name):
+    source = sdec.compile_source(spec_path(name))
+    assert _imports(source) == {"math", "torch"}
+    assert "sdec" not in _imports(source)
+    assert source.startswith('"""Diffusion ')
+
+
+def test_standalone_file_is_bit_identical_to_sdec_compile(tmp_path):
+    out = tmp_path / "learned3.py"
+    assert cli_main(["compile", spec_path("learned3"), "-o", str(out)]) == 0
+    script = tmp_path / "use.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        from learned3 import Diffusion
+        proc = Diffusion()
+        t = torch.tensor([1e-3, 0.25, 0.9], dtype=torch.float64)
+        Phi, Sigma = proc.transition(t)
+        x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+        e = proc.elbo(x, lambda y, tt: -y, t=t, generator=torch.Generator().manual_seed(0))
+        loss = -e.total.mean()
+        loss.backward()
+        vals = Phi.flatten().tolist() + Sigma.flatten().tolist() + e.total.tolist()
+        print(" ".join(float(v).hex() for v in vals))
+        print(sum(float(p.grad.abs().sum()) for p in proc.parameters()) > 0)
+    """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.split("\n")
+    proc = sdec.compile(spec_path("learned3"))
+    t = torch.tensor([1e-3, 0.25, 0.9], dtype=torch.float64)
+    Phi, Sigma = proc.transition(t)
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+    e = proc.elbo(x, lambda y, tt: -y, t=t, generator=torch.Generator().manual_seed(0))
+    vals = Phi.flatten().tolist() + Sigma.flatten().tolist() + e.total.tolist()
+    assert lines[0].split() == [float(v).hex() for v in vals]
+    assert lines[1] == "True"
+
+
+LEARN_SPEC = """
+sde learnkinds
+state x, v, w
+init (v, w) ~ normal(0, [[0.02, 0.005], [0.005, 0.01]])
+beta(t) = 1 + t
+T = 2
+t_min = 1e-3
+target normal(0, diag(1, 2, 1/2))
+{q}
+{d}
+"""
+
+
+@pytest.mark.parametrize("q,d", [
+    ("param a = 0.5\nparam g > 0 = 2\nQ = [[0, -a, 0], [a, 0, -g], [0, g, 0]]", "D = diag(0, g, 1)"),
+    ("learn Q: skew mask [[0, 1, 0], [1, 0, 1], [0, 1, 0]] init [[0, -1, 0], [1, 0, -2], [0, 2, 0]]",
+     "learn D: diagonal on (v, w) init diag(0, 1.5, 0.5)"),
+    ("learn Q: skew on (x, v) init [[0, -1, 0], [1, 0, 0], [0, 0, 0]]\nD = diag(1, 0, 1)",
+     "# D given above"),
+    ("learn Q: skew init random(0.3, 7)", "learn D: lowrank(2) init [[1, 0.5, 0], [0.5, 0.25, 0], [0, 0, 1]]"),
+    ("learn Q: skew init random(0.3, 7)", "learn D: psd on (x, w) init [[2, 0, 0.1], [0, 0, 0], [0.1, 0, 1]]"),
+])
+def test_learnable_kinds_start_at_their_init_and_receive_gradients(q, d):
+    text = LEARN_SPEC.format(q=q, d=d)
+    spec = sdec.parse(text, "learnkinds.sde")
+    proc = sdec.compile(spec)
+    Q, D = proc._blocks()
+    Q0, D0 = at_init(spec)
+    assert torch.allclose(Q, torch.tensor(np.array(Q0.evalf(20).tolist(), dtype=float)), atol=1e-12)
+    assert torch.allclose(D, torch.tensor(np.array(D0.evalf(20).tolist(), dtype=float)), atol=1e-12)
+    assert torch.allclose(Q, -Q.T)
+    assert torch.linalg.eigvalsh(D).min() > -1e-12
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    e = proc.elbo(x, lambda y, tt: -0.5 * y, generator=torch.Generator().manual_seed(4))
+    (-e.total.mean()).backward()
+    params = list(proc.parameters())
+    assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
+
+
+def test_parameterization_keeps_constraints_for_any_parameter_value():
+    proc = sdec.compile(sdec.parse(LEARN_SPEC.format(q="learn Q: skew init random(0.3, 7)",
+                                                     d="learn D: psd init I"), "x.sde"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            for p in proc.parameters():
+                p.copy_(3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            Q, D = proc._blocks()
+            assert torch.allclose(Q, -Q.T)
+            assert torch.linalg.eigvalsh(D).min() > 0
+
+
+def test_quadrature_B_when_no_closed_form():
+    text = open(spec_path("cld")).read().replace("beta(t) = 4", "beta(t) = 2 + exp(sin(3*t))")
+    spec = sdec.parse(text, "q.sde")
+    from sdec.lower import lower
+    assert lower(spec).B is None
+    proc = sdec.compile(spec)
+    t = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    from scipy.integrate import quad
+    ref = [quad(lambda u: 2 + np.exp(np.sin(3 * u)), 0, float(s), epsabs=1e-14, epsrel=1e-14)[0] for s in t]
+    assert np.allclose(proc._B(t).numpy(), ref, rtol=1e-13, atol=0)
+
+
+def test_chain_processes_need_no_t_min_raise():
+    """Integrated-noise chains (ALDA) have a scale-free correlation structure as t -> 0:
+    the series keeps Σ's tiny entries exact, so Cholesky works far below the MDM t_min."""
+    text = open(spec_path("alda")).read().replace("t_min = 1e-3", "t_min = 1e-9")
+    from sdec.lower import lower
+    plan = lower(sdec.parse(text, "tiny.sde"))
+    assert plan.t_min == 1e-9 and plan.t_min_note is None
+    proc = sdec.compile(sdec.parse(text, "tiny.sde"))
+    _, Sigma = proc.transition(torch.tensor(1e-9, dtype=torch.float64), hybrid=False)
+    torch.linalg.cholesky(Sigma)
+
+
+SKEWED_NOISE = """
+sde skewed
+state x, v
+init v ~ normal(0, 0.01)
+beta(t) = 1
+T = 1
+t_min = 1e-14
+target normal(0, I)
+Q = [[0, -1], [1, 0]]
+D = [[1, 1], [1, 1]]
+"""
+
+
+def test_t_min_is_raised_when_the_kernel_is_degenerate_at_small_t():
+    """Noise entering only along x + v: corr(Σ_t) -> [[1, 1], [1, 1]] as t -> 0."""
+    from sdec.lower import CORR_EIG_MIN, lower, lowering_report
+    spec = sdec.parse(SKEWED_NOISE, "skewed.sde")
+    plan = lower(spec)
+    assert plan.t_min > 1e-14 and plan.t_min_spec == 1e-14
+    assert "t_min raised" in lowering_report(plan)
+    proc = sdec.compile(spec)
+    assert proc.t_min == plan.t_min
+    _, Sigma = proc.transition(torch.tensor(plan.t_min, dtype=torch.float64), hybrid=False)
+    d = torch.diagonal(Sigma).sqrt()
+    corr = Sigma / (d[:, None] * d[None, :])
+    assert torch.linalg.eigvalsh(corr).min() > 0.5 * CORR_EIG_MIN
+
+
+def test_compile_without_output_prints_the_lowering_report(capsys):
+    assert cli_main(["compile", spec_path("cld")]) == 0
+    out = capsys.readouterr().out
+    assert "closed form" in out and "Φ(t)" in out and "t_min" in out
+
+
+def test_float32_inputs_give_float32_outputs():
+    proc = sdec.compile(spec_path("malda"))
+    Phi, Sigma = proc.transition(torch.tensor([0.1, 0.5]))
+    assert Phi.dtype == Sigma.dtype == torch.float32
+    P64, S64 = proc.transition(torch.tensor([0.1, 0.5], dtype=torch.float64))
+    assert torch.allclose(Phi.double(), P64, atol=1e-7)
+
+
+def test_module_float32_cast_keeps_kk_algebra_in_float64():
+    proc = sdec.compile(spec_path("learned2")).float()
+    Q, D = proc._blocks()
+    assert Q.dtype == D.dtype == torch.float64
