@@ -8,7 +8,7 @@ import attrs
 from .build import build
 from .checks import MIX_TOL, run_checks
 from .diagnostics import Diagnostic, SpecError, error
-from .parse import decode, parse_text
+from .parse import MAX_FILE_BYTES, decode, normalize, parse_text
 
 
 @attrs.frozen
@@ -27,10 +27,11 @@ class Analysis:
 def analyze(text: str | bytes, filename: str | None = None, mix_tol: float = MIX_TOL) -> Analysis:
     """Run every stage that can run; never raises for a bad spec."""
     filename = filename or "<spec>"
-    if isinstance(text, bytes):
-        text, diags = decode(text, filename)
-        if text is None:
-            return Analysis(None, tuple(diags), None)
+    raw = text
+    text, diags = decode(raw, filename) if isinstance(raw, bytes) else normalize(raw, filename)
+    if text is None:  # show the bad line anyway, with replacement characters
+        shown = raw.decode("utf-8", "replace") if isinstance(raw, bytes) and len(raw) <= MAX_FILE_BYTES else None
+        return Analysis(None, tuple(diags), shown)
     if not text.strip():
         return Analysis(None, (error(None, f"{filename} is empty; a spec declares at least "
                                            "'sde', 'state', 'beta(t)', 'T', 'target' and the process"),), text)

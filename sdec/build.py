@@ -208,7 +208,7 @@ class Builder:
             values.append(value)
         T, t_min = values
         if T is not None and t_min is not None and not (t_min < T) == True:  # noqa: E712 (sympy relational)
-            self.err(self.span_of("t_min") or self.top(), f"t_min = {t_min} must be smaller than T = {T}")
+            self.err(self.span_of("t_min") or self.span_of("T") or self.top(), f"t_min = {t_min} must be smaller than T = {T}")
         return T, t_min
 
     def span_of(self, key):

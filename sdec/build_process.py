@@ -268,7 +268,8 @@ def _matrices(b, beta):
     drift = _block(b, "drift", scope)
     stmt = b.assignments("diffusion")
     if drift is None:
-        b.err(stmt.span if stmt else b.top(), "the drift matrix is missing", "add 'drift = [[...]]'")
+        if not _attempted(b, "drift"):
+            b.err(stmt.span if stmt else b.top(), "the drift matrix is missing", "add 'drift = [[...]]'")
         return None, None, ()
     if stmt is None:
         b.err(b.span_of("drift"), "the diffusion matrix is missing", "add 'diffusion = [[...]]' (K rows, one column per Brownian motion)")

@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     except SpecError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `sdec check spec | head`: the reader went away
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ def decode(data: bytes, filename: str) -> tuple[str | None, list[Diagnostic]]:
         line, col = _position(data[:exc.start].decode("utf-8", "replace"))
         return None, [error(Span.point(filename, line, col),
                             f"file is not valid UTF-8 text (byte 0x{data[exc.start]:02x})")]
+    return normalize(text, filename)
+
+
+def normalize(text: str, filename: str) -> tuple[str | None, list[Diagnostic]]:
+    """Drop a byte-order mark, reject NUL, and make every line end in '\n'."""
     if text.startswith("\ufeff"):
         text = text[1:]
     if "\x00" in text:

@@ -31,7 +31,7 @@ class SdePrinter(StrPrinter):
 
 
 def expr_text(expr) -> str:
-    return SdePrinter({"order": None}).doprint(sp.sympify(expr) if isinstance(expr, int) else expr)
+    return SdePrinter({"order": None}).doprint(sp.Integer(expr) if isinstance(expr, int) else expr)
 
 
 def matrix_text(M) -> str:

@@ -50,7 +50,11 @@ def _spec_lines(spec) -> list:
     out.append(f"time: beta(t) = {expr_text(spec.beta)};  B(t) = {B if B else '(quadrature)'};  "
                f"T = {expr_text(spec.T)};  t_min = {expr_text(spec.t_min)}")
     for title, M in (("Q (skew part)", spec.Q), ("D (noise)", spec.D), ("Σ∞ (target covariance)", spec.target),
-                     ("F(t) = -beta(t) (Q + D) Σ∞⁻¹", spec.F), ("G Gᵀ(t) = 2 beta(t) D", spec.GGT)):
+                     ("F(t) = -beta(t) (Q + D) Σ∞⁻¹", None), ("G Gᵀ(t) = 2 beta(t) D", spec.GGT)):
+        if M is None:
+            if r.fact("F") is None:
+                continue  # Σ∞ is singular or not symmetric: F does not exist
+            M = spec.F
         out.append(f"{title} =")
         out += matrix_lines(M, list(v))
     out.append("")

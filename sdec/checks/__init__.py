@@ -16,7 +16,7 @@ def run_checks(spec, mix_tol: float = MIX_TOL) -> Report:
     """Each group of proofs runs only when what it builds on holds (no Σ∞⁻¹ of a singular Σ∞)."""
     proofs = check_ranges(spec)
     if proofs:
-        return Report(tuple(proofs), _facts(spec, None, None, False))
+        return Report(tuple(proofs), _facts(spec, None, None, False, False))
     target = check_target(spec)
     proofs += target
     proofs += check_aux_init(spec)
@@ -37,14 +37,14 @@ def run_checks(spec, mix_tol: float = MIX_TOL) -> Report:
         if _ok(proofs):
             more, mixing = check_mixing(spec, B, mix_tol)
             proofs += more
-    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok))
+    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok, _ok(target)))
 
 
 def _ok(proofs) -> bool:
     return all(p.ok for p in proofs)
 
 
-def _facts(spec, B, mixing, basics_ok):
+def _facts(spec, B, mixing, basics_ok, target_ok):
     Q0, D0 = at_init(spec)
     facts = [
         ("name", spec.name), ("form", spec.form), ("variables", list(spec.variables)),
@@ -52,7 +52,7 @@ def _facts(spec, B, mixing, basics_ok):
         ("beta", str(spec.beta)), ("B", str(B) if B is not None else None),
         ("Q", matrix_text(spec.Q)), ("D", matrix_text(spec.D)), ("target", matrix_text(spec.target)),
         ("aux_init", matrix_text(spec.aux_init)),
-        ("F", matrix_text(spec.F) if basics_ok else None), ("GGT", matrix_text(spec.GGT)),
+        ("F", matrix_text(spec.F) if target_ok else None), ("GGT", matrix_text(spec.GGT)),
         ("noised_directly", [v for v, n in zip(spec.variables, spec.noised) if n]),
         ("learnable_parameters", spec.parameter_count),
         ("learnable_symbols", [s.name for s in spec.symbols]),

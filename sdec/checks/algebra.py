@@ -9,7 +9,7 @@ from .report import Proof, at_init, numeric
 
 def check_target(spec):
     return _definite(spec.target, "Σ∞ (target covariance) is symmetric positive definite",
-                     "the target covariance", spec.span_of("target"), strict=True)
+                     "The target covariance Σ∞", spec.span_of("target"), strict=True)
 
 
 def check_aux_init(spec):
@@ -17,7 +17,7 @@ def check_aux_init(spec):
         return []
     span = spec.span_of(("init", spec.auxiliaries[0]))
     return _definite(spec.aux_init, "q(v0|x) covariance is symmetric positive definite",
-                     "the initial covariance of the auxiliaries", span, strict=True)
+                     "The initial covariance of the auxiliaries", span, strict=True)
 
 
 def _definite(M, title, what, span, strict):

@@ -7,6 +7,8 @@ entries are meaningless. Reported only when it fails: the other proofs then do n
 """
 from __future__ import annotations
 
+from decimal import Decimal
+
 import sympy as sp
 
 from .report import Proof, at_init
@@ -19,7 +21,7 @@ def check_ranges(spec):
     for label, value, span in _numbers(spec):
         size = abs(value) if value.is_Rational else abs(sp.N(value, 15))
         if size != 0 and not SMALLEST <= size <= LARGEST:
-            shown = sp.N(value, 6) if not value.is_Integer or size > 10 ** 12 else value
+            shown = format(Decimal(str(sp.N(value, 15))).normalize(), ".6g")
             return [Proof("numbers are within floating-point range", "failed",
                           f"{label} = {shown} is out of range: nonzero numbers must lie between 1e-30 and "
                           "1e30 in size", span)]
