@@ -174,7 +174,7 @@ def _depth(tree) -> int:
 # ---- syntax errors -----------------------------------------------------------------
 
 _TERMINAL_NAMES = {"NAME": "a name", "NUMBER": "a number", "DW": "dW", "SIGN": "'+' or '-'",
-                   "POW": "'^'", "$END": "end of statement"}
+                   "POW": "'^'", "$END": "end of statement", "<END-OF-FILE>": "end of statement"}
 
 
 def _describe_expected(expected) -> str:
