@@ -10,7 +10,7 @@ import sympy as sp
 from . import learn
 from . import syntax as S
 from .diagnostics import Diagnostic, Span, error, warning
-from .evaluate import FUNCTIONS, T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
+from .evaluate import FAILED, FUNCTIONS, T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
 from .ir import LEARN_KINDS, Learned, Param, Spec, param_symbol
 
 MAX_STATE = 8
@@ -49,7 +49,8 @@ class Builder:
         try:
             result = evaluate(node, scope)
         except EvalError as exc:
-            self.err(exc.span or getattr(node, "span", None), exc.message, exc.hint)
+            if exc.message is not None:
+                self.err(exc.span or getattr(node, "span", None), exc.message, exc.hint)
             return None
         if expect == "scalar" and is_matrix(result):
             self.err(node.span, f"expected a scalar, got a {shape_text(result)}")
@@ -137,9 +138,8 @@ class Builder:
             if not self.check_new_name(stmt.name):
                 continue
             value = self.value(stmt.value, self.scope())
-            if value is not None:
-                self.constants[stmt.name.name] = value
-                self.where(("const", stmt.name.name), stmt.span)
+            self.constants[stmt.name.name] = FAILED if value is None else value
+            self.where(("const", stmt.name.name), stmt.span)
 
     def declare_params(self):
         for stmt in self.of(S.ParamStmt):
@@ -148,6 +148,7 @@ class Builder:
             positive = stmt.bound is not None
             if positive and stmt.bound.text.replace("_", "").strip("0.") != "":
                 self.err(stmt.bound.span, "a parameter bound must be '> 0'")
+            self.params[stmt.name.name] = FAILED  # until the initial value is accepted
             init = self.value(stmt.init, Scope(constants=self.constants, size=self.K), expect="scalar")
             if init is None:
                 continue
@@ -201,7 +202,7 @@ class Builder:
                 values.append(default)
                 continue
             self.where(key, stmt.value.span)
-            value = self.value(stmt.value, Scope(constants=self.constants), expect="scalar")
+            value = self.value(stmt.value, Scope(constants=self.constants, size=self.K), expect="scalar")
             if value is not None and not (value.is_number and value.is_positive):
                 self.err(stmt.value.span, f"{key} must be a positive number, got {value}")
                 value = None
@@ -246,7 +247,7 @@ class Builder:
 
     def aux_init(self):
         aux = self.variables[1:]
-        blocks = {}
+        blocks, written = {}, set()
         for stmt in self.of(S.InitStmt):
             names = [i.name for i in stmt.variables]
             bad = [i for i in stmt.variables if i.name not in aux]
@@ -259,6 +260,7 @@ class Builder:
                 self.err(ident.span, f"initial law of '{ident.name}' is given twice")
             if bad or again or len(set(names)) != len(names):
                 continue
+            written.update(names)
             self.zero_mean(stmt.mean)
             cov = self.covariance(stmt.cov, len(names), "the initial covariance")
             if cov is not None:
@@ -266,7 +268,7 @@ class Builder:
                 for name in names:
                     self.where(("init", name), stmt.cov.span)
         missing = [v for v in aux if not any(v in b for b in blocks)]
-        for name in missing:
+        for name in (v for v in missing if v not in written):  # a rejected init is reported already
             self.err(self.span_of(("var", name)), f"auxiliary variable '{name}' has no initial law",
                      f"add 'init {name} ~ normal(0, 0.01)'")
         if missing or len(blocks) != len({tuple(k) for k in blocks}):

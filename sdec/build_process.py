@@ -224,10 +224,12 @@ def _init(b, stmt, kind, over, rank, mask):
     index = [b.variables.index(v) for v in over]
     random = None
     if isinstance(node, S.Call) and node.func.name == "random":
-        args = [b.value(a, Scope(constants=b.constants), expect="scalar") for a in node.args]
-        if len(args) != 2 or None in args:
+        args = [b.value(a, Scope(constants=b.constants, size=b.K), expect="scalar") for a in node.args]
+        if len(args) != 2:
             b.err(node.span, "write random(std, seed)")
             return None, None
+        if None in args:
+            return None, None  # already reported
         std, seed = args
         if not (std.is_number and std.is_positive) or not (seed.is_Integer and 0 <= seed < 2**32):
             b.err(node.span, "random(std, seed) needs std > 0 and a whole seed in [0, 2^32)")

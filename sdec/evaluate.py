@@ -24,26 +24,41 @@ _NUMBER = re.compile(r"^(?P<int>\d*)(?:\.(?P<frac>\d*))?(?:[eE](?P<exp>[+-]?\d+)
 
 
 class EvalError(Exception):
-    """A user error inside an expression; the builder turns it into a Diagnostic."""
+    """A user error inside an expression; the builder turns it into a Diagnostic.
 
-    def __init__(self, span: Span | None, message: str, hint: str | None = None):
+    ``message`` is None for a use of a name whose definition already failed (FAILED):
+    that error is reported once, at the definition.
+    """
+
+    def __init__(self, span: Span | None, message: str | None, hint: str | None = None):
         super().__init__(message)
         self.span, self.message, self.hint = span, message, hint
 
 
 def number_value(node: S.Number) -> sp.Rational:
+    """The exact value of a number token, built from its digits (never through float or int(text))."""
     text = node.text.replace("_", "")
     m = _NUMBER.match(text)
     if not m:
         raise EvalError(node.span, f"malformed number {node.text!r}")
-    digits = ((m.group("int") or "") + (m.group("frac") or "")).lstrip("0")
-    exponent = int(m.group("exp") or 0)
-    if len(digits) > MAX_SIG_DIGITS:
-        raise EvalError(node.span, f"number {node.text!r} has more than {MAX_SIG_DIGITS} significant digits")
-    if digits and abs(exponent + len(m.group("int") or "")) > MAX_EXPONENT:
-        raise EvalError(node.span, f"number {node.text!r} is out of range (|exponent| > {MAX_EXPONENT})")
-    value = Fraction(text)
-    return sp.Rational(value.numerator, value.denominator)
+    whole, frac, exp_text = m.group("int") or "", m.group("frac") or "", m.group("exp") or "0"
+    digits = (whole + frac).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return sp.Integer(0)
+    if len(significant) > MAX_SIG_DIGITS:
+        raise EvalError(node.span, f"number {_short(node.text)} has more than {MAX_SIG_DIGITS} significant digits")
+    out_of_range = EvalError(node.span, f"number {_short(node.text)} is out of range (|exponent| > {MAX_EXPONENT})")
+    if len(exp_text.lstrip("+-").lstrip("0")) > len(str(MAX_EXPONENT)) + 1:
+        raise out_of_range
+    last = int(exp_text) - len(frac) + (len(digits) - len(significant))  # power of ten of the last digit
+    if abs(last + len(significant) - 1) > MAX_EXPONENT:
+        raise out_of_range
+    return sp.Integer(int(significant)) * sp.Rational(10) ** last
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:20] + "..." + text[-10:])
 
 
 def is_matrix(value) -> bool:
@@ -85,12 +100,16 @@ def evaluate(node, scope: Scope):
     raise AssertionError(f"no evaluation for {kind.__name__}")
 
 
+FAILED = object()  # the value of a constant or parameter whose definition was rejected
+
+
 def _name(node: S.Name, scope: Scope):
     name = node.name
-    if name in scope.constants:
-        return scope.constants[name]
-    if name in scope.params:
-        return scope.params[name]
+    for table in (scope.constants, scope.params):
+        if name in table:
+            if table[name] is FAILED:
+                raise EvalError(node.span, None)
+            return table[name]
     if name in scope.state:
         return scope.state[name]
     if name == "t":

@@ -3,10 +3,12 @@ from fractions import Fraction
 
 import pytest
 import sympy as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sdec
 from sdec import syntax as S
-from sdec.evaluate import Scope, evaluate
+from sdec.evaluate import Scope, evaluate, number_value
 from sdec.parse import MAX_BRACKET_DEPTH, MAX_EXPR_DEPTH, MAX_FILE_BYTES, parse_text, split_statements
 
 VP = """sde vp
@@ -28,7 +30,7 @@ def errors_of(text, filename="f.sde"):
 def texts(text):
     statements, diags = split_statements(text, "f.sde")
     assert diags == []
-    return [(s.text, s.line, s.column) for s in statements]
+    return [(s.text.rstrip(), s.line, s.column) for s in statements]
 
 
 # ---- statement splitting ---------------------------------------------------------------
@@ -298,7 +300,8 @@ def test_file_size_limit():
 
 
 @pytest.mark.parametrize("text,fragment", [
-    ("1e400", "out of range"), ("1e-401", "out of range"), ("9" * 61, "significant digits"),
+    ("1e401", "out of range"), ("1e-401", "out of range"), ("9" * 61, "significant digits"),
+    ("0." + "0" * 5000 + "1", "out of range"), ("1e" + "9" * 5000, "out of range"),
     ("10^10^10", "exponent is too large"), ("2^2000", "exponent is too large"), ("(2^1000)^4", "too large"),
     ("(2^1000)*(2^1000)*(2^1000)*(2^1000)*(2^1000)", "too large"), ("exp(1000)", "out of range"),
     ("exp(exp(exp(10)))", "out of range"), ("pi^pi^pi^pi", "too large"), ("(exp(700)^1000)^2", "too large"),
@@ -306,11 +309,36 @@ def test_file_size_limit():
     ("sqrt(-1)", "negative"), ("(-1)^(1/2)", "not real"), ("(-2)^sqrt(2)", "not real"),
 ])
 def test_absurd_numbers_are_errors_at_the_number(text, fragment):
-    exc = errors_of(f"sde s\nconst a = {text}\n")
+    exc = errors_of(VP + f"const a = {text}\n")
     assert fragment in exc.message
-    assert exc.line == 2 and exc.column >= 11
+    assert exc.line == 8 and exc.column >= 11
 
 
 def test_huge_but_exact_numbers_are_kept_exactly():
-    assert const_value("1e399") == sp.Integer(10) ** 399
+    assert const_value("1e400") == sp.Integer(10) ** 400 and const_value("1e-400") == sp.Rational(1, 10 ** 400)
+    assert const_value("1" + "0" * 100) == sp.Integer(10) ** 100  # trailing zeros are not significant digits
+    assert const_value("0" * 5000 + "1.5") == sp.Rational(3, 2)
     assert const_value("2^1000") == sp.Integer(2) ** 1000
+
+
+_digits = st.text("0123456789", min_size=1, max_size=12)
+
+
+@st.composite
+def number_texts(draw):
+    whole = draw(_digits)
+    frac = draw(st.one_of(st.none(), st.text("0123456789", max_size=12)))
+    text = whole if frac is None else f"{whole}.{frac}"
+    if draw(st.booleans()):
+        text = "." + draw(_digits)
+    if draw(st.booleans()):
+        text += draw(st.sampled_from("eE")) + draw(st.sampled_from(["", "+", "-"])) + str(draw(st.integers(0, 40)))
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(number_texts())
+def test_number_value_agrees_with_python_fractions(text):
+    got = number_value(S.Number(text))
+    want = Fraction(text)
+    assert (int(got.p), int(got.q)) == (want.numerator, want.denominator)
