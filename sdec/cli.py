@@ -80,7 +80,13 @@ def _add_verify(sub):
 
 def _run_verify(args) -> int:
     from .api import parse_file
+    import os
+
+    import torch
+
     from .verify import render_checks, verify
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # K x K work: intra-op threads only add overhead
     spec = parse_file(args.spec)
     checks = verify(spec, samples=args.samples, seed=args.seed)
     print(render_checks(spec, checks))

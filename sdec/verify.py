@@ -41,7 +41,7 @@ def _A(proc, t):
 
 def check_simulation(proc, samples, seed):
     """EM paths from a fixed y0 (non-hybrid) to t1 = T/2; compare moments to the kernel."""
-    K, t1, steps = proc.K, 0.5 * proc.T, 2000
+    K, t1, steps = proc.K, 0.5 * proc.T, 1000
     gen = torch.Generator().manual_seed(seed)
     y0 = torch.zeros(K, dtype=torch.float64)
     y0[0] = 1.0
@@ -194,8 +194,13 @@ def check_dtype(proc):
 
 
 def verify(spec, samples=20000, seed=0):
+    """Compile a spec and run every check on it."""
     from .compiler import compile as compile_spec
-    proc = compile_spec(spec)
+    return verify_process(compile_spec(spec), samples=samples, seed=seed)
+
+
+def verify_process(proc, samples=20000, seed=0):
+    """Run every check on a compiled Diffusion (or any object with its interface and hooks)."""
     checks = []
     with torch.no_grad():  # value checks need no graph (and then reuse the cached kernel)
         checks += check_invariance(proc)

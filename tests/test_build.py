@@ -208,7 +208,7 @@ def test_nonlinear_drift_is_rejected(equation, column):
     assert (exc.line, exc.column) == (7, column) and len(exc.errors) == 1
 
 
-@pytest.mark.parametrize("noise,column", [("x dW", 18), ("sqrt(2) dW_a + v dW_b", 33), ("(1 + x*t) dW", 18)])
+@pytest.mark.parametrize("noise,column", [("x dW", 18), ("sqrt(2) dW_a + v dW_b", 33), ("(1 + x*t) dW", 19)])
 def test_multiplicative_noise_is_rejected(noise, column):
     exc = error_of(BASE + "dx = v dt\ndv = -x - v dt + " + noise + "\n")
     assert exc.message == "the noise coefficient depends on the state; sdec handles additive noise only"
@@ -298,7 +298,7 @@ def test_random_init_is_reproducible_and_documented(line, kind, rank):
 
 
 def test_random_init_on_a_sub_block_is_embedded():
-    spec = sdec.parse(BASE3 + "Q = zeros(3)\nQ[x, v] = -1\nQ[v, x] = 1\nQ[v, w] = -1\nQ[w, v] = 1\n"
+    spec = sdec.parse(BASE3 + "Q[x, v] = -1\nQ[v, x] = 1\nQ[v, w] = -1\nQ[w, v] = 1\n"
                       "learn D: psd on (v, w) init random(0.5, 1)\n")
     D0 = numeric(at_init(spec)[1])
     assert np.all(D0[0] == 0) and np.all(D0[:, 0] == 0)

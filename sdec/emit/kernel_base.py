@@ -211,7 +211,6 @@ class DiffusionBase(torch.nn.Module):
         K = self.K
         S0 = torch.zeros(K, K, dtype=torch.float64, device=self._device())
         if hybrid and K > 1:
-            S0 = S0.clone()
             S0[1:, 1:] = self.aux_init_cov
         return S0
 
