@@ -50,7 +50,11 @@ class Builder:
             result = evaluate(node, scope)
         except EvalError as exc:
             if exc.message is not None:
-                self.err(exc.span or getattr(node, "span", None), exc.message, exc.hint)
+                message = exc.message
+                if any(message == f"unknown name '{s.name.name}'" for s in self.of(S.ParamStmt)):
+                    message = (f"{message[len('unknown name '):]} is a learnable parameter; parameters can be used "
+                               "in Q, D, drift, diffusion and the equations only")
+                self.err(exc.span or getattr(node, "span", None), message, exc.hint)
             return None
         if expect == "scalar" and is_matrix(result):
             self.err(node.span, f"expected a scalar, got a {shape_text(result)}")

@@ -7,7 +7,6 @@ ever becomes sympy objects through the constructors below.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 import sympy as sp
 

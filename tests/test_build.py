@@ -392,6 +392,8 @@ ERRORS = [
     (BASE + "param g > 1 = 2\n" + P, "a parameter bound must be '> 0'", 7, 11),
     (BASE + "param g > 0 = -2\nQ = [[0, -1], [1, 0]]\nD = diag(0, g)\n", "parameter 'g' is declared > 0 but starts at -2", 7, 15),
     (BASE + "param a = I\n" + P, "expected a scalar, got a 2x2 matrix", 7, 11),
+    (BASE + "param a = 1\nconst b = a\n" + P, "'a' is a learnable parameter; parameters can be used in Q, D", 8, 11),
+    (BASE.replace("beta(t) = 1", "beta(t) = g") + "param g > 0 = 1\n" + P, "'g' is a learnable parameter", 4, 11),
     (BASE + "foo = 3\n" + P, "cannot assign to 'foo'", 7, 1),
     (BASE + "foo[x, v] = 3\n" + P, "entries can be assigned in Q, D or drift, not 'foo'", 7, 1),
     (BASE + "Q = [[0, -1], [1, 0]]\nQ = [[0, -1], [1, 0]]\nD = diag(0, 1)\n", "Q is assigned twice (first at line 7)", 8, 1),

@@ -342,3 +342,30 @@ def test_number_value_agrees_with_python_fractions(text):
     got = number_value(S.Number(text))
     want = Fraction(text)
     assert (int(got.p), int(got.q)) == (want.numerator, want.denominator)
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def test_parse_file_takes_str_and_path_and_names_the_file(tmp_path):
+    path = tmp_path / "vp.sde"
+    path.write_text(VP)
+    assert sdec.parse_file(path) == sdec.parse_file(str(path)) == sdec.parse(VP)
+    assert sdec.parse_file(path).filename == str(path)
+    path.write_text(VP.replace("T = 1", "T = -1"))
+    with pytest.raises(sdec.SpecError) as info:
+        sdec.parse_file(path)
+    assert (info.value.filename, info.value.line, info.value.column) == (str(path), 4, 5)
+    assert info.value.render().startswith(f"{path}:4:5: error: T must be a positive number, got -1")
+
+
+def test_parse_file_of_a_missing_file_or_a_directory(tmp_path):
+    for target, fragment in [(tmp_path / "missing.sde", "no such file"), (tmp_path, "is a directory")]:
+        with pytest.raises(sdec.SpecError) as info:
+            sdec.parse_file(target)
+        assert fragment in info.value.message and info.value.line is None
+
+
+def test_analyze_never_raises_for_a_bad_spec():
+    result = sdec.analyze("sde s\nconst a = $\n", "f.sde")
+    assert not result.ok and result.spec is None
+    assert [(d.span.line, d.span.column) for d in result.diagnostics] == [(2, 11)]

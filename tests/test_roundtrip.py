@@ -17,7 +17,7 @@ from sdec.printer import format_spec
 
 R = sp.Rational
 SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs"
-FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Identifiers a user may pick, keywords of the grammar included (they are names outside their statement).
@@ -385,7 +385,7 @@ def damaged_drift(draw):
     return g, text, A2, line_no
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(damaged_drift())
 def test_non_stationary_drift_prints_its_residual(case):
     g, text, A2, line_no = case

@@ -9,6 +9,9 @@ from ..evaluate import T_SYMBOL
 from .report import Proof
 
 _s = sp.Symbol("s", nonnegative=True)
+GRID = 2001       # points of the float64 check of beta on [0, T]
+LARGEST = 1e30    # beyond this beta is out of the kernels' range
+_SINGULAR = object()  # beta has a pole (or a gap) on [0, T]
 
 
 def integrated_beta(beta) -> sp.Expr | None:
@@ -36,7 +39,7 @@ def check_beta(spec):
         i = int(np.argmax(bad))
         return [Proof(title, "failed", _bad_value(values[i], grid[i], T), span)]
     exact = _exact_minimum(beta, T)
-    if exact == "singular":
+    if exact is _SINGULAR:
         return [Proof(title, "failed", f"beta(t) is not finite everywhere on [0, {T}] "
                       "(a pole or a gap between grid points)", span)]
     if exact is not None:
@@ -44,10 +47,6 @@ def check_beta(spec):
             return [Proof(title, "proved", f"exact minimum {exact} on [0, {T}]", span)]
         return [Proof(title, "failed", f"beta(t) reaches {exact} on [0, {T}]; the time change must stay positive", span)]
     return [Proof(title, "checked", f"numerically on a {GRID}-point grid (minimum {values.min():.6g}); not proved", span)]
-
-
-GRID = 2001
-LARGEST = 1e30
 
 
 def _grid_values(beta, grid):
@@ -69,7 +68,7 @@ def _bad_value(value, t, T):
 
 
 def _exact_minimum(beta, T):
-    """The exact minimum of beta on [0, T], "singular" if beta is not continuous there, or None.
+    """The exact minimum of beta on [0, T], _SINGULAR if beta is not continuous there, or None.
 
     Periodic functions are left to the grid: sympy's solver lists every critical point,
     and cos(100000 t) has tens of thousands of them.
@@ -80,7 +79,7 @@ def _exact_minimum(beta, T):
     try:
         if not beta.is_polynomial(T_SYMBOL) and not interval.is_subset(
                 continuous_domain(beta, T_SYMBOL, interval)):
-            return "singular"
+            return _SINGULAR
         low = sp.minimum(beta, T_SYMBOL, interval)
     except Exception:  # minimum() and continuous_domain() are not total; the grid verdict stands
         return None

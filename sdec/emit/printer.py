@@ -43,4 +43,8 @@ def _fold_constants(expr):
 
 
 def torch_expr(expr, names: dict) -> str:
-    return KernelPrinter(names).doprint(_fold_constants(sp.sympify(expr)))
+    if isinstance(expr, int):
+        expr = sp.Integer(expr)
+    if not isinstance(expr, sp.Basic):
+        raise TypeError(f"expected a sympy expression, got {type(expr).__name__}")
+    return KernelPrinter(names).doprint(_fold_constants(expr))
