@@ -57,6 +57,12 @@ def _spec_lines(spec) -> list:
             M = spec.F
         out.append(f"{title} =")
         out += matrix_lines(M, list(v))
+    if spec.symbols:
+        from .checks import at_init
+        Q0, D0 = at_init(spec)
+        for title, M in (("Q at the initial parameter values", Q0), ("D at the initial parameter values", D0)):
+            out.append(f"{title} =")
+            out += matrix_lines(M, list(v))
     out.append("")
     out.append("proofs:")
     for p in r.proofs:

@@ -777,3 +777,16 @@ def test_importance_variance_ratio(name):
             print(f"{'':22s}exact mean {-norm:.3f}")
             assert abs(float(si_.mean()) + norm) < 4 * math.sqrt(vi / n)
             assert abs(float(su.mean()) + norm) < 4 * math.sqrt(vu / n)
+
+
+# ------------------------------------------------------------- standalone file
+def test_kernel_base_imports_only_math_and_torch():
+    import ast
+    source = open(kb.__file__).read()
+    imports = [n for n in ast.walk(ast.parse(source))
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert sorted(ast.unparse(n) for n in imports) == ["import math", "import torch"]
+    body = "\n".join(l for l in source.splitlines() if l not in ("import math", "import torch"))
+    namespace = {"math": math, "torch": torch}
+    exec(compile(body, "<pasted kernel_base>", "exec"), namespace)
+    assert issubclass(namespace["DiffusionBase"], torch.nn.Module)
