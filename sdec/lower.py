@@ -67,6 +67,7 @@ class KernelPlan:
     params: tuple = ()
     blocks: tuple = ()
     phi_closed: sp.ImmutableMatrix | None = None
+    D_sqrt: tuple | None = None     # S with S Sᵀ = D for a fixed D
 
     @property
     def K(self) -> int:
@@ -111,7 +112,7 @@ def lower(spec) -> KernelPlan:
         names=spec.variables, T=float(spec.T), t_min=t_min, t_min_spec=float(spec.t_min), t_min_note=note,
         noised=tuple(bool(n) for n in spec.noised), sigma_inf=_floats(spec.target), aux_init=_floats(spec.aux_init),
         beta=spec.beta, B=B, gauss_legendre=gl, fixed=fixed, symbolic=symbolic, params=params, blocks=blocks,
-        phi_closed=phi)
+        phi_closed=phi, D_sqrt=fixed_sqrt(spec.D) if "D" in fixed else None)
 
 
 def _param_plan(p) -> ParamPlan:
@@ -144,6 +145,19 @@ def _block_plan(b, spec) -> BlockPlan:
     Bm = V[:, order] * np.sqrt(np.clip(w[order], 0.0, None))  # rank ≤ r was checked by the builder
     return BlockPlan(b.block, b.kind, index, b.rank, (), (tuple(float(x) for x in Bm.reshape(-1)),),
                      (f"theta_{b.block}",))
+
+
+def fixed_sqrt(D) -> tuple:
+    """A square root of a constant PSD D: exact entrywise for a diagonal D, else the
+    symmetric root from a 30-digit mpmath eigendecomposition (eigenvalues that are
+    negative only by rounding are set to 0; D was proved PSD)."""
+    K = D.rows
+    if all(D[i, j] == 0 for i in range(K) for j in range(K) if i != j):
+        return tuple(tuple(float(sp.N(sp.sqrt(D[i, i]), 30)) if i == j else 0.0 for j in range(K)) for i in range(K))
+    with mp.workdps(30):
+        w, V = mp.eigsy(mp.matrix(_floats(D)))
+        root = V * mp.diag([mp.sqrt(max(x, 0)) for x in w]) * V.T
+        return tuple(tuple(float(root[i, j]) for j in range(K)) for i in range(K))
 
 
 def closed_form_phi(A) -> sp.ImmutableMatrix | None:

@@ -136,6 +136,8 @@ def test_learnable_kinds_start_at_their_init_and_receive_gradients(q, d):
     assert torch.allclose(D, torch.tensor(np.array(D0.evalf(20).tolist(), dtype=float)), atol=1e-12)
     assert torch.allclose(Q, -Q.T)
     assert torch.linalg.eigvalsh(D).min() > -1e-12
+    S = proc._D_sqrt()
+    assert torch.allclose(S @ S.T, D, atol=1e-12)  # the noise factor samplers use
     x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     e = proc.elbo(x, lambda y, tt: -0.5 * y, generator=torch.Generator().manual_seed(4))
     (-e.total.mean()).backward()

@@ -82,6 +82,8 @@ def _init(w, plan):
         w.line(f'self.register_buffer("_aux_init_cov", torch.tensor({aux}, {f64}).reshape({plan.K - 1}, {plan.K - 1}))')
         for name, M in plan.fixed.items():
             w.line(f'self.register_buffer("_{name}_fixed", torch.tensor({_lit(M)}, {f64}))')
+        if plan.D_sqrt is not None:
+            w.line(f'self.register_buffer("_D_sqrt_fixed", torch.tensor({_lit(plan.D_sqrt)}, {f64}))')
         for p in plan.params:
             w.line(f"self.{_ident(p.attr)} = torch.nn.Parameter(torch.tensor({p.raw_init!r}, {f64}))")
         for b in plan.blocks:
@@ -138,39 +140,65 @@ def _blocks(w, plan):
                 entries = ", ".join(f"z + ({torch_expr(M[i, j], names)})" for i in range(M.rows) for j in range(M.cols))
                 w.line("z = torch.zeros((), dtype=torch.float64, device=ref.device)")
                 w.line(f"{name} = torch.stack([{entries}]).reshape(K, K)")
+            elif name == "D":
+                w.line("S = self._D_sqrt()")
+                w.line("D = S @ S.transpose(-1, -2)")
             else:
-                _learned_block(w, learned[name])
+                _learned_skew(w, learned[name])
         w.line("return Q, D")
+    w.line("")
+    _D_sqrt(w, plan, learned.get("D"))
+
+
+def _D_sqrt(w, plan, block):
+    """A factor S with S Sᵀ = D: the parameterization's own factor, or a precomputed one."""
+    if block is None and "D" not in plan.fixed:
+        return  # D from parameters: the base class's eigh square root
+    w.line("def _D_sqrt(self):")
+    with w.indent():
+        if block is None:
+            w.line("return self._D_sqrt_fixed.double()")
+        else:
+            w.line("ref = self._sigma_inf")
+            w.line(f"K = {plan.K}")
+            w.line("def idx(values):")
+            with w.indent():
+                w.line("return torch.tensor(values, dtype=torch.long, device=ref.device)")
+            _learned_factor(w, block)
     w.line("")
 
 
-def _learned_block(w, b):
-    name = b.block
+def _learned_skew(w, b):
+    rows = tuple(i for i, _ in b.entries)
+    cols = tuple(j for _, j in b.entries)
+    w.line(f"# learned skew block over variables {list(b.index)}: Q = W - Wᵀ")
+    w.line("W = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
+    if rows:
+        w.line(f"W = W.index_put((idx({rows!r}), idx({cols!r})), self.{b.attrs_[0]}.double())")
+    w.line("Q = W - W.transpose(-1, -2)")
+
+
+def _learned_factor(w, b):
+    """Return statement of the factor S (K x K) of a learned D = S Sᵀ."""
     w.line(f"# learned {b.kind} block over variables {list(b.index)}")
-    if b.kind == "skew":
-        rows = tuple(i for i, _ in b.entries)
-        cols = tuple(j for _, j in b.entries)
-        w.line("W = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
-        if rows:
-            w.line(f"W = W.index_put((idx({rows!r}), idx({cols!r})), self.{b.attrs_[0]}.double())")
-        w.line(f"{name} = W - W.transpose(-1, -2)")
-    elif b.kind == "psd":
+    if b.kind == "psd":
         rows = tuple(i for i, _ in b.entries)
         cols = tuple(j for _, j in b.entries)
         w.line("L = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
         if rows:
             w.line(f"L = L.index_put((idx({rows!r}), idx({cols!r})), self.{b.attrs_[0]}.double())")
         w.line(f"diag = idx({tuple(b.index)!r})")
-        w.line(f"L = L.index_put((diag, diag), torch.nn.functional.softplus(self.{b.attrs_[1]}.double()))")
-        w.line(f"{name} = L @ L.transpose(-1, -2)")
+        w.line(f"return L.index_put((diag, diag), torch.nn.functional.softplus(self.{b.attrs_[1]}.double()))")
     elif b.kind == "diagonal":
         w.line(f"diag = idx({tuple(b.index)!r})")
-        w.line(f"{name} = torch.zeros(K, K, dtype=torch.float64, device=ref.device).index_put("
-               f"(diag, diag), torch.nn.functional.softplus(self.{b.attrs_[0]}.double()))")
+        w.line(f"return torch.zeros(K, K, dtype=torch.float64, device=ref.device).index_put("
+               f"(diag, diag), torch.nn.functional.softplus(self.{b.attrs_[0]}.double()).sqrt())")
     else:
-        w.line(f"Bf = torch.zeros(K, {b.rank}, dtype=torch.float64, device=ref.device)")
-        w.line(f"Bf = Bf.index_put((idx({tuple(b.index)!r}),), self.{b.attrs_[0]}.double().reshape({len(b.index)}, {b.rank}))")
-        w.line(f"{name} = Bf @ Bf.transpose(-1, -2)")
+        w.line(f"# lowrank({b.rank}): the n x r factor, padded with zero columns to K x K")
+        w.line("S = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
+        w.line(f"rows = idx({tuple(b.index)!r})")
+        w.line(f"cols = idx({tuple(range(b.rank))!r})")
+        w.line(f"return S.index_put((rows[:, None], cols[None, :]), self.{b.attrs_[0]}.double().reshape({len(b.index)}, {b.rank}))")
 
 
 def _phi(w, plan):
