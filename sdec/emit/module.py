@@ -88,6 +88,8 @@ def _init(w, plan):
             w.line(f"self.{_ident(p.attr)} = torch.nn.Parameter(torch.tensor({p.raw_init!r}, {f64}))")
         for b in plan.blocks:
             for attr, raw in zip(b.attrs_, b.raw_init):
+                if not raw:
+                    continue  # no free entries (e.g. a 1 x 1 block has no off-diagonal)
                 w.line(f"self.{_ident(attr)} = torch.nn.Parameter(torch.tensor({_lit(tuple(raw))}, {f64}))")
     w.line("")
 
