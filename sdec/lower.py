@@ -254,8 +254,10 @@ def lowering_report(plan: KernelPlan) -> str:
         lines.append("  Φ(t)   : closed form expm(B(t) A) from sympy (real rational eigenvalues), verified against mpmath")
     else:
         lines.append("  Φ(t)   : torch.linalg.matrix_exp(B(t) A) (no closed form used)")
-    lines.append("  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖ ≤ tau (structural zeros stay exact)")
+    lines.append("  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖₂ ≤ 3 (structural zeros stay exact)")
     lines.append("  Σ(t)   : stationary identity Σ∞ + Φ (Σ0 - Σ∞) Φᵀ above the series range")
+    lines.append("  ELBO   : score_norm by Gauss–Legendre in log t; divergence and truncation exact; importance "
+                 "time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant, 512 geometric bins)")
     lines.append("  Q, D   : " + ", ".join(
         [f"{k} fixed" for k in plan.fixed] + [f"{k} from parameters (sympy → torch)" for k in plan.symbolic] +
         [f"{b.block} learned {b.kind}{'(%d)' % b.rank if b.rank else ''} over "
