@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import sympy as sp
 
-from . import learn
 from . import syntax as S
 from .diagnostics import Diagnostic, Span, error, warning
 from .evaluate import FAILED, FUNCTIONS, T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
-from .ir import LEARN_KINDS, Learned, Param, Spec, param_symbol
+from .ir import Param, Spec
 
 MAX_STATE = 8
 RESERVED = {"t", "pi", "I", "beta", "random", "T", "t_min", "Q", "D", "drift", "diffusion"} | set(FUNCTIONS)

@@ -8,8 +8,8 @@ import sympy as sp
 
 from . import learn
 from . import syntax as S
-from .evaluate import T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
-from .ir import LEARN_KINDS, Learned
+from .evaluate import T_SYMBOL, Scope, is_matrix, shape_text
+from .ir import Learned
 
 _TARGETS = ("T", "t_min", "Q", "D", "drift", "diffusion")
 

@@ -248,7 +248,7 @@ def lowering_report(plan: KernelPlan) -> str:
     if plan.t_min_note:
         lines.append(f"  NOTE: {plan.t_min_note}")
     lines.append(f"  beta(t) = {expr_text(plan.beta)}: printed as a torch expression")
-    lines.append(f"  B(t)   : " + (f"closed form {expr_text(plan.B)}" if plan.B is not None
+    lines.append("  B(t)   : " + (f"closed form {expr_text(plan.B)}" if plan.B is not None
                                   else "Gauss–Legendre quadrature of beta, 64 nodes on [0, t]"))
     if plan.phi_closed is not None:
         lines.append("  Φ(t)   : closed form expm(B(t) A) from sympy (real rational eigenvalues), verified against mpmath")

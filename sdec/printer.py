@@ -8,7 +8,6 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from .evaluate import T_SYMBOL
 
 
 class SdePrinter(StrPrinter):
@@ -105,4 +104,4 @@ def _equation_lines(spec):
     return lines
 
 
-__all__ = ["format_spec", "expr_text", "T_SYMBOL"]
+__all__ = ["format_spec", "expr_text"]

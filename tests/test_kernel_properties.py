@@ -5,7 +5,6 @@ learnable blocks) is compiled through the real pipeline, and its kernel must sat
 identities that hold for every linear stationary diffusion, each checked independently of
 how the kernel computes them.
 """
-import math
 
 import pytest
 import torch

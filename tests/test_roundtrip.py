@@ -318,7 +318,6 @@ def damaged_q(draw):
     K = draw(st.integers(2, 4))
     names = ("x", "v", "w", "u")[:K]
     Q = draw(skew_matrices(K))
-    D = sp.eye(K)
     i, j = draw(st.sampled_from([(i, j) for i in range(K) for j in range(K)]))
     Q[i, j] = Q[i, j] + draw(st.sampled_from(POSITIVE))  # no longer -Q[j, i] (or no longer 0 on the diagonal)
     head = f"sde bad\nstate {', '.join(names)}\n" + "".join(f"init {a} ~ normal(0, 0.01)\n" for a in names[1:])
