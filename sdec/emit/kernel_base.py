@@ -196,6 +196,10 @@ class DiffusionBase(torch.nn.Module):
     def _device(self):
         return self._sigma_inf.device
 
+    def _index(self, values):
+        """Long index tensor on the module's device (used by generated learnable blocks)."""
+        return torch.tensor(values, dtype=torch.long, device=self._device())
+
     def _A_D(self):
         """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
         return self._cached("A_D", self._build_A_D)

@@ -123,14 +123,12 @@ def _param_names(plan) -> dict:
 def _blocks(w, plan):
     w.line("def _blocks(self):")
     with w.indent():
-        w.line("ref = self._sigma_inf")
+        w.line("dev = self._device()")
         w.line(f"K = {plan.K}")
         if plan.blocks:
-            w.line("def idx(values):")
-            with w.indent():
-                w.line("return torch.tensor(values, dtype=torch.long, device=ref.device)")
+            w.line("idx = self._index")
         names = _param_names(plan)
-        for p, (sym, local) in zip(plan.params, names.items()):
+        for p, local in zip(plan.params, names.values()):
             raw = f"self.{_ident(p.attr)}.double()"
             w.line(f"{local} = {'torch.nn.functional.softplus(' + raw + ')' if p.positive else raw}")
         learned = {b.block: b for b in plan.blocks}
@@ -140,7 +138,7 @@ def _blocks(w, plan):
             elif name in plan.symbolic:
                 M = plan.symbolic[name]
                 entries = ", ".join(f"z + ({torch_expr(M[i, j], names)})" for i in range(M.rows) for j in range(M.cols))
-                w.line("z = torch.zeros((), dtype=torch.float64, device=ref.device)")
+                w.line("z = torch.zeros((), dtype=torch.float64, device=dev)")
                 w.line(f"{name} = torch.stack([{entries}]).reshape(K, K)")
             elif name == "D":
                 w.line("S = self._D_sqrt()")
@@ -161,11 +159,9 @@ def _D_sqrt(w, plan, block):
         if block is None:
             w.line("return self._D_sqrt_fixed.double()")
         else:
-            w.line("ref = self._sigma_inf")
+            w.line("dev = self._device()")
             w.line(f"K = {plan.K}")
-            w.line("def idx(values):")
-            with w.indent():
-                w.line("return torch.tensor(values, dtype=torch.long, device=ref.device)")
+            w.line("idx = self._index")
             _learned_factor(w, block)
     w.line("")
 
@@ -174,7 +170,7 @@ def _learned_skew(w, b):
     rows = tuple(i for i, _ in b.entries)
     cols = tuple(j for _, j in b.entries)
     w.line(f"# learned skew block over variables {list(b.index)}: Q = W - Wᵀ")
-    w.line("W = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
+    w.line("W = torch.zeros(K, K, dtype=torch.float64, device=dev)")
     if rows:
         w.line(f"W = W.index_put((idx({rows!r}), idx({cols!r})), self.{b.attrs_[0]}.double())")
     w.line("Q = W - W.transpose(-1, -2)")
@@ -186,18 +182,18 @@ def _learned_factor(w, b):
     if b.kind == "psd":
         rows = tuple(i for i, _ in b.entries)
         cols = tuple(j for _, j in b.entries)
-        w.line("L = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
+        w.line("L = torch.zeros(K, K, dtype=torch.float64, device=dev)")
         if rows:
             w.line(f"L = L.index_put((idx({rows!r}), idx({cols!r})), self.{b.attrs_[0]}.double())")
         w.line(f"diag = idx({tuple(b.index)!r})")
         w.line(f"return L.index_put((diag, diag), torch.nn.functional.softplus(self.{b.attrs_[1]}.double()))")
     elif b.kind == "diagonal":
         w.line(f"diag = idx({tuple(b.index)!r})")
-        w.line(f"return torch.zeros(K, K, dtype=torch.float64, device=ref.device).index_put("
+        w.line(f"return torch.zeros(K, K, dtype=torch.float64, device=dev).index_put("
                f"(diag, diag), torch.nn.functional.softplus(self.{b.attrs_[0]}.double()).sqrt())")
     else:
         w.line(f"# lowrank({b.rank}): the n x r factor, padded with zero columns to K x K")
-        w.line("S = torch.zeros(K, K, dtype=torch.float64, device=ref.device)")
+        w.line("S = torch.zeros(K, K, dtype=torch.float64, device=dev)")
         w.line(f"rows = idx({tuple(b.index)!r})")
         w.line(f"cols = idx({tuple(range(b.rank))!r})")
         w.line(f"return S.index_put((rows[:, None], cols[None, :]), self.{b.attrs_[0]}.double().reshape({len(b.index)}, {b.rank}))")
