@@ -6,8 +6,9 @@ Choices made here, all reported by ``lowering_report``:
   exponentials, checked against mpmath); else torch.linalg.matrix_exp. Near s = 0 the
   kernel base uses exact Taylor series for Φ and Σ (structural zeros stay exact).
 - Σ(s): Taylor series for small s·‖A‖, stationary identity Σ∞ + Φ(Σ0 - Σ∞)Φᵀ above.
-- t_min: the spec's, unless float64 cannot hold Σ(t_min) to ROUNDING_TOL in its own scale
-  (hybrid or not); then the smallest safe t_min is derived (at 50 digits) and reported.
+- t_min: the spec's, unless the float64 kernel's Σ(t_min) (hybrid or not, emulated with numpy)
+  is off by more than ROUNDING_TOL in Σ's own scale against 50 digits; then the smallest
+  safe t_min is derived and reported.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .evaluate import T_SYMBOL
 
 S_SYMBOL = sp.Symbol("s", nonnegative=True)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-ROUNDING_TOL = 1e-4  # accepted error of float64 Σ(t_min) in its own scale, max|L⁻¹ΔL⁻ᵀ|
+ROUNDING_TOL = 1e-4  # accepted error of the kernel's float64 Σ(t_min) in its own scale, max|L⁻¹ΔL⁻ᵀ|
 
 
 @attrs.frozen
@@ -185,28 +186,46 @@ def _sigma_mp(A, D, S0, Sinf, s):
     return Sinf + Phi * (S0 - Sinf) * Phi.T
 
 
-def rounding_error(Sig) -> float:
-    """Own-scale error max|L⁻¹ (fl(Σ) - Σ) L⁻ᵀ| of the correctly rounded float64 Σ.
+# The kernel base's branch rule (sdec/emit/kernel_base.py; a test keeps them equal).
+SERIES_TAU = 3.0
+SERIES_TERMS = 48
 
-    No float64 algorithm can do better than storing Σ rounded, so this is a lower bound on
-    the kernel's error at that time (inf when Σ is not positive definite)."""
+
+def _own_scale_error(approx, Sig) -> float:
+    """max|L⁻¹ (approx - Σ) L⁻ᵀ| with L = chol(Σ) at working precision (inf if Σ is not PD)."""
     K = Sig.rows
     try:
-        L = mp.cholesky(Sig)
+        Linv = mp.inverse(mp.cholesky(Sig))
     except (ValueError, ZeroDivisionError):
         return math.inf
-    delta = mp.matrix(K, K)
-    for i in range(K):
-        for j in range(K):
-            delta[i, j] = mp.mpf(float(Sig[i, j])) - Sig[i, j]
-    Linv = mp.inverse(L)
+    delta = mp.matrix([[mp.mpf(float(approx[i][j])) - Sig[i, j] for j in range(K)] for i in range(K)])
     E = Linv * delta * Linv.T
     return float(max(abs(x) for x in E))
 
 
+def kernel_sigma64(A, D, S0, Sinf, s) -> list:
+    """Σ(s) computed the way the float64 kernel computes it (series below the switch,
+    stationary identity above), emulated with numpy."""
+    A64, D64, S064, Sinf64 = (np.array(m.tolist(), dtype=float) for m in (A, D, S0, Sinf))
+    s = float(s)
+    norm = np.linalg.norm(A64, 2)
+    if s * norm <= SERIES_TAU:
+        out, weight = S064.copy(), 1.0
+        AN = A64 @ S064
+        N = AN + AN.T + 2.0 * D64
+        for k in range(1, SERIES_TERMS):
+            weight = weight * s / k
+            out = out + weight * N
+            AN = A64 @ N
+            N = AN + AN.T
+        return out.tolist()
+    Phi = np.array(mp.expm(s * A).tolist(), dtype=float)
+    return (Sinf64 + Phi @ (S064 - Sinf64) @ Phi.T).tolist()
+
+
 def derive_t_min(spec) -> tuple[float, str | None]:
-    """The spec's t_min, or the smallest t where float64 can hold Σ_t (hybrid and not)
-    to ROUNDING_TOL in its own scale (Cholesky then succeeds and is accurate)."""
+    """The spec's t_min, or the smallest t where the float64 kernel's Σ_t (hybrid and not)
+    is accurate to ROUNDING_TOL in Σ's own scale, measured against 50 digits."""
     from .checks import at_init
     from .checks.schedule import integrated_beta
     t_spec = float(spec.t_min)
@@ -224,22 +243,23 @@ def derive_t_min(spec) -> tuple[float, str | None]:
 
         def error_at(t):
             s = mp.mpf(str(sp.N(B.subs(T_SYMBOL, t), 50))) if B is not None else mp.quad(f, [0, t])
-            return max(rounding_error(_sigma_mp(A, D, S0, Sinf, s)) for S0 in starts)
+            return max(_own_scale_error(kernel_sigma64(A, D, S0, Sinf, s), _sigma_mp(A, D, S0, Sinf, s))
+                       for S0 in starts)
 
         worst = error_at(t_spec)
         if worst <= ROUNDING_TOL:
             return t_spec, None
         lo, hi = t_spec, float(spec.T)
         if error_at(hi) > ROUNDING_TOL:
-            return t_spec, "Σ(t) cannot be held in float64 even at T; kept the spec's t_min"
+            return t_spec, "the float64 kernel is inaccurate even at T; kept the spec's t_min"
         for _ in range(60):
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if error_at(mid) > ROUNDING_TOL else (lo, mid)
             if hi / lo < 1.01:
                 break
-    return hi, (f"t_min raised from {t_spec:g} to {hi:.4g}: below it even the correctly rounded float64 "
-                f"covariance of q(y_t|·) is off by more than {ROUNDING_TOL:g} in its own scale "
-                f"({worst:.3g} at the spec's t_min), so Cholesky would be unreliable")
+    return hi, (f"t_min raised from {t_spec:g} to {hi:.4g}: below it the float64 covariance of q(y_t|·) is "
+                f"off by more than {ROUNDING_TOL:g} in its own scale ({worst:.3g} at the spec's t_min, "
+                f"measured against 50 digits), so Cholesky and the score would be unreliable")
 
 
 def lowering_report(plan: KernelPlan) -> str:

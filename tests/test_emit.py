@@ -231,3 +231,36 @@ def test_module_float32_cast_keeps_kk_algebra_in_float64():
     proc = sdec.compile(spec_path("learned2")).float()
     Q, D = proc._blocks()
     assert Q.dtype == D.dtype == torch.float64
+
+
+def test_lowering_emulates_the_kernel_branch_rule():
+    from sdec.emit import kernel_base
+    from sdec.lower import SERIES_TAU, SERIES_TERMS
+    assert (SERIES_TAU, SERIES_TERMS) == (kernel_base._SERIES_TAU, kernel_base._SERIES_TERMS)
+
+
+CHAIN4 = """
+sde chain4
+state x, v, w, u
+init (v, w, u) ~ normal(0, 1/100)
+beta(t) = 1
+T = 1/2
+target normal(0, diag(1, 3, 1, 1))
+Q = [[0, 1, 0, 3/4], [-1, 0, -1, -3], [0, 1, 0, 3], [-3/4, 3, -3, 0]]
+D = diag(0, 0, 0, 9)
+"""
+
+
+def test_t_min_raised_where_the_float64_series_loses_the_small_directions():
+    """Found by Hypothesis: noise on u reaches x, v, w at the same order, so Σ_t(x, v, w) is
+    nearly rank one at small t and the float64 kernel's Σ(1e-3 | y0) is not even PD."""
+    from sdec.lower import lower
+    spec = sdec.parse(CHAIN4, "chain4.sde")
+    plan = lower(spec)
+    assert plan.t_min > 1e-3 and "t_min raised" in plan.t_min_note
+    proc = sdec.compile(spec)
+    with pytest.raises(RuntimeError):  # what the user would hit at the spec's own t_min
+        proc.perturb(torch.zeros(1, 4, 1, dtype=torch.float64), torch.tensor([1e-3], dtype=torch.float64), hybrid=False)
+    for hybrid in (True, False):
+        _, Sigma = proc.transition(torch.tensor(plan.t_min, dtype=torch.float64), hybrid=hybrid)
+        torch.linalg.cholesky(Sigma)
