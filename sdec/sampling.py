@@ -59,7 +59,8 @@ def sample(proc, score_fn, n, data_shape, *, method="em", steps=500, grid="quadr
     sampler = SAMPLERS[method]
     options = _check_options(method, sampler, options)
     times = time_grid(proc, steps, grid, t_min, device)
-    y = proc.prior_sample(n, tuple(data_shape), generator=generator, dtype=dtype,
+    data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
+    y = proc.prior_sample(n, data_shape, generator=generator, dtype=dtype,
                           device=device)
     with torch.no_grad():
         y = sampler(proc, score_fn, y, times, generator=generator, **options)

@@ -264,3 +264,10 @@ def test_t_min_raised_where_the_float64_series_loses_the_small_directions():
     for hybrid in (True, False):
         _, Sigma = proc.transition(torch.tensor(plan.t_min, dtype=torch.float64), hybrid=hybrid)
         torch.linalg.cholesky(Sigma)
+
+
+def test_data_shape_may_be_an_int_or_a_tuple():
+    proc = sdec.compile(spec_path("cld"))
+    assert proc.prior_sample(3, 5).shape == (3, 2, 5)
+    assert proc.prior_sample(3, (1, 4, 4)).shape == (3, 2, 1, 4, 4)
+    assert sdec.sample(proc, lambda y, t: -y, 3, 5, steps=5).shape == (3, 5)

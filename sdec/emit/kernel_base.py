@@ -358,9 +358,11 @@ class DiffusionBase(torch.nn.Module):
         return -0.5 * (z * z).sum(1) - const.to(y.dtype)
 
     def prior_sample(self, n, data_shape, generator=None, dtype=None, device=None):
+        """n draws (n, K, *data_shape) from N(0, Σ∞ ⊗ I); data_shape is a tuple or an int."""
         dtype = dtype or torch.get_default_dtype()
         device = device or self._device()
-        shape = (n, self.K) + tuple(data_shape)
+        data_shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
+        shape = (n, self.K) + data_shape
         return self._gaussian_draw(self.stationary_cov, shape, generator, dtype, device)
 
     def prior_log_prob(self, y):
