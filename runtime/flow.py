@@ -1,7 +1,7 @@
 """Probability-flow ODE of a compiled Diffusion, and a guarded torchdiffeq solve.
 
-Shared by :mod:`sdec.likelihood` and :mod:`sdec.sampling`. Everything here uses only the
-public Diffusion interface (``drift``, ``noise_cov``; see notes/interface.md), so it works on
+Shared by :mod:`sdec.runtime.likelihood` and :mod:`sdec.runtime.sampling`. Everything here uses only the
+public Diffusion interface (``drift``, ``noise_cov``; see runtime/interface.py), so it works on
 any compiled process.
 
 The probability-flow ODE of dy = F(t) y dt + G(t) dW with score s(y, t) is
@@ -18,6 +18,15 @@ torchdiffeq callback, called before every attempted step, accepted or rejected) 
 :class:`ODESolveError` when the proposed step falls below ``min_step`` or the total number of
 attempted steps exceeds ``max_steps``. So a stiff or pathological field fails fast with a
 message saying what to change, instead of crawling forever.
+
+Time range
+----------
+An adaptive torchdiffeq solver may take a last step past the final output time and
+interpolate back, evaluating the field beyond it: below t_min, even below 0, where the
+kernel is singular (a CholeskyError at t = -0.0026 in a user's run). :func:`solve` therefore
+(1) asks the solver to land a step exactly on every output time (``step_t``) and (2) clamps the
+time passed to the field into the integration interval, so the field is never evaluated
+outside [min(times), max(times)] whatever the solver does.
 
 No collectives are used anywhere (DDP safety: every rank solves its own batch).
 """
@@ -78,14 +87,15 @@ def flow_field(proc, score_fn, y, t):
 class _GuardedField:
     """Wraps field(t, state) for torchdiffeq: counts evaluations and guards the step size."""
 
-    def __init__(self, field, min_step, max_steps, hint):
+    def __init__(self, field, min_step, max_steps, hint, t_range):
         self.field, self.min_step, self.max_steps, self.hint = field, min_step, max_steps, hint
+        self.lo, self.hi = t_range
         self.nfe = 0
         self.steps = 0
 
     def __call__(self, t, state):
         self.nfe += 1
-        return self.field(t, state)
+        return self.field(t.clamp(self.lo, self.hi), state)
 
     def callback_step(self, t0, y0, dt):
         """Called by torchdiffeq before every attempted step (t0 in the caller's time)."""
@@ -135,8 +145,12 @@ def solve(field, state0, times, *, method, rtol, atol, min_step, max_steps, opti
         raise ValueError(f"fixed-grid method {method!r} would take a single step from "
                          f"{float(times[0])} to {float(times[1])}: pass "
                          f"options={{'step_size': h}} or use an adaptive method")
-    floor = min_step if method in ADAPTIVE_METHODS else 0.0
-    guarded = _GuardedField(field, floor, max_steps, hint)
+    adaptive = method in ADAPTIVE_METHODS
+    floor = min_step if adaptive else 0.0
+    if adaptive and "step_t" not in options:
+        options["step_t"] = times  # land exactly on every output time, never step past the end
+    guarded = _GuardedField(field, floor, max_steps, hint,
+                            (float(times.min()), float(times.max())))
     try:
         sol = torchdiffeq.odeint(guarded, state0, times, rtol=rtol, atol=atol, method=method,
                                  options=options)

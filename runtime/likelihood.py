@@ -9,17 +9,24 @@ bound on log p(x) in nats:
 2. Truncate (t_min = eps > 0): y_eps ~ q(y_eps | y0) from the non-hybrid kernel
    (``proc.perturb(y0, eps, hybrid=False)``); the Gaussian "inverse kernel" decoder
    p(y0 | y_eps) = N(Phi^{-1} y_eps, Phi^{-1} Sigma Phi^{-T}) gives exactly
-   log p(y0|y_eps) - log q(y_eps|y0) = d log|det Phi(eps)| (notes/interface.md, "truncation").
+   log p(y0|y_eps) - log q(y_eps|y0) = d log|det Phi(eps)| (see the ELBO truncation term in docs/math.md).
    With t_min = 0 the ODE starts at y0 and the truncation term is 0.
 3. Solve the probability-flow ODE dy/dt = F y - 1/2 G G^T s(y, t) from eps to T jointly with
    dl/dt = div f = d tr F(t) - 1/2 div(G G^T s) (torchdiffeq, adaptive by default); then
    log p_eps(y_eps) = log pi(y_T) + l(T).
 4. Subtract log q(v0|x): E_q[log p(x, v0) - log q(v0|x)] <= log p(x).
 
-The linear part of the divergence, d tr F(t), is exact. div(G G^T s) is computed exactly by
-autograd when K*d <= 64 (one backward per noised coordinate, each batched over examples) or
-else by Hutchinson's estimator z^T J z with one noise draw z per example held fixed for the
-whole solve (unbiased for the integral).
+The linear part of the divergence, d tr F(t), is exact. div(G G^T s) only involves the
+noised coordinates (rows of G G^T that are not zero: CLD noises v only), so it is computed
+exactly by autograd when (number of noised variables) * d <= 64 (one backward per noised
+coordinate, each batched over examples) or else by Hutchinson's estimator z^T J z with one
+noise draw z per example held fixed for the whole solve (unbiased for the integral).
+
+A solve whose end state lies far outside the prior (a score network that blows up on some
+input can send |y_T| to 1e5 and log p to -1e20) is flagged per example: ``prior_z2`` is
+|L∞⁻¹ y_T|² / (K d), about 1 for a state drawn from the prior, and ``far_from_prior`` is set
+when it exceeds 1 + 8 sqrt(2 / (K d)) (an 8-sigma chi-square excursion) or any coordinate of
+L∞⁻¹ y_T exceeds 8 in magnitude.
 
 Dtype: the ODE state follows x's dtype unless ``dtype`` is given. float32 is the natural
 choice for a float32 network, but it caps attainable accuracy near rtol ~ 1e-6; pass
@@ -35,7 +42,7 @@ import dataclasses
 
 import torch
 
-from sdec.flow import ODESolveError, flow_terms, solve
+from .flow import ODESolveError, flow_terms, solve
 
 EXACT_DIVERGENCE_MAX_DIM = 64
 HUTCHINSON_NOISES = ("rademacher", "gaussian")
@@ -63,6 +70,8 @@ class LikelihoodResult:
     divergence_method: str
     y_start: torch.Tensor
     y_end: torch.Tensor
+    prior_z2: torch.Tensor
+    far_from_prior: torch.Tensor
 
 
 def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", t_min=None,
@@ -72,9 +81,9 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
 
     proc: a compiled Diffusion. x: (B, *data_shape). score_fn(y, t) -> same shape as y
     (B, K, *data_shape), t (B,). t_min: truncation time (default ``proc.t_min``; 0 = none).
-    exact_divergence: None = exact iff K*d <= 64. hutchinson: "rademacher" or "gaussian".
+    exact_divergence: None = exact iff (noised variables) * d <= 64. hutchinson: "rademacher" or "gaussian".
     min_step: smallest allowed adaptive step (default 1e-9 * (T - t_min)); max_steps: budget of
-    attempted steps. Both raise :class:`sdec.flow.ODESolveError`. options: extra torchdiffeq
+    attempted steps. Both raise :class:`sdec.runtime.flow.ODESolveError`. options: extra torchdiffeq
     options (first_step, max_step, step_t, ...); unknown ones are errors. dtype: ODE state
     dtype (default x.dtype). generator: drives v0, y_eps and the Hutchinson noise.
     """
@@ -89,7 +98,7 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
     d = x[0].numel()
     exact = exact_divergence
     if exact is None:
-        exact = proc.K * d <= EXACT_DIVERGENCE_MAX_DIM
+        exact = sum(bool(n) for n in proc.noised) * d <= EXACT_DIVERGENCE_MAX_DIM
     divergence = divergence_exact if exact else _hutchinson(y_start, hutchinson, generator)
     field = _LogDensityField(proc, score_fn, divergence, d)
     times = torch.tensor([t0, float(proc.T)], dtype=torch.float64, device=x.device)
@@ -101,8 +110,20 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
     prior = proc.prior_log_prob(ys[-1]).to(dtype)
     total = prior + ls[-1] + truncation - aux_lp
     div_name = "exact" if exact else f"hutchinson-{hutchinson}"
+    z2, far = prior_excursion(proc, ys[-1])
     return LikelihoodResult(total, prior, ls[-1], aux_lp, truncation, nfe, steps, t0,
-                            div_name, y_start, ys[-1])
+                            div_name, y_start, ys[-1], z2, far)
+
+
+def prior_excursion(proc, y):
+    """(|L∞⁻¹ y|² / (K d), flag) per example: how far a state lies outside the prior."""
+    L = torch.linalg.cholesky(proc.stationary_cov.to(torch.float64))
+    flat = y.detach().to(torch.float64).reshape(y.shape[0], y.shape[1], -1)
+    z = torch.linalg.solve_triangular(L, flat, upper=False)
+    n = z[0].numel()
+    z2 = (z * z).sum((1, 2)) / n
+    far = (z2 > 1.0 + 8.0 * (2.0 / n) ** 0.5) | (z.abs().amax((1, 2)) > 8.0)
+    return z2.to(y.dtype), far
 
 
 def _state_dtype(x, dtype):
@@ -205,4 +226,4 @@ def _hutchinson(like, kind, generator):
 
 
 __all__ = ["LikelihoodResult", "log_likelihood", "divergence_exact", "divergence_hutchinson",
-           "hutchinson_noise", "ODESolveError"]
+           "hutchinson_noise", "prior_excursion", "ODESolveError"]

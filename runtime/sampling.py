@@ -18,7 +18,7 @@ interface is used (``prior_sample``, ``drift``, ``noise_cov``), so any compiled 
   option ``denoise``): noise injected at the final step could never be removed, and returning
   the mean of the last transition is the usual practice (score_sde, CLD).
 - "ode": the probability-flow ODE dy/dt = F y - 1/2 G G^T s with torchdiffeq, adaptive
-  (``solver="dopri5"`` by default, with the step guard of :mod:`sdec.flow`; ``steps`` and
+  (``solver="dopri5"`` by default, with the step guard of :mod:`sdec.runtime.flow`; ``steps`` and
   ``grid`` are then unused) or a fixed-grid solver ("euler", "rk4", ...) on the time grid.
 """
 
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from sdec.flow import ADAPTIVE_METHODS, apply_kk, flow_field, flow_terms, solve
+from .flow import ADAPTIVE_METHODS, apply_kk, flow_field, flow_terms, solve
 
 SAMPLERS = {}
 

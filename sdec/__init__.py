@@ -1,20 +1,24 @@
 """sdec: a compiler for multivariate linear diffusions (specs → checked PyTorch modules).
 
 Front end (no torch needed): parse, parse_file, analyze, SpecError.
-Backend (imports torch on first use): compile, compile_source, log_likelihood, sample.
+Backend (imports torch on first use): compile, compile_source, compile_text.
+Runtime algorithms over any compiled Diffusion (they live in sdec.runtime, which the
+compiler never imports; these names are forwarded on first use): log_likelihood, sample.
 """
 from .api import analyze, parse, parse_file
 from .diagnostics import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["parse", "parse_file", "analyze", "SpecError", "compile", "compile_source",
-           "log_likelihood", "sample", "__version__"]
+           "compile_text", "log_likelihood", "sample", "MIX_TOL", "__version__"]
 
-_LAZY = {"compile": "compiler", "compile_source": "compiler", "log_likelihood": "likelihood", "sample": "sampling"}
+_LAZY = {"compile": ".compiler", "compile_source": ".compiler", "compile_text": ".compiler",
+         "MIX_TOL": ".checks",
+         "log_likelihood": ".runtime.likelihood", "sample": ".runtime.sampling"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'sdec' has no attribute {name!r}")

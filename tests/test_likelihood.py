@@ -1,4 +1,4 @@
-"""Tests for sdec.likelihood: exactness on Gaussian data, divergence estimators, step guard."""
+"""Tests for sdec.runtime.likelihood: exactness on Gaussian data, divergence estimators, step guard."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 
 from gaussian_truth import data_cov, gauss_log_prob, marginal_cov, true_score
 from kernels import make
-from sdec.flow import ODESolveError
-from sdec.likelihood import (divergence_exact, divergence_hutchinson, hutchinson_noise,
-                             log_likelihood)
+from sdec.runtime.flow import ODESolveError
+from sdec.runtime.likelihood import (divergence_exact, divergence_hutchinson, hutchinson_noise,
+                                     log_likelihood)
 
 S2 = 0.25  # data variance
 
@@ -134,10 +134,32 @@ def test_hutchinson_likelihood_matches_exact_on_average():
 
 
 def test_large_problems_default_to_hutchinson():
-    proc = make("cld")  # K * d = 2 * 40 > 64
+    proc = make("malda")  # 2 noised variables * d = 40 > 64
     r = log_likelihood(proc, gaussian_batch(2, 40, seed=11), true_score(proc, S2))
     assert r.divergence_method == "hutchinson-rademacher"
     assert torch.isfinite(r.total).all()
+
+
+def test_exact_divergence_counts_noised_coordinates_only():
+    proc = make("cld")  # K * d = 80 > 64, but CLD noises only v: 40 coordinates
+    r = log_likelihood(proc, gaussian_batch(2, 40, seed=11), true_score(proc, S2))
+    assert r.divergence_method == "exact"
+
+
+def test_end_state_far_outside_prior_is_flagged():
+    proc = make("vpsde")
+    x = gaussian_batch(4, 3, seed=12)
+    r = log_likelihood(proc, x, true_score(proc, S2), t_min=0.0)
+    assert not bool(r.far_from_prior.any())
+    assert (r.prior_z2 < 5).all()
+
+    def blowing_up(y, t):  # a score that sends one example far away
+        s = true_score(proc, S2)(y, t)
+        return s - torch.tensor([1e4, 0, 0, 0], dtype=y.dtype).reshape(-1, 1, 1)
+
+    r = log_likelihood(proc, x, blowing_up, t_min=0.0)
+    assert r.far_from_prior.tolist() == [True, False, False, False]
+    assert float(r.prior_z2[0]) > 100
 
 
 def wild_score(y, t):

@@ -1,4 +1,4 @@
-"""Tests for sdec.sampling: Gaussian data covariance, registry, options, reproducibility."""
+"""Tests for sdec.runtime.sampling: Gaussian data covariance, registry, options, reproducibility."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 
 from gaussian_truth import marginal_cov, reverse_cov, true_score
 from kernels import make
-from sdec.flow import ODESolveError
-from sdec.sampling import SAMPLERS, noise_factor, register_sampler, sample, time_grid
+from sdec.runtime.flow import ODESolveError
+from sdec.runtime.sampling import SAMPLERS, noise_factor, register_sampler, sample, time_grid
 
 S2 = 0.25  # data variance
 N = 20000
@@ -124,3 +124,21 @@ def test_em_without_denoising_adds_last_step_noise():
     run = lambda **kw: sample(proc, true_score(proc, S2), 8, (2,), method="em", steps=5,
                               generator=torch.Generator().manual_seed(4), **kw)
     assert not torch.equal(run(), run(options={"denoise": False}))
+
+
+@pytest.mark.parametrize("name", ["vpsde", "cld"])
+def test_adaptive_ode_never_evaluates_the_score_outside_the_time_range(name):
+    """dopri5 may step past the end time and interpolate back; the score must never be
+    asked for t < t_min (a user's run died there with a CholeskyError at t = -0.0026)."""
+    proc = make(name)
+    exact = true_score(proc, S2)
+    seen = []
+
+    def score(y, t):
+        seen.append(float(t.min()))
+        return exact(y, t)
+
+    # loose tolerances make big steps, the case where the last step overshoots
+    sample(proc, score, 64, 4, method="ode", dtype=torch.float64,
+           options={"rtol": 1e-2, "atol": 1e-2}, generator=torch.Generator().manual_seed(0))
+    assert min(seen) >= proc.t_min
