@@ -19,6 +19,7 @@ import torch
 class Diffusion(Protocol):
     """What the runtime needs of a process (see the README's interface table)."""
 
+    spec_name: str        # the name declared by `sde NAME`
     names: tuple          # state variable names, data first
     T: float              # horizon
     t_min: float          # ELBO truncation time

@@ -1,7 +1,11 @@
-"""The sdec command line: check, fmt, compile, verify.
+"""The sdec command line: check, fmt, compile, verify (the compiler) and train, eval,
+sample, data (the runtime, dispatched to sdec.runtime.cli; the compiler imports nothing else
+of the runtime).
 
-User errors (bad specs, missing files) print compiler-style diagnostics and exit 1;
-anything else is a bug and shows its traceback.
+User errors in the compiler's commands (bad specs, missing files) print compiler-style
+diagnostics and exit 1; the runtime's commands print one line and exit 2 (a bad spec still
+gets its full diagnostics). A usage error is one line and exit 2. Anything else is a bug and
+shows its traceback.
 """
 from __future__ import annotations
 
@@ -93,17 +97,25 @@ def _run_verify(args) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
+RUNTIME_COMMANDS = ("train", "eval", "sample", "data")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdec", description="A compiler for multivariate linear diffusions.")
+    from .runtime.cli import OneLineParser, add_commands
+    parser = OneLineParser(prog="sdec", description="A compiler for multivariate linear diffusions, "
+                           "and a runtime that trains score models on them.")
     parser.add_argument("--version", action="version", version=f"sdec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_check, _add_fmt, _add_compile, _add_verify):
         add(sub)
+    add_commands(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in RUNTIME_COMMANDS:
+        return _run_runtime(args)
     try:
         return args.run(args)
     except SpecError as exc:
@@ -113,6 +125,20 @@ def main(argv=None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _run_runtime(args) -> int:
+    from .runtime.cli import report, user_errors
+    try:
+        return args.run(args)
+    except SpecError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except user_errors() as exc:
+        return report(exc, args.command)
+    except KeyboardInterrupt:
+        print(f"sdec {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""`sdec train`: build or resume a run, loop over steps, and report the test BPD.
+
+The loop, top to bottom: each step (step.py) → every ``log_every`` steps a metrics line (loss,
+BPD terms, throughput, mixing at T, Q and D) → every ``eval_every`` steps the validation BPD of
+the EMA model, ``ckpt-last.pt`` and, if it improved, ``ckpt-best.pt`` → every
+``sample_every`` steps a sample grid. At the end: a last checkpoint, plots, and the test BPD
+of the EMA model of the best checkpoint (``results.json`` and one final line).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import torch
+
+import sdec
+
+from . import checkpoint as ckpt
+from . import monitor, plots
+from .bpd import from_model
+from .config import TrainConfig, changed_on_resume, resolve
+from .ema import EMA
+from .evaluate import describe_evaluation, evaluate_elbo
+from .setup import (RunError, build_model, check_out_dir, compile_spec, load_split, load_splits,
+                    param_groups, pick_device)
+from .step import MetricsLog, NonFiniteError, Run, Throughput, checkpoint_state, restore, seed_for, train_step
+
+GRID_SAMPLES = 64
+
+
+def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
+    """Resolve the configuration, compile the spec, load data, build net and optimizer;
+    restore the last checkpoint with ``resume``."""
+    proc = compile_spec(cfg.spec)
+    splits = load_splits(cfg)
+    if cfg.objective == "eps" and any(p.requires_grad for p in proc.parameters()):
+        raise RunError(f"--objective eps trains fixed processes only: {cfg.spec} has learnable "
+                       "Q or D, which only the ELBO can train (use --objective elbo)")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net, preset = build_model(proc, splits.shape, cfg.net, cfg.dropout)
+    cfg = resolve(cfg, preset)
+    check_out_dir(cfg.out)
+    proc, net = proc.to(device), net.to(device)
+    optimizer = torch.optim.AdamW(param_groups(net, proc, cfg), lr=cfg.lr)
+    run = Run(cfg, proc, net, optimizer, None, splits, device)
+    run.ema = EMA(run.model, cfg.ema_decay)
+    if cfg.resume:
+        _resume(run, explicit)
+    return run
+
+
+def _resume(run: Run, explicit) -> None:
+    path = os.path.join(run.cfg.out, ckpt.LAST)
+    state = ckpt.load(path, map_location=run.device)
+    changed = changed_on_resume(state["config"], run.cfg, set(explicit))
+    if changed:
+        raise RunError(f"cannot resume {path}: {', '.join('--' + c.replace('_', '-') for c in changed)} "
+                       "differ from the checkpoint's configuration (config.json); only the "
+                       "step count and the logging cadence may change on resume")
+    restore(run, state)
+
+
+def train(cfg: TrainConfig, explicit=frozenset(), echo=print) -> dict:
+    """Run training to ``cfg.steps``; return the results dict (also in results.json)."""
+    run = build_run(cfg, explicit)
+    cfg = run.cfg
+    metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
+    if cfg.resume:
+        metrics.truncate_after(run.step)
+    with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(cfg.as_dict(), handle, indent=2)
+    echo(f"sdec train: {run.proc.spec_name} ({run.proc.K} variables: {', '.join(run.proc.names)}) on "
+         f"{cfg.data} {tuple(run.splits.shape)}, net {cfg.net} "
+         f"({sum(p.numel() for p in run.net.parameters()):,} parameters), {cfg.steps} steps, "
+         f"device {run.device}, run directory {cfg.out}"
+         + (f", resumed at step {run.step}" if cfg.resume else ""))
+    _loop(run, metrics, echo)
+    return finish(run, echo)
+
+
+def _loop(run: Run, metrics: MetricsLog, echo) -> None:
+    cfg = run.cfg
+    bar = _progress(run)
+    speed = Throughput()
+    try:
+        while run.step < cfg.steps:
+            numbers = train_step(run, run.step)
+            run.step += 1
+            speed.add(min(cfg.batch_size, run.splits.train.shape[0]))
+            if bar is not None:
+                bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                _log_train(run, numbers, speed.rate(), metrics, echo, bar)
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                _validate(run, metrics, echo)
+            if run.step % cfg.sample_every == 0 or run.step == cfg.steps:
+                write_samples(run, os.path.join(cfg.out, "samples", f"step-{run.step:07d}.png"))
+    except NonFiniteError as err:
+        raise NonFiniteError(f"{err}; stopped. The last good checkpoint is "
+                             f"{os.path.join(cfg.out, ckpt.LAST)} (step "
+                             f"{_saved_step(cfg.out)}); resume from it with a lower --lr") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _saved_step(out):
+    try:
+        return ckpt.load(os.path.join(out, ckpt.LAST))["step"]
+    except ckpt.CheckpointError:
+        return "none yet"
+
+
+def _progress(run: Run):
+    if not run.cfg.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _log_train(run: Run, numbers: dict, rate: float, metrics: MetricsLog, echo, bar) -> None:
+    record = {"kind": "train", "step": run.step, "examples_per_sec": rate, **numbers}
+    if "total" in numbers:
+        record["train_bpd"] = numbers["total"]
+    record.update(monitor.mixing(run.proc))
+    if any(p.requires_grad for p in run.proc.parameters()):
+        record.update(monitor.blocks(run.proc))
+    metrics.write(record)
+    if bar is not None:
+        bar.set_postfix(loss=f"{numbers['loss']:.3f}", bpd=f"{record.get('train_bpd', float('nan')):.3f}",
+                        ex_s=f"{rate:.0f}")
+    if not record["mixed"] and not run.mix_warned:
+        run.mix_warned = True
+        msg = (f"step {run.step}: the process no longer mixes by T: KL(q(y_T|x)‖π) = "
+               f"{record['kl_T']:.3g} nats/dim > {sdec.MIX_TOL} (max|Φ(T)| = {record['phi_T_max']:.3g}); "
+               "samples started from the prior will be off")
+        warnings.warn(msg, stacklevel=1)
+        echo(f"WARNING: {msg}")
+
+
+def ema_models(run: Run):
+    """Copies of (process, net) holding the EMA values, in eval mode."""
+    model = run.ema.copy_into(run.model)
+    return model["process"], model["net"]
+
+
+def _validate(run: Run, metrics: MetricsLog, echo) -> None:
+    cfg = run.cfg
+    proc, net = ema_models(run)
+    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, 0, "val"))
+    ev = evaluate_elbo(proc, net, run.splits.val, run.splits.levels, transform=cfg.transform,
+                       time_samples=cfg.time_samples, generator=gen, device=run.device)
+    metrics.write({"kind": "val", "step": run.step, "val_bpd": ev.bpd, "val_bpd_stderr": ev.bpd_stderr,
+                   "terms": ev.terms})
+    improved = ev.bpd < run.best_val
+    if improved:
+        run.best_val, run.best_step = ev.bpd, run.step
+    state = checkpoint_state(run)
+    ckpt.save(state, os.path.join(cfg.out, ckpt.LAST))
+    if improved:
+        ckpt.save(state, os.path.join(cfg.out, ckpt.BEST))
+    _plots(run)
+
+
+def write_samples(run: Run, path: str, n: int = GRID_SAMPLES) -> torch.Tensor:
+    """A grid of n EMA samples (Euler–Maruyama, cfg.sample_steps steps)."""
+    proc, net = ema_models(run)
+    gen = torch.Generator(device=run.device).manual_seed(seed_for(run.cfg.seed, 0, "sample"))
+    x = sdec.sample(proc, proc.score_from_eps(net), n, tuple(run.splits.shape), method="em",
+                    steps=run.cfg.sample_steps, generator=gen, device=run.device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if run.splits.levels is None:
+        plots.save_points(x, path, reference=run.splits.val)
+    else:
+        plots.save_grid(from_model(x, run.cfg.transform), path)
+    return x
+
+
+def _plots(run: Run) -> None:
+    out = run.cfg.out
+    records = plots.read_metrics(os.path.join(out, "metrics.jsonl"))
+    plots.plot_training(records, os.path.join(out, "training.png"))
+    times = torch.logspace(math.log10(run.proc.t_min), math.log10(run.proc.T), 200).double()
+    second = float(_model_second_moment(run))
+    stds = {"trained": monitor.marginal_std(run.proc, second, times)}
+    if any(p.requires_grad for p in run.proc.parameters()):
+        stds["initial"] = monitor.marginal_std(compile_spec(run.cfg.spec).to(run.device), second, times)
+        plots.plot_blocks(records, run.proc.names, os.path.join(out, "blocks.png"))
+    plots.plot_process(times.numpy(), stds, run.proc.names, os.path.join(out, "process.png"))
+
+
+def _model_second_moment(run: Run):
+    from .bpd import prepare
+    x = run.splits.val[:512]
+    y, _ = prepare(x, run.splits.levels, run.cfg.transform, torch.Generator().manual_seed(0))
+    return (y.double() ** 2).mean()
+
+
+def finish(run: Run, echo) -> dict:
+    """Last checkpoint, then the test BPD of the best checkpoint's EMA model."""
+    cfg = run.cfg
+    best_path = os.path.join(cfg.out, ckpt.BEST)
+    state = ckpt.load(best_path, map_location=run.device)
+    run.ema.load_state_dict(state["ema"])  # the run is over: reuse its EMA holder for the best
+    proc, net = ema_models(run)
+    test = load_split(cfg.data, cfg.data_dir, cfg.image_size, "test")
+    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, 0, "test"))
+    ev = evaluate_elbo(proc, net, test.data, test.levels, transform=cfg.transform,
+                       time_samples=cfg.time_samples, generator=gen, device=run.device)
+    results = {**ev.as_json(), "split": "test", "spec": proc.spec_name, "step": state["step"],
+               "checkpoint": best_path, "best_val_bpd": state["best_val"], "data": cfg.data,
+               "mixing": monitor.mixing(proc)}
+    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    echo(describe_evaluation(ev, test.levels))
+    echo(f"test BPD {ev.bpd:.4f} ± {ev.bpd_stderr:.4f} (ELBO, EMA weights of the best checkpoint, "
+         f"step {state['step']}; {cfg.data} test split, n = {ev.n}); samples in "
+         f"{os.path.join(cfg.out, 'samples')}")
+    return results
