@@ -62,7 +62,9 @@ def plot_training(records: list, path: str) -> None:
     if val:
         ax.errorbar([r["step"] for r in val], [r["val_bpd"] for r in val],
                     yerr=[r["val_bpd_stderr"] for r in val], marker="o", ms=3, label="validation (EMA)")
-    ax.set_xlabel("step"), ax.set_ylabel("bits / dim"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel("bits / dim"), ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
     if train and "kl_T" in train[0]:
         mix.semilogy([r["step"] for r in train], [max(r["kl_T"], 1e-16) for r in train], label="KL(q(y_T|x)‖π) per dim")
         mix.semilogy([r["step"] for r in train], [r["phi_T_max"] for r in train], label="max|Φ(T)|")

@@ -124,8 +124,8 @@ def train_step(run: Run, step: int) -> dict:
         group["lr"] = lr_at(step, base, cfg.warmup)
     run.optimizer.step()
     run.ema.update(run.model, step)
-    out = {k: float(v) for k, v in terms.items()}
-    out.update(loss=float(loss), grad_norm=float(gnorm), lr=run.optimizer.param_groups[0]["lr"])
+    out = {k: float(v.detach()) for k, v in terms.items()}
+    out.update(loss=float(loss.detach()), grad_norm=float(gnorm), lr=run.optimizer.param_groups[0]["lr"])
     return out
 
 
