@@ -271,3 +271,37 @@ def test_data_shape_may_be_an_int_or_a_tuple():
     assert proc.prior_sample(3, 5).shape == (3, 2, 5)
     assert proc.prior_sample(3, (1, 4, 4)).shape == (3, 2, 1, 4, 4)
     assert sdec.sample(proc, lambda y, t: -y, 3, 5, steps=5).shape == (3, 5)
+
+
+# ------------------------------------------------------- public Q and D
+def test_Q_and_D_of_a_fixed_spec_are_the_spec_matrices():
+    spec = sdec.parse_file(spec_path("cld"))
+    proc = sdec.compile(spec)
+    Q0, D0 = at_init(spec)
+    for got, want in ((proc.Q, Q0), (proc.D, D0)):
+        assert got.dtype == torch.float64 and got.shape == (2, 2)
+        assert torch.equal(got, torch.tensor(np.array(want.evalf(30).tolist(), dtype=float)))
+    D = proc.D
+    D.fill_(7.0)  # a copy: the module is untouched
+    assert torch.equal(proc.D, torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    with pytest.raises(AttributeError):
+        proc.Q = torch.zeros(2, 2)
+
+
+@pytest.mark.parametrize("name", ["learned2", "learned3"])
+def test_Q_and_D_of_a_learned_spec_follow_its_parameters(name):
+    proc = sdec.compile(spec_path(name))
+    Q0, D0 = proc.Q, proc.D
+    Q1, D1 = proc._blocks()
+    assert torch.equal(Q0, Q1.detach()) and torch.equal(D0, D1.detach())
+    assert not Q0.requires_grad and not D0.requires_grad
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.data.copy_(p + 0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    Q, D = proc.Q, proc.D
+    assert not torch.equal(Q, Q0) and not torch.equal(D, D0)
+    Q2, D2 = proc._blocks()
+    assert torch.equal(Q, Q2) and torch.equal(D, D2)
+    assert torch.equal(Q, -Q.mT)
+    assert torch.equal(D, D.mT) and float(torch.linalg.eigvalsh(D).min()) >= -1e-15
