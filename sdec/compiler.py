@@ -3,6 +3,7 @@
 The source is the same text that ``sdec compile SPEC -o FILE`` writes; it is written to a
 cache file named by its hash and imported from there with importlib, so the in-process
 module and the standalone file are the same code and give bit-identical numbers.
+``compile_text`` rebuilds a process from spec text, e.g. the ``spec_text`` of a checkpoint.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import os
 import sys
 import tempfile
 
-from .api import parse_file
+from .api import parse, parse_file
 from .emit.module import generate_source
 from .lower import lower
+from .printer import format_spec
 
 
 def _cache_dir() -> str:
@@ -42,12 +44,29 @@ def load_source(source: str):
     return module
 
 
+def _spec(spec_or_path):
+    return spec_or_path if hasattr(spec_or_path, "variables") else parse_file(spec_or_path)
+
+
 def compile_source(spec_or_path) -> str:
     """The standalone module source for a Spec or a path to a .sde file."""
-    spec = spec_or_path if hasattr(spec_or_path, "variables") else parse_file(spec_or_path)
-    return generate_source(lower(spec))
+    return generate_source(lower(_spec(spec_or_path)))
 
 
 def compile(spec_or_path):  # noqa: A001 - the public verb is sdec.compile
-    """Return a fresh instance of the generated ``Diffusion`` (a torch.nn.Module)."""
-    return load_source(compile_source(spec_or_path)).Diffusion()
+    """Return a fresh instance of the generated ``Diffusion`` (a torch.nn.Module).
+
+    The instance carries ``spec_text``, the spec's source text (a file's decoded text, or
+    ``spec.source``; the canonical form when a Spec has none), and ``spec_hash``, the
+    canonical hash of the spec (a class attribute of the generated code).  The text is set
+    as an attribute here, never spliced into the generated source.
+    """
+    spec = _spec(spec_or_path)
+    proc = load_source(generate_source(lower(spec))).Diffusion()
+    proc.spec_text = spec.source if spec.source is not None else format_spec(spec)
+    return proc
+
+
+def compile_text(text: str, filename: str = "<spec>"):
+    """Parse spec text (e.g. the ``spec_text`` stored in a checkpoint) and compile it."""
+    return compile(parse(text, filename))

@@ -1,6 +1,7 @@
 """The emitted module: standalone, identical to sdec.compile, equal to independent kernels."""
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import torch
 import sdec
 from sdec.checks import at_init
 from sdec.cli import main as cli_main
+from sdec.compiler import compile_text
 
 from kernels import make
 
@@ -305,3 +307,69 @@ def test_Q_and_D_of_a_learned_spec_follow_its_parameters(name):
     assert torch.equal(Q, Q2) and torch.equal(D, D2)
     assert torch.equal(Q, -Q.mT)
     assert torch.equal(D, D.mT) and float(torch.linalg.eigvalsh(D).min()) >= -1e-15
+
+
+# ------------------------------------------- the spec text and hash travel along
+CLD_REFORMATTED = """
+# the same process, written differently
+sde cld ; state x, v
+const M = 1/4 ; const Gamma = 2*sqrt(M)   # critical damping
+init v ~ normal(0, 0.01)
+beta(t) = 4
+T = 1 ; t_min = 1e-3
+target normal(0, diag(1, M))
+Q = [[0, -1], [1, 0]]
+D[v, v] = Gamma
+"""
+
+
+def test_spec_hash_is_canonical():
+    from sdec.lower import lower
+    proc = sdec.compile(spec_path("cld"))
+    assert re.fullmatch(r"[0-9a-f]{16}", proc.spec_hash)
+    assert proc.spec_hash == type(proc).spec_hash == lower(sdec.parse_file(spec_path("cld"))).source_hash
+    assert f"spec_hash = {proc.spec_hash!r}" in sdec.compile_source(spec_path("cld"))
+    assert compile_text(CLD_REFORMATTED).spec_hash == proc.spec_hash
+    changed = compile_text(CLD_REFORMATTED.replace("beta(t) = 4", "beta(t) = 5"))
+    assert changed.spec_hash != proc.spec_hash
+    assert len({sdec.compile(spec_path(n)).spec_hash for n in ("cld", "learned2", "learned3", "vpsde")}) == 4
+
+
+def test_spec_text_travels_with_the_process_and_rebuilds_it():
+    path = spec_path("learned3")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    proc = sdec.compile(path)
+    assert proc.spec_text == text
+    spec = sdec.parse(text, "x.sde")
+    assert sdec.compile(spec).spec_text == spec.source == text
+    rebuilt = compile_text(proc.spec_text)
+    assert rebuilt.spec_text == text and rebuilt.spec_hash == proc.spec_hash
+    assert compile_text(text.replace("\n", "\r\n")).spec_text == text  # decoded: newlines normalized
+
+
+def test_compile_text_gives_bit_identical_numbers():
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def numbers(proc):
+        e = proc.elbo(x, lambda y, tt: -y, time_sampler="importance",
+                      generator=torch.Generator().manual_seed(2))
+        return (*proc.transition(T_GRID), proc.drift(T_GRID), *e.as_dict().values())
+
+    a = numbers(sdec.compile(spec_path("learned3")))
+    b = numbers(compile_text(open(spec_path("learned3"), encoding="utf-8").read()))
+    assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_spec_text_is_never_spliced_into_generated_code():
+    from sdec.compiler import load_source
+    from sdec.emit.module import _hash
+    text = CLD_REFORMATTED.replace("# critical damping", "# '''\"\"\" __import__('os')")
+    spec = sdec.parse(text, "x.sde")
+    source = sdec.compile_source(spec)
+    assert "__import__" not in source and "written differently" not in source
+    assert load_source(source).Diffusion().spec_text is None  # a standalone class has no text
+    assert compile_text(text).spec_text == text
+    for bad in ("", "abc", "9841351b8abda76f'; import os; '", "9841351B8ABDA76F", None):
+        with pytest.raises(ValueError):
+            _hash(bad)

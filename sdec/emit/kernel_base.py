@@ -43,6 +43,11 @@ through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, opt
 steps (fused ones included), ``vector_to_parameters`` and ``.to()`` are all seen.  The tensors are K x K: a
 cache hit costs about 10 µs on a CPU, no more than reading version counters did.
 
+Identity.  ``spec_hash`` (a class attribute of generated modules) is the canonical hash of
+the spec, insensitive to formatting and comments; ``sdec.compile`` also sets ``spec_text``
+on the instance, the spec's source text, so a process can be rebuilt from a checkpoint with
+``sdec.compile_text``.  Both are None where unknown (a hand-written subclass; a standalone
+file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 ``Q`` and ``D`` are the current K x K float64 matrices, as detached copies.
 """
 import math
@@ -143,6 +148,8 @@ class DiffusionBase(torch.nn.Module):
     T = 1.0
     t_min = 1e-3
     noised = ()
+    spec_hash = None   # canonical hash of the spec (generated classes set it)
+    spec_text = None   # the spec's source text (sdec.compile sets it on the instance)
 
     def __init__(self):
         super().__init__()
