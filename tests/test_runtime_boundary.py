@@ -71,6 +71,6 @@ def test_check_process_names_what_is_missing_or_wrong():
     with pytest.raises(InterfaceError, match="missing"):
         check_process(torch.nn.Linear(2, 2))
     proc = sdec.compile(REPO / "specs" / "cld.sde")
-    proc.names = ("x",)  # instance attribute shadows the class's
+    proc.noised = (True,)  # instance attribute shadows the class's
     with pytest.raises(InterfaceError, match="K = 2"):
         check_process(proc)
