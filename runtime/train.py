@@ -202,7 +202,7 @@ def _model_second_moment(run: Run):
 def finish(run: Run, echo) -> dict:
     """Last checkpoint, then the test BPD of the best checkpoint's EMA model."""
     cfg = run.cfg
-    best_path = os.path.join(cfg.out, ckpt.BEST)
+    best_path = ckpt.resolve(cfg.out)  # the best checkpoint (the last if none improved)
     state = ckpt.load(best_path, map_location=run.device)
     run.ema.load_state_dict(state["ema"])  # the run is over: reuse its EMA holder for the best
     proc, net = ema_models(run)
