@@ -17,7 +17,7 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--image-size", int, "folder: data only: resize to this size (default 32)"),
     ("--steps", int, "optimizer steps (default per data set: digits 3000)"),
     ("--batch-size", int, "examples per step (default 128)"),
-    ("--lr", float, "network learning rate (default per net preset: tiny/mlp 1e-3, else 2e-4)"),
+    ("--lr", float, "network learning rate (default per net preset: tiny 2e-3, mlp 1e-3, else 2e-4)"),
     ("--process-lr", float, "learning rate of learnable Q and D (default: --lr)"),
     ("--weight-decay", float, "AdamW weight decay of the network (default 0)"),
     ("--warmup", int, "linear learning-rate warm-up steps (default 100)"),
@@ -68,7 +68,7 @@ def _run_train(args) -> int:
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="bits per dimension of a trained run, every term, with its standard error")
-    p.add_argument("run", help="a run directory (its best checkpoint) or a checkpoint file")
+    p.add_argument("run_dir", metavar="run", help="a run directory (its best checkpoint) or a checkpoint file")
     p.add_argument("--data", help="data set (default: the run's)")
     p.add_argument("--data-dir")
     p.add_argument("--split", choices=("test", "train"), default="test")
@@ -87,14 +87,14 @@ def _run_eval(args) -> int:
     from .evaluate import describe_evaluation, evaluate
     from .saved import load_run
     from .setup import load_split
-    saved = load_run(args.run, args.device)
+    saved = load_run(args.run_dir, args.device)
     cfg = saved.cfg
     data = load_split(args.data or cfg.data, args.data_dir or cfg.data_dir, cfg.image_size, args.split)
     x = data.data if args.limit is None else data.data[: _positive(args.limit, "--limit")]
     gen = torch.Generator(device=saved.device).manual_seed(args.seed)
     kw = {"transform": cfg.transform, "generator": gen, "device": saved.device}
     if args.method == "elbo":
-        kw["time_samples"] = _positive(args.time_samples or cfg.time_samples, "--time-samples")
+        kw["time_samples"] = _positive(cfg.time_samples if args.time_samples is None else args.time_samples, "--time-samples")
     ev = evaluate(saved.proc, saved.net, x, data.levels, method=args.method, **kw)
     result = {**ev.as_json(), "split": args.split, "spec": saved.proc.spec_name, "step": saved.step,
               "checkpoint": saved.path, "data": args.data or cfg.data}
@@ -108,7 +108,7 @@ def _run_eval(args) -> int:
 
 def _add_sample(sub):
     p = sub.add_parser("sample", help="draw samples from a trained run: a PNG grid and the raw samples (.npz)")
-    p.add_argument("run", help="a run directory (its best checkpoint) or a checkpoint file")
+    p.add_argument("run_dir", metavar="run", help="a run directory (its best checkpoint) or a checkpoint file")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--method", choices=("em", "ode"), default="em")
     p.add_argument("--steps", type=int, default=500, help="sampler steps (em; ode uses an adaptive solver)")
@@ -127,7 +127,7 @@ def _run_sample(args) -> int:
     from . import plots
     from .bpd import from_model
     from .saved import load_run
-    saved = load_run(args.run, args.device)
+    saved = load_run(args.run_dir, args.device)
     n, steps = _positive(args.n, "-n"), _positive(args.steps, "--steps")
     gen = torch.Generator(device=saved.device).manual_seed(args.seed)
     shape = tuple(saved.data["shape"])

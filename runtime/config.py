@@ -20,7 +20,7 @@ RESUMABLE = ("steps", "eval_every", "sample_every", "log_every", "device", "prog
 # 2-core CPU (measured, see the README), longer for the real image sets.
 DEFAULT_STEPS = {"digits": 1500, "toy": 4000, "mnist": 100_000, "cifar10": 300_000,
                  "imagenet32": 300_000, "folder": 50_000}
-DEFAULT_LR = {"tiny": 1e-3, "mlp": 1e-3, "mnist": 2e-4, "cifar": 2e-4}
+DEFAULT_LR = {"tiny": 2e-3, "mlp": 1e-3, "mnist": 2e-4, "cifar": 2e-4}
 
 
 @attrs.frozen

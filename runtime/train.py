@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
+import attrs
 import torch
 
 import sdec
@@ -20,7 +20,7 @@ import sdec
 from . import checkpoint as ckpt
 from . import monitor, plots
 from .bpd import from_model
-from .config import TrainConfig, changed_on_resume, resolve
+from .config import TrainConfig, changed_on_resume, default_out, resolve
 from .ema import EMA
 from .evaluate import describe_evaluation, evaluate_elbo
 from .setup import (RunError, build_model, check_out_dir, compile_spec, load_split, load_splits,
@@ -31,8 +31,13 @@ GRID_SAMPLES = 64
 
 
 def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
-    """Resolve the configuration, compile the spec, load data, build net and optimizer;
-    restore the last checkpoint with ``resume``."""
+    """Resolve the configuration, compile the spec, load data, build net and optimizer.
+    With ``resume`` the checkpoint's configuration is the base and only the options named in
+    ``explicit`` may override it (the step count and the logging cadence)."""
+    state = _resume_state(cfg, explicit) if cfg.resume else None
+    if state is not None:
+        given = {k: getattr(cfg, k) for k in explicit if k != "spec"}
+        cfg = attrs.evolve(TrainConfig(**state["config"]), **given, spec=cfg.spec, resume=True)
     proc = compile_spec(cfg.spec)
     splits = load_splits(cfg)
     if cfg.objective == "eps" and any(p.requires_grad for p in proc.parameters()):
@@ -47,20 +52,20 @@ def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
     optimizer = torch.optim.AdamW(param_groups(net, proc, cfg), lr=cfg.lr)
     run = Run(cfg, proc, net, optimizer, None, splits, device)
     run.ema = EMA(run.model, cfg.ema_decay)
-    if cfg.resume:
-        _resume(run, explicit)
+    if state is not None:
+        restore(run, state)
     return run
 
 
-def _resume(run: Run, explicit) -> None:
-    path = os.path.join(run.cfg.out, ckpt.LAST)
-    state = ckpt.load(path, map_location=run.device)
-    changed = changed_on_resume(state["config"], run.cfg, set(explicit))
+def _resume_state(cfg: TrainConfig, explicit) -> dict:
+    path = os.path.join(cfg.out or default_out(cfg.spec, cfg.data), ckpt.LAST)
+    state = ckpt.load(path)
+    changed = changed_on_resume(state["config"], cfg, set(explicit))
     if changed:
         raise RunError(f"cannot resume {path}: {', '.join('--' + c.replace('_', '-') for c in changed)} "
                        "differ from the checkpoint's configuration (config.json); only the "
                        "step count and the logging cadence may change on resume")
-    restore(run, state)
+    return state
 
 
 def train(cfg: TrainConfig, explicit=frozenset(), echo=print) -> dict:
@@ -137,7 +142,6 @@ def _log_train(run: Run, numbers: dict, rate: float, metrics: MetricsLog, echo, 
         msg = (f"step {run.step}: the process no longer mixes by T: KL(q(y_T|x)‖π) = "
                f"{record['kl_T']:.3g} nats/dim > {sdec.MIX_TOL} (max|Φ(T)| = {record['phi_T_max']:.3g}); "
                "samples started from the prior will be off")
-        warnings.warn(msg, stacklevel=1)
         echo(f"WARNING: {msg}")
 
 
