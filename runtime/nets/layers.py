@@ -139,3 +139,16 @@ def check_state(y: torch.Tensor, K: int, data_shape: tuple) -> None:
     if tuple(y.shape[1:]) != (K, *data_shape):
         raise ValueError(f"expected a state of shape (B, {K}, {', '.join(map(str, data_shape))}); "
                          f"got {tuple(y.shape)}")
+
+
+def preset_settings(presets: dict, preset: str, what: str, dropout, overrides: dict) -> dict:
+    """A preset's architecture settings with overrides (unknown names are errors) and an
+    explicit dropout applied."""
+    cfg = dict(presets[preset])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)}; valid: {sorted(cfg)}")
+    cfg.update(overrides)
+    if dropout is not None:
+        cfg["dropout"] = dropout
+    return cfg

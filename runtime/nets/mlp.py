@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import batch_times, check_state, timestep_embedding
+from .layers import batch_times, check_state, preset_settings, timestep_embedding
 
 MLP_PRESETS = {
     # toy 2-D and other low-dimensional data; no dropout by default (small models underfit).
@@ -69,11 +69,5 @@ class MLP(nn.Module):
 
 def build_mlp(preset: str, *, K: int, data_shape, dropout=None, **overrides) -> MLP:
     """An MLP from a preset of MLP_PRESETS; overrides replace architecture fields."""
-    cfg = dict(MLP_PRESETS[preset])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown MLP settings {sorted(unknown)}; valid: {sorted(cfg)}")
-    cfg.update(overrides)
-    if dropout is not None:
-        cfg["dropout"] = dropout
+    cfg = preset_settings(MLP_PRESETS, preset, "MLP", dropout, overrides)
     return MLP(K=K, data_shape=data_shape, preset=preset, **cfg)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (AttnBlock, Downsample, ResBlock, TimeEmbedding, Upsample, batch_times,
-                     check_state, group_norm)
+                     check_state, group_norm, preset_settings)
 
 # Architecture of each preset; dropout is the preset's default, overridable in build_net.
 UNET_PRESETS = {
@@ -117,11 +117,5 @@ def build_unet(preset: str, *, K: int, data_shape, dropout=None, **overrides) ->
     if len(tuple(data_shape)) != 3:
         raise ValueError(f"U-Net preset {preset!r} needs image data_shape (C, H, W); got "
                          f"{tuple(data_shape)}. Use preset 'mlp' for vector data.")
-    cfg = dict(UNET_PRESETS[preset])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown U-Net settings {sorted(unknown)}; valid: {sorted(cfg)}")
-    cfg.update(overrides)
-    if dropout is not None:
-        cfg["dropout"] = dropout
+    cfg = preset_settings(UNET_PRESETS, preset, "U-Net", dropout, overrides)
     return UNet(K=K, data_shape=data_shape, preset=preset, **cfg)
