@@ -68,7 +68,7 @@ def evaluate_elbo(proc, eps_net, x, levels, *, transform="center", time_samples=
             xb = xb.to(device).repeat_interleave(time_samples, 0)
             y, ldj = prepare(xb, levels, transform, generator, dtype)
             terms = proc.elbo(y, score_fn, time_sampler="importance", generator=generator)
-            bpd = bits_per_dim({k: getattr(terms, k) for k in ELBO_TERMS}, ldj, D, levels)
+            bpd = bits_per_dim({k: getattr(terms, k).double() for k in ELBO_TERMS}, ldj.double(), D, levels)
             for k, v in bpd.items():
                 if k != "total":
                     sums[k] = sums.get(k, 0.0) + float(v.sum()) / time_samples

@@ -39,6 +39,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise RunError(f"--device {name}: unknown device; valid: auto, cpu, cuda")
     return torch.device(name)
 
 

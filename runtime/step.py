@@ -26,7 +26,7 @@ from .setup import RunError, lr_at
 _SALT = {"step": 1, "dropout": 2, "epoch": 3, "val": 4, "sample": 5, "test": 6}
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """The loss or a gradient became NaN/inf; names the step and the term."""
 
 
@@ -111,7 +111,7 @@ def train_step(run: Run, step: int) -> dict:
     bad = first_non_finite(terms)
     if bad is not None:
         raise NonFiniteError(f"non-finite loss at step {step + 1}: the {bad!r} term is "
-                             f"{float(terms[bad]):g}")
+                             f"{float(terms[bad].detach()):g}")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]

@@ -36,7 +36,7 @@ def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
     ``explicit`` may override it (the step count and the logging cadence)."""
     state = _resume_state(cfg, explicit) if cfg.resume else None
     if state is not None:
-        given = {k: getattr(cfg, k) for k in explicit if k != "spec"}
+        given = {k: getattr(cfg, k) for k in explicit if k not in ("spec", "resume")}
         cfg = attrs.evolve(TrainConfig(**state["config"]), **given, spec=cfg.spec, resume=True)
     proc = compile_spec(cfg.spec)
     splits = load_splits(cfg)
