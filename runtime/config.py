@@ -93,6 +93,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--val-fraction must be in (0, 0.5), got {cfg.val_fraction}")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if cfg.transform not in ("center", "logit"):
+        raise ValueError(f"unknown transform {cfg.transform!r}; valid: center, logit")
     if cfg.device not in DEVICES:
         raise ValueError(f"unknown device {cfg.device!r}; valid: {', '.join(DEVICES)}")
     if cfg.warmup < 0 or cfg.weight_decay < 0:

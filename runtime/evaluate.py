@@ -51,7 +51,7 @@ def _batches(x, batch_size):
 
 def _summary(method, per_example, term_sums, n, extra):
     mean = float(per_example.mean())
-    se = float(per_example.std() / math.sqrt(n)) if n > 1 else float("nan")
+    se = float(per_example.std() / math.sqrt(n)) if n > 1 else None  # JSON-safe
     terms = {k: float(v) / n for k, v in term_sums.items()}
     return Evaluation(method, n, mean, se, terms, per_example, extra)
 
@@ -86,9 +86,9 @@ def evaluate_ode(proc, eps_net, x, levels, *, transform="center", batch_size=64,
     for xb in _batches(x, batch_size):
         y, ldj = prepare(xb.to(device), levels, transform, generator, dtype)
         r = sdec.log_likelihood(proc, y, score_fn, rtol=rtol, atol=atol, generator=generator)
-        bpd = bits_per_dim({"prior": r.prior, "divergence": r.divergence,
-                            "truncation": r.truncation, "aux_log_prob": -r.aux_log_prob},
-                           ldj, D, levels)
+        bpd = bits_per_dim({"prior": r.prior.double(), "divergence": r.divergence.double(),
+                            "truncation": r.truncation.double(),
+                            "aux_log_prob": -r.aux_log_prob.double()}, ldj.double(), D, levels)
         for k, v in bpd.items():
             if k != "total":
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -108,6 +108,10 @@ def evaluate(proc, eps_net, x, levels, *, method="elbo", **kw):
     return fn(proc, eps_net, x, levels, **kw)
 
 
+def plus_minus(stderr) -> str:
+    return f"± {stderr:.4f}" if stderr is not None else "(one example: no standard error)"
+
+
 def describe_evaluation(ev: Evaluation, levels) -> str:
     """Human-readable lines: every term, the total and its standard error."""
     unit = "bits/dim" if levels is not None else "bits/dim (continuous data: NLL, no dequantization)"
@@ -115,7 +119,7 @@ def describe_evaluation(ev: Evaluation, levels) -> str:
                                                   "example (importance)" if ev.method == "elbo" else "")]
     for k, v in ev.terms.items():
         lines.append(f"  {k:<16} {v:+.4f}")
-    lines.append(f"  {'total':<16} {ev.bpd:.4f} ± {ev.bpd_stderr:.4f} {unit}")
+    lines.append(f"  {'total':<16} {ev.bpd:.4f} {plus_minus(ev.bpd_stderr)} {unit}")
     if levels is None:
         lines.append(f"  NLL {ev.bpd * math.log(2):.4f} nats/dim")
     if ev.method == "ode":

@@ -100,7 +100,7 @@ class _GuardedField:
     def callback_step(self, t0, y0, dt):
         """Called by torchdiffeq before every attempted step (t0 in the caller's time)."""
         self.steps += 1
-        dt = float(abs(dt))
+        dt = float(abs(dt.detach())) if torch.is_tensor(dt) else float(abs(dt))
         where = f"at t = {float(t0):.6g} after {self.steps - 1} attempted steps ({self.nfe} NFE)"
         if not dt > self.min_step:  # also catches a NaN step
             raise ODESolveError(

@@ -61,7 +61,7 @@ def plot_training(records: list, path: str) -> None:
         ax.plot([r["step"] for r in train], [r["train_bpd"] for r in train], lw=0.8, label="train (batch)")
     if val:
         ax.errorbar([r["step"] for r in val], [r["val_bpd"] for r in val],
-                    yerr=[r["val_bpd_stderr"] for r in val], marker="o", ms=3, label="validation (EMA)")
+                    yerr=[r["val_bpd_stderr"] or 0.0 for r in val], marker="o", ms=3, label="validation (EMA)")
     ax.set_xlabel("step"), ax.set_ylabel("bits / dim"), ax.grid(alpha=0.3)
     if train or val:
         ax.legend()

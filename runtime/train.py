@@ -22,7 +22,7 @@ from . import monitor, plots
 from .bpd import from_model
 from .config import TrainConfig, changed_on_resume, default_out, resolve
 from .ema import EMA
-from .evaluate import describe_evaluation, evaluate_elbo
+from .evaluate import describe_evaluation, evaluate_elbo, plus_minus
 from .setup import (RunError, build_model, check_out_dir, compile_spec, load_split, load_splits,
                     param_groups, pick_device)
 from .step import MetricsLog, NonFiniteError, Run, Throughput, checkpoint_state, restore, seed_for, train_step
@@ -220,7 +220,7 @@ def finish(run: Run, echo) -> dict:
     with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     echo(describe_evaluation(ev, test.levels))
-    echo(f"test BPD {ev.bpd:.4f} ± {ev.bpd_stderr:.4f} (ELBO, EMA weights of the best checkpoint, "
+    echo(f"test BPD {ev.bpd:.4f} {plus_minus(ev.bpd_stderr)} (ELBO, EMA weights of the best checkpoint, "
          f"step {state['step']}; {cfg.data} test split, n = {ev.n}); samples in "
          f"{os.path.join(cfg.out, 'samples')}")
     return results
