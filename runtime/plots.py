@@ -10,6 +10,8 @@ import os
 import numpy as np
 import torch
 
+from sdec import MIX_TOL
+
 
 def _pyplot():
     import matplotlib
@@ -68,6 +70,7 @@ def plot_training(records: list, path: str) -> None:
     if train and "kl_T" in train[0]:
         mix.semilogy([r["step"] for r in train], [max(r["kl_T"], 1e-16) for r in train], label="KL(q(y_T|x)‖π) per dim")
         mix.semilogy([r["step"] for r in train], [r["phi_T_max"] for r in train], label="max|Φ(T)|")
+        mix.axhline(MIX_TOL, color="grey", ls=":", label=f"tolerance {MIX_TOL} nats")
         mix.set_xlabel("step"), mix.legend(), mix.grid(alpha=0.3)
     mix.set_title("mixing at T")
     fig.tight_layout()
