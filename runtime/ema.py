@@ -40,4 +40,4 @@ class EMA:
         """A deep copy of ``module`` in eval mode holding the averaged values."""
         clone = copy.deepcopy(module)
         clone.load_state_dict(self.shadow)
-        return clone.eval()
+        return clone.train(False)  # eval mode

@@ -100,18 +100,23 @@ class _GuardedField:
     def callback_step(self, t0, y0, dt):
         """Called by torchdiffeq before every attempted step (t0 in the caller's time)."""
         self.steps += 1
-        dt = float(abs(dt.detach())) if torch.is_tensor(dt) else float(abs(dt))
-        where = f"at t = {float(t0):.6g} after {self.steps - 1} attempted steps ({self.nfe} NFE)"
+        dt, t0 = abs(_number(dt)), _number(t0)
+        where = f"at t = {t0:.6g} after {self.steps - 1} attempted steps ({self.nfe} NFE)"
         if not dt > self.min_step:  # also catches a NaN step
             raise ODESolveError(
                 "min_step", f"ODE step size {dt:.3g} fell below min_step = {self.min_step:.3g} "
                 f"{where}: the field is too stiff, oscillating or non-finite for the "
-                f"tolerances. {self.hint}", t=float(t0), dt=dt, steps=self.steps, nfe=self.nfe)
+                f"tolerances. {self.hint}", t=t0, dt=dt, steps=self.steps, nfe=self.nfe)
         if self.steps > self.max_steps:
             raise ODESolveError(
                 "max_steps", f"ODE step budget max_steps = {self.max_steps} exhausted {where} "
-                f"(last step {dt:.3g}). {self.hint}", t=float(t0), dt=dt, steps=self.steps,
+                f"(last step {dt:.3g}). {self.hint}", t=t0, dt=dt, steps=self.steps,
                 nfe=self.nfe)
+
+
+def _number(x) -> float:
+    """A python float from a tensor (detached: torchdiffeq's times may carry a graph) or number."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
 
 
 def check_method(method, options):

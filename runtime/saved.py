@@ -38,6 +38,6 @@ def load_run(run_or_checkpoint: str, device: str = "auto", prefer: str = ckpt.BE
     net = build_net(**state["net_config"])
     model = torch.nn.ModuleDict({"net": net, "process": proc})
     model.load_state_dict(state["ema"]["shadow"])
-    model.to(dev).eval()
+    model.to(dev).train(False)  # eval mode
     cfg = TrainConfig(**state["config"])
     return SavedRun(path, cfg, model["process"], model["net"], state["step"], state["data"], dev)

@@ -12,28 +12,16 @@ import sys
 import pytest
 import torch
 
+from runtime_cli_helpers import FAST, cli
 from sdec.cli import main
 from sdec.runtime import checkpoint as ckpt
 from sdec.runtime.evaluate import ELBO_TERMS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"
-FAST = ("--batch-size", "16", "--eval-every", "2", "--sample-every", "4", "--time-samples", "2",
-        "--sample-steps", "4", "--no-progress", "--device", "cpu")
 TERMS = set(ELBO_TERMS) | {"transform", "dequantization"}
 assert TERMS == {"prior", "score", "score_norm", "divergence", "truncation", "aux_entropy",
                  "transform", "dequantization"}
-
-
-def cli(capsys, *args):
-    """Run `sdec ARGS` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_line(err):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import sdec
+from runtime_cli_helpers import FAST, cli
 from sdec.cli import main
 from sdec.runtime import checkpoint as ckpt
 from sdec.runtime import monitor
@@ -27,21 +28,8 @@ from test_data import write_cifar, write_imagenet, write_mnist
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"
-FAST = ("--batch-size", "16", "--eval-every", "2", "--sample-every", "4", "--time-samples", "2",
-        "--sample-steps", "4", "--no-progress", "--device", "cpu")
 ARTIFACTS = ("ckpt-last.pt", "ckpt-best.pt", "metrics.jsonl", "config.json", "results.json",
              "training.png", "process.png")
-
-
-def cli(capsys, *args):
-    """Run `sdec ARGS` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def train(capsys, spec, out, *extra, steps=2, net="mlp"):
