@@ -107,7 +107,8 @@ def log_likelihood(proc, x, score_fn, *, rtol=1e-5, atol=1e-5, method="dopri5", 
     (ys, ls), nfe, steps = solve(field, state0, times, method=method, rtol=rtol, atol=atol,
                                  min_step=min_step, max_steps=max_steps, options=options,
                                  hint=_HINT)
-    prior = proc.prior_log_prob(ys[-1]).to(dtype)
+    with torch.no_grad():
+        prior = proc.prior_log_prob(ys[-1]).to(dtype)
     total = prior + ls[-1] + truncation - aux_lp
     div_name = "exact" if exact else f"hutchinson-{hutchinson}"
     z2, far = prior_excursion(proc, ys[-1])
@@ -140,6 +141,7 @@ def _check_times(proc, t_min):
     return t0
 
 
+@torch.no_grad()
 def _augment(proc, x, generator):
     """y0 = (x, v0) with v0 ~ q(v0|x); returns (y0, log q(v0|x))."""
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -149,6 +151,7 @@ def _augment(proc, x, generator):
     return torch.cat([x.unsqueeze(1), v0], dim=1), proc.aux_log_prob(v0).to(x.dtype)
 
 
+@torch.no_grad()
 def _truncate(proc, y0, t0, generator):
     """Draw y_eps ~ q(y_eps | y0) (non-hybrid) and return it with d log|det Phi(eps)|."""
     B = y0.shape[0]
