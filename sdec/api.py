@@ -1,13 +1,15 @@
 """The public entry points of the front end: parse, parse_file, analyze."""
 from __future__ import annotations
 
+import math
 import os
+import stat
 
 import attrs
 
 from .build import build
 from .checks import MIX_TOL, run_checks
-from .diagnostics import Diagnostic, SpecError, error
+from .diagnostics import Diagnostic, Span, SpecError, error
 from .parse import MAX_FILE_BYTES, decode, normalize, parse_text
 
 
@@ -25,7 +27,14 @@ class Analysis:
 
 
 def analyze(text: str | bytes, filename: str | None = None, mix_tol: float = MIX_TOL) -> Analysis:
-    """Run every stage that can run; never raises for a bad spec."""
+    """Run every stage that can run; never raises for a bad spec (a mix_tol that is not a
+    finite number > 0 is a ValueError)."""
+    try:
+        tol = float(mix_tol)
+    except (TypeError, ValueError):
+        tol = math.nan
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"mix_tol must be a finite number > 0, got {mix_tol!r}")
     filename = filename or "<spec>"
     raw = text
     text, diags = decode(raw, filename) if isinstance(raw, bytes) else normalize(raw, filename)
@@ -62,16 +71,24 @@ def parse(text: str | bytes, filename: str | None = None):
 
 
 def read_spec_bytes(path) -> bytes:
+    """The bytes of a spec file, read no further than MAX_FILE_BYTES + 1: a larger file, an
+    endless device (/dev/zero) or a pipe that never ends is a SpecError, not unbounded work."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
-            return handle.read()
+            data = handle.read(MAX_FILE_BYTES + 1)
+            if len(data) <= MAX_FILE_BYTES:
+                return data
+            size = os.fstat(handle.fileno())
     except FileNotFoundError:
         raise SpecError([error(None, f"{path}: no such file")]) from None
     except IsADirectoryError:
         raise SpecError([error(None, f"{path}: is a directory, not a .sde file")]) from None
     except OSError as exc:
         raise SpecError([error(None, f"{path}: cannot read ({exc.strerror})")]) from None
+    what = (f"file is {size.st_size} bytes" if stat.S_ISREG(size.st_mode) and size.st_size > MAX_FILE_BYTES
+            else f"file is more than {MAX_FILE_BYTES} bytes (reading stopped there)")
+    raise SpecError([error(Span.point(path, 1, 1), f"{what}; specs are limited to {MAX_FILE_BYTES}")])
 
 
 def parse_file(path):

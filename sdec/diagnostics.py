@@ -5,6 +5,8 @@ A diagnostic is data (span, severity, message, hint); rendering it as
 """
 from __future__ import annotations
 
+import bisect
+
 import attrs
 
 
@@ -48,15 +50,34 @@ def _context_lines(span: Span | None, source: str | None) -> list[str]:
     lines = source.split("\n")
     if not 1 <= span.line <= len(lines):
         return []
-    text = lines[span.line - 1].replace("\t", " ")
+    shown = [_printable(c) for c in lines[span.line - 1]]  # one piece per source character
+    starts = [0]
+    for piece in shown:
+        starts.append(starts[-1] + len(piece))
+
+    def at(column: int) -> int:  # source column (from 1) -> offset in the shown text
+        i = max(0, column - 1)
+        return starts[i] if i < len(starts) else starts[-1] + i - len(shown)
+
+    text = "".join(shown)
+    caret = at(span.column)
+    end = at(span.end_column) if span.end_line == span.line else caret + 1
     if len(text) > 200:  # keep context readable for absurdly long lines
-        start = max(0, span.column - 100)
-        text, col = text[start:start + 200], span.column - start
-    else:
-        col = span.column
-    width = span.end_column - span.column if span.end_line == span.line else 1
-    width = max(1, min(width, len(text) - col + 2))
-    return [f"    {text}", "    " + " " * (col - 1) + "^" + "~" * (width - 1)]
+        start = starts[bisect.bisect_right(starts, max(0, caret - 99)) - 1]  # a whole character
+        text, caret, end = text[start:start + 200], caret - start, end - start
+    width = max(1, min(end - caret, len(text) - caret + 1))
+    return [f"    {text}", "    " + " " * caret + "^" + "~" * (width - 1)]
+
+
+def _printable(c: str) -> str:
+    """A source character as it may be shown on a terminal: tabs as a space, and control
+    and other unprintable characters (NUL, ESC, ...) escaped as \\xNN, \\uNNNN or \\UNNNNNNNN."""
+    if c == "\t":
+        return " "
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class SpecError(ValueError):

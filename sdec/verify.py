@@ -13,6 +13,7 @@ Each check measures an error and compares it with a stated tolerance:
 from __future__ import annotations
 
 import math
+import numbers
 
 import attrs
 import torch
@@ -204,12 +205,14 @@ def check_dtype(proc):
 
 def verify(spec, samples=20000, seed=0):
     """Compile a spec and run every check on it."""
+    _check_arguments(samples, seed)
     from .compiler import compile as compile_spec
     return verify_process(compile_spec(spec), samples=samples, seed=seed)
 
 
 def verify_process(proc, samples=20000, seed=0):
     """Run every check on a compiled Diffusion (or any object with its interface and hooks)."""
+    _check_arguments(samples, seed)
     checks = []
     with torch.no_grad():  # value checks need no graph (and then reuse the cached kernel)
         checks += check_invariance(proc)
@@ -220,6 +223,14 @@ def verify_process(proc, samples=20000, seed=0):
         checks += check_dtype(proc)
     checks += check_gradients(proc, seed)
     return checks
+
+
+def _check_arguments(samples, seed) -> None:
+    """samples: a whole number >= 2 (a covariance needs two paths); seed: 0 .. 2**63 - 1."""
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 2:
+        raise ValueError(f"samples must be a whole number >= 2, got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2 ** 63 - 1:
+        raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
 
 
 def render_checks(spec, checks) -> str:
