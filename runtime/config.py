@@ -12,9 +12,10 @@ import attrs
 
 OBJECTIVES = ("elbo", "eps")
 DEVICES = ("auto", "cpu", "cuda")
-# Knobs a resumed run may change; everything else must match the checkpoint.
-RESUMABLE = ("steps", "eval_every", "sample_every", "log_every", "device", "progress", "resume",
-             "out", "time_samples", "sample_steps")
+# Knobs a resumed run may change (the step count, the learning rates and clipping, e.g. after
+# a non-finite loss, and the logging cadence); everything else must match the checkpoint.
+RESUMABLE = ("steps", "lr", "process_lr", "grad_clip", "eval_every", "sample_every", "log_every",
+             "device", "progress", "resume", "out", "time_samples", "sample_steps")
 
 # Per-dataset defaults: steps sized so the default run on digits ends within 5 minutes on a
 # 2-core CPU (measured, see the README), longer for the real image sets.

@@ -33,7 +33,7 @@ GRID_SAMPLES = 64
 def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
     """Resolve the configuration, compile the spec, load data, build net and optimizer.
     With ``resume`` the checkpoint's configuration is the base and only the options named in
-    ``explicit`` may override it (the step count and the logging cadence)."""
+    ``explicit`` may override it (config.RESUMABLE)."""
     state = _resume_state(cfg, explicit) if cfg.resume else None
     if state is not None:
         given = {k: getattr(cfg, k) for k in explicit if k not in ("spec", "resume")}
@@ -64,7 +64,8 @@ def _resume_state(cfg: TrainConfig, explicit) -> dict:
     if changed:
         raise RunError(f"cannot resume {path}: {', '.join('--' + c.replace('_', '-') for c in changed)} "
                        "differ from the checkpoint's configuration (config.json); only the "
-                       "step count and the logging cadence may change on resume")
+                       "step count, the learning rates, --grad-clip and the logging cadence "
+                       "may change on resume")
     return state
 
 
@@ -106,7 +107,7 @@ def _loop(run: Run, metrics: MetricsLog, echo) -> None:
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}; stopped. The last good checkpoint is "
                              f"{os.path.join(cfg.out, ckpt.LAST)} (step "
-                             f"{_saved_step(cfg.out)}); resume from it with a lower --lr") from None
+                             f"{_saved_step(cfg.out)}); continue from it with --resume and a lower --lr") from None
     finally:
         if bar is not None:
             bar.close()

@@ -198,9 +198,9 @@ def test_resume_refuses_a_changed_spec_or_option(tmp_path, capsys):
     assert {name: (out / name).read_bytes() for name in files} == before
 
     spec.write_text(original)
-    rc, _, err = train(capsys, spec, out, "--resume", "--lr", "0.01", steps=4)
+    rc, _, err = train(capsys, spec, out, "--resume", "--seed", "7", steps=4)
     line = one_line(err)
-    assert rc == 2 and "--lr" in line and ckpt.LAST in line
+    assert rc == 2 and "--seed" in line and ckpt.LAST in line
     assert {name: (out / name).read_bytes() for name in files} == before
 
     rc, _, err = train(capsys, spec, tmp_path / "fresh", "--resume", steps=4)
@@ -408,3 +408,16 @@ def test_validation_is_carved_from_train(monkeypatch):
     assert torch.equal(other.val, ids.val) and torch.equal(other.train, ids.train)
     small = setup_mod.load_splits(TrainConfig(spec="unused.sde", data="digits", val_fraction=0.2))
     assert small.val.shape[0] == 287
+
+
+def test_resume_may_lower_the_learning_rate(tmp_path, capsys):
+    """After a non-finite loss the advice is `--resume --lr LOWER`: that must be accepted, and
+    the rest of the configuration comes from the checkpoint, not from the defaults."""
+    out = tmp_path / "run"
+    assert train(capsys, SPECS / "vpsde.sde", out, "--weight-decay", "0.01")[0] == 0
+    rc, stdout, err = cli(capsys, "train", SPECS / "vpsde.sde", "--out", out, "--resume",
+                          "--steps", 3, "--lr", "1e-5", "--no-progress")
+    assert rc == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr"] == 1e-5 and saved["weight_decay"] == 0.01 and saved["net"] == "mlp"
+    assert torch.load(out / ckpt.LAST, weights_only=True)["step"] == 3
