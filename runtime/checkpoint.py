@@ -7,17 +7,25 @@ file that asks to run code.
 
 Writing: to ``NAME.tmp`` in the same directory, flushed and fsynced, then ``os.replace`` onto
 NAME, so a kill mid-write leaves the previous checkpoint intact. The run directory holds
-``ckpt-last.pt`` (the latest step) and ``ckpt-best.pt`` (best validation BPD).
+``ckpt-last.pt`` (the latest step), ``ckpt-best.pt`` (best validation BPD) and the few most
+recent ``ckpt-step-NNNNNNN.pt`` (``keep`` of them; ``ckpt-last.pt`` is a hard link to the
+newest, or a copy where links are not supported). Resuming reads ``ckpt-last.pt`` and, if it
+is unreadable (truncated, overwritten, not a checkpoint), says so and falls back to the newest
+readable step file.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import sys
 
 import torch
 
 FORMAT = "sdec-checkpoint"
 VERSION = 1
 LAST, BEST = "ckpt-last.pt", "ckpt-best.pt"
+_STEP_FILE = re.compile(r"^ckpt-step-(\d{7,})\.pt$")
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +57,56 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, this sdec "
                               f"reads version {VERSION}")
     return state
+
+
+def step_name(step: int) -> str:
+    return f"ckpt-step-{step:07d}.pt"
+
+
+def step_files(out: str) -> list:
+    """The run's step checkpoints, newest first."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    found = [(int(m.group(1)), n) for n in names if (m := _STEP_FILE.match(n))]
+    return [os.path.join(out, n) for _, n in sorted(found, reverse=True)]
+
+
+def save_rolling(state: dict, out: str, keep: int) -> str:
+    """Write the step checkpoint, point ckpt-last.pt at it (atomically), keep the newest
+    ``keep`` step files. Returns the step file's path."""
+    path = os.path.join(out, step_name(state["step"]))
+    save(state, path)
+    tmp = os.path.join(out, LAST + ".tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here: copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, os.path.join(out, LAST))
+    for old in step_files(out)[keep:]:
+        os.remove(old)
+    return path
+
+
+def load_latest(out: str, map_location="cpu", warn=None) -> dict:
+    """The newest readable checkpoint of a run: ckpt-last.pt, else the newest good step file.
+    Each unreadable file is reported (path and reason) and skipped."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    candidates = [os.path.join(out, LAST)] + step_files(out)
+    errors = []
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            state = load(path, map_location)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            warn(f"WARNING: skipping {exc}")
+            continue
+        return state
+    last = os.path.join(out, LAST)
+    raise CheckpointError(f"no readable checkpoint to resume from in {out}: "
+                          + ("; ".join(errors) if errors else f"{last}: no such checkpoint"))
 
 
 def resolve(run_or_checkpoint: str, prefer=BEST) -> str:

@@ -36,6 +36,7 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--val-fraction", float, "fraction of train held out for validation (default 0.1)"),
     ("--sample-steps", int, "Euler–Maruyama steps of the sample grids (default 200)"),
     ("--device", str, "auto (CUDA when present, default), cpu or cuda"),
+    ("--keep-checkpoints", int, "step checkpoints kept beside ckpt-last.pt and ckpt-best.pt (default 3)"),
 )
 
 

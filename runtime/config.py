@@ -15,7 +15,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Knobs a resumed run may change (the step count, the learning rates and clipping, e.g. after
 # a non-finite loss, and the logging cadence); everything else must match the checkpoint.
 RESUMABLE = ("steps", "lr", "process_lr", "grad_clip", "eval_every", "sample_every", "log_every",
-             "device", "progress", "resume", "out", "time_samples", "sample_steps")
+             "device", "progress", "resume", "out", "time_samples", "sample_steps",
+             "keep_checkpoints")
 
 # Per-dataset defaults: steps sized so the default run on digits ends within 5 minutes on a
 # 2-core CPU (measured, see the README), longer for the real image sets.
@@ -50,6 +51,7 @@ class TrainConfig:
     log_every: int = 50
     time_samples: int = 16
     val_fraction: float = 0.1
+    keep_checkpoints: int = 3
     sample_steps: int = 200
     device: str = "auto"
     progress: bool = True
@@ -81,7 +83,7 @@ def resolve(cfg: TrainConfig, net_preset: str) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     positive = ("steps", "batch_size", "eval_every", "sample_every", "log_every", "time_samples",
-                "sample_steps", "image_size")
+                "sample_steps", "image_size", "keep_checkpoints")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

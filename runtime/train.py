@@ -58,8 +58,9 @@ def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
 
 
 def _resume_state(cfg: TrainConfig, explicit) -> dict:
-    path = os.path.join(cfg.out or default_out(cfg.spec, cfg.data), ckpt.LAST)
-    state = ckpt.load(path)
+    out = cfg.out or default_out(cfg.spec, cfg.data)
+    state = ckpt.load_latest(out)
+    path = os.path.join(out, ckpt.LAST)
     changed = changed_on_resume(state["config"], cfg, set(explicit))
     if changed:
         raise RunError(f"cannot resume {path}: {', '.join('--' + c.replace('_', '-') for c in changed)} "
@@ -164,7 +165,7 @@ def _validate(run: Run, metrics: MetricsLog, echo) -> None:
     if improved:
         run.best_val, run.best_step = ev.bpd, run.step
     state = checkpoint_state(run)
-    ckpt.save(state, os.path.join(cfg.out, ckpt.LAST))
+    ckpt.save_rolling(state, cfg.out, cfg.keep_checkpoints)
     if improved:
         ckpt.save(state, os.path.join(cfg.out, ckpt.BEST))
     _plots(run)

@@ -421,3 +421,26 @@ def test_resume_may_lower_the_learning_rate(tmp_path, capsys):
     saved = json.loads((out / "config.json").read_text())
     assert saved["lr"] == 1e-5 and saved["weight_decay"] == 0.01 and saved["net"] == "mlp"
     assert torch.load(out / ckpt.LAST, weights_only=True)["step"] == 3
+
+
+def test_rolling_checkpoints_and_fallback_from_a_corrupt_last(tmp_path, capsys):
+    """The newest --keep-checkpoints step files stay beside ckpt-last.pt; a truncated
+    ckpt-last.pt is reported with its path and skipped in favour of the newest good one; a
+    stale temporary file from a write killed mid-way is ignored."""
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, SPECS / "vpsde.sde", out, "--eval-every", "1", "--keep-checkpoints", "2",
+                       steps=4)
+    assert rc == 0, err
+    steps = sorted(p.name for p in out.glob("ckpt-step-*.pt"))
+    assert steps == ["ckpt-step-0000003.pt", "ckpt-step-0000004.pt"]
+    assert (out / ckpt.LAST).read_bytes() == (out / "ckpt-step-0000004.pt").read_bytes()
+    (out / (ckpt.LAST + ".tmp")).write_bytes(b"half a checkpoint")   # a kill mid-write
+    data = (out / ckpt.LAST).read_bytes()
+    (out / "ckpt-step-0000004.pt").unlink()
+    (out / ckpt.LAST).write_bytes(data[: len(data) // 2])            # truncated in place
+    rc, stdout, err = cli(capsys, "train", SPECS / "vpsde.sde", "--out", out, "--resume",
+                          "--steps", 5, "--no-progress")
+    assert rc == 0, err
+    assert "skipping" in err and ckpt.LAST in err
+    assert "resumed at step 3" in stdout
+    assert torch.load(out / ckpt.LAST, weights_only=True)["step"] == 5
