@@ -87,10 +87,10 @@ def _run_eval(args) -> int:
 
     from .evaluate import describe_evaluation, evaluate
     from .saved import load_run
-    from .setup import load_split
+    from .data import load_dataset
     saved = load_run(args.run_dir, args.device)
     cfg = saved.cfg
-    data = load_split(args.data or cfg.data, args.data_dir or cfg.data_dir, cfg.image_size, args.split)
+    data = load_dataset(args.data or cfg.data, args.split, args.data_dir or cfg.data_dir, cfg.image_size)
     x = data.data if args.limit is None else data.data[: _positive(args.limit, "--limit")]
     gen = torch.Generator(device=saved.device).manual_seed(args.seed)
     kw = {"transform": cfg.transform, "generator": gen, "device": saved.device}

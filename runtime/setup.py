@@ -14,7 +14,7 @@ import torch
 import sdec
 
 from .config import TrainConfig
-from .data import DataError, Dataset, load_dataset
+from .data import DataError, load_dataset
 from .interface import check_process
 from .nets import build_net, default_preset
 
@@ -67,10 +67,6 @@ def load_splits(cfg: TrainConfig) -> Splits:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
     x = data.data
     return Splits(x[perm[n_val:]], x[perm[:n_val]], data.levels, tuple(data.shape), data.name)
-
-
-def load_split(cfg_data: str, data_dir, image_size, split: str) -> Dataset:
-    return load_dataset(cfg_data, split, data_dir, image_size)
 
 
 def build_model(proc, shape, preset: str | None, dropout=None):

@@ -19,11 +19,12 @@ import sdec
 
 from . import checkpoint as ckpt
 from . import monitor, plots
-from .bpd import from_model
+from .bpd import from_model, prepare
+from .data import load_dataset
 from .config import TrainConfig, changed_on_resume, default_out, resolve
 from .ema import EMA
 from .evaluate import describe_evaluation, evaluate_elbo, plus_minus
-from .setup import (RunError, build_model, check_out_dir, compile_spec, load_split, load_splits,
+from .setup import (RunError, build_model, check_out_dir, compile_spec, load_splits,
                     param_groups, pick_device)
 from .step import MetricsLog, NonFiniteError, Run, Throughput, checkpoint_state, restore, seed_for, train_step
 
@@ -193,13 +194,13 @@ def _plots(run: Run) -> None:
     second = float(_model_second_moment(run))
     stds = {"trained": monitor.marginal_std(run.proc, second, times)}
     if any(p.requires_grad for p in run.proc.parameters()):
-        stds["initial"] = monitor.marginal_std(compile_spec(run.cfg.spec).to(run.device), second, times)
+        initial = type(run.proc)().to(run.device)  # the generated class starts at the spec's init
+        stds["initial"] = monitor.marginal_std(initial, second, times)
         plots.plot_blocks(records, run.proc.names, os.path.join(out, "blocks.png"))
     plots.plot_process(times.numpy(), stds, run.proc.names, os.path.join(out, "process.png"))
 
 
 def _model_second_moment(run: Run):
-    from .bpd import prepare
     x = run.splits.val[:512]
     y, _ = prepare(x, run.splits.levels, run.cfg.transform, torch.Generator().manual_seed(0))
     return (y.double() ** 2).mean()
@@ -212,7 +213,7 @@ def finish(run: Run, echo) -> dict:
     state = ckpt.load(best_path, map_location=run.device)
     run.ema.load_state_dict(state["ema"])  # the run is over: reuse its EMA holder for the best
     proc, net = ema_models(run)
-    test = load_split(cfg.data, cfg.data_dir, cfg.image_size, "test")
+    test = load_dataset(cfg.data, "test", cfg.data_dir, cfg.image_size)
     gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, 0, "test"))
     ev = evaluate_elbo(proc, net, test.data, test.levels, transform=cfg.transform,
                        time_samples=cfg.time_samples, generator=gen, device=run.device)

@@ -38,24 +38,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _samples(text: str) -> int:
+def _whole_number(text: str, low: int, high: int | None, why: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (a covariance needs two paths), got {value}")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{why}, got {text}")
     return value
+
+
+def _samples(text: str) -> int:
+    return _whole_number(text, 2, None, "must be at least 2 (a covariance needs two paths)")
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
-    return value
+    return _whole_number(text, 0, MAX_SEED, "must be between 0 and 2**63 - 1")
 
 
 def _emit(text: str, end: str = "\n") -> None:
