@@ -15,7 +15,7 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--data", str, "data set: digits (default, embedded), mnist, cifar10, imagenet32, folder:PATH, toy:NAME"),
     ("--data-dir", str, "where the data files are (default $SDEC_DATA, else ./data)"),
     ("--image-size", int, "folder: data only: resize to this size (default 32)"),
-    ("--steps", int, "optimizer steps (default per data set: digits 3000)"),
+    ("--steps", int, "optimizer steps (default per data set: digits 1500, toy 4000)"),
     ("--batch-size", int, "examples per step (default 128)"),
     ("--lr", float, "network learning rate (default per net preset: tiny 2e-3, mlp 1e-3, else 2e-4)"),
     ("--process-lr", float, "learning rate of learnable Q and D (default: --lr)"),
@@ -28,6 +28,8 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--net", str, "network preset: tiny, mnist, cifar, mlp (default from the data shape)"),
     ("--dropout", float, "dropout (default: the preset's)"),
     ("--objective", str, "elbo (default; trains learnable Q, D too) or eps (noise prediction, fixed processes)"),
+    ("--time-sampler", str, "training ELBO times: importance (default), stratified (importance, one time per "
+                            "equal-probability stratum across the batch) or uniform"),
     ("--transform", str, "center (y = 2x - 1, default) or logit (alpha = 0.05)"),
     ("--eval-every", int, "validation BPD and checkpoints every N steps (default 500)"),
     ("--sample-every", int, "sample grid every N steps (default 1000)"),

@@ -11,6 +11,7 @@ import os
 import attrs
 
 OBJECTIVES = ("elbo", "eps")
+TIME_SAMPLERS = ("importance", "stratified", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 # Knobs a resumed run may change (the step count, the learning rates and clipping, e.g. after
 # a non-finite loss, and the logging cadence); everything else must match the checkpoint.
@@ -45,6 +46,7 @@ class TrainConfig:
     net: str | None = None
     dropout: float | None = None
     objective: str = "elbo"
+    time_sampler: str = "importance"
     transform: str = "center"
     eval_every: int = 500
     sample_every: int = 1000
@@ -96,6 +98,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--val-fraction must be in (0, 0.5), got {cfg.val_fraction}")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if cfg.time_sampler not in TIME_SAMPLERS:
+        raise ValueError(f"unknown time sampler {cfg.time_sampler!r}; valid: {', '.join(TIME_SAMPLERS)}")
     if cfg.transform not in ("center", "logit"):
         raise ValueError(f"unknown transform {cfg.transform!r}; valid: center, logit")
     if cfg.device not in DEVICES:

@@ -78,7 +78,7 @@ def step_loss(run: Run, x_raw, gen) -> tuple:
     y, ldj = prepare(x_raw, levels, run.cfg.transform, gen)
     if run.cfg.objective == "eps":
         return _eps_loss(run, y, gen)
-    terms = run.proc.elbo(y, run.proc.score_from_eps(run.net), time_sampler="importance",
+    terms = run.proc.elbo(y, run.proc.score_from_eps(run.net), time_sampler=run.cfg.time_sampler,
                           generator=gen)
     bpd = bits_per_dim({k: getattr(terms, k) for k in ELBO_TERMS}, ldj, D, levels)
     means = {k: v.mean() for k, v in bpd.items()}

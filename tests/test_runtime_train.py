@@ -250,6 +250,23 @@ def test_eps_objective_trains_fixed_processes_only(tmp_path, capsys):
     assert not (tmp_path / "no" / ckpt.LAST).exists()
 
 
+def test_time_sampler_option(tmp_path, capsys):
+    """--time-sampler reaches the training ELBO and is recorded; a wrong name is one line."""
+    losses = {}
+    for sampler in ("importance", "stratified", "uniform"):
+        out = tmp_path / sampler
+        rc, _, err = train(capsys, SPECS / "cld.sde", out, "--time-sampler", sampler, "--log-every", "1")
+        assert rc == 0, err
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["time_sampler"] == sampler
+        losses[sampler] = [r["train_bpd"] for r in metrics(out) if r["kind"] == "train"]
+        assert losses[sampler] and all(math.isfinite(v) for v in losses[sampler])
+    assert len({tuple(v) for v in losses.values()}) == 3      # the times (so the losses) differ
+    rc, _, err = train(capsys, SPECS / "cld.sde", tmp_path / "bad", "--time-sampler", "sobol")
+    line = one_line(err)
+    assert rc == 2 and "sobol" in line and "stratified" in line
+
+
 # ---------------------------------------------------------------- data formats
 
 

@@ -59,7 +59,7 @@ _QUAD_PANELS = 16      # score_norm: composite Gauss-Legendre in u = log t
 _QUAD_NODES = 8
 _TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
 _TABLE_NODES = 4       # Gauss-Legendre nodes per bin for the bin masses
-_TIME_SAMPLERS = ("uniform", "importance")
+_TIME_SAMPLERS = ("uniform", "importance", "stratified")
 
 
 class CholeskyError(RuntimeError):
@@ -467,9 +467,9 @@ class DiffusionBase(torch.nn.Module):
     def _elbo_times(self, n, t, sampler, t_min, generator, like):
         if sampler not in _TIME_SAMPLERS:
             raise ValueError(f"unknown time_sampler {sampler!r}; valid: {_TIME_SAMPLERS}")
-        if t is None and sampler == "importance":
-            return self.sample_time(n, t_min=t_min, generator=generator,
-                                    dtype=like.dtype, device=like.device)
+        if t is None and sampler != "uniform":
+            return self.sample_time(n, t_min=t_min, generator=generator, dtype=like.dtype,
+                                    device=like.device, stratified=sampler == "stratified")
         if t is None:
             u = torch.rand(n, generator=generator, dtype=torch.float64, device=like.device)
             t = (t_min + (self.T - t_min) * u).to(like.dtype)
@@ -533,16 +533,32 @@ class DiffusionBase(torch.nn.Module):
         out = torch.where(inside, dens[i], torch.zeros_like(t64))
         return out.to(t.dtype if torch.is_tensor(t) else torch.get_default_dtype())
 
-    def sample_time(self, n, t_min=None, generator=None, dtype=None, device=None):
-        """(t, weight): t ~ p (pick a bin, then uniform in it), weight = 1 / p(t)."""
+    def sample_time(self, n, t_min=None, generator=None, dtype=None, device=None,
+                    stratified=False):
+        """(t, weight): t ~ p (pick a bin, then uniform in it), weight = 1 / p(t).
+
+        With ``stratified=True`` the n times are one draw from each of n equal-probability
+        strata of p (u_i = (i + U_i) / n pushed through the inverse CDF of p, in random order):
+        each t_i is still marginally ~ p, so the weighted ELBO stays unbiased, but the batch
+        covers [t_min, T] evenly and the batch mean has lower variance.
+        """
         t_min = float(self.t_min if t_min is None else t_min)
         edges, probs, dens = self._time_table(t_min)
         gdev = generator.device if generator is not None else edges.device
-        u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gdev)
-        u = u.to(edges.device)
         cdf = torch.cumsum(probs, 0)
-        i = torch.searchsorted(cdf, u[0] * cdf[-1], right=True).clamp(0, _TABLE_BINS - 1)
-        t = edges[i] + u[1] * (edges[i + 1] - edges[i])
+        if stratified:
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=gdev)
+            order = torch.randperm(n, generator=generator, device=gdev)
+            u = ((order.to(torch.float64) + u) / n).to(edges.device) * cdf[-1]
+            i = torch.searchsorted(cdf, u, right=True).clamp(0, _TABLE_BINS - 1)
+            below = torch.where(i > 0, cdf[(i - 1).clamp(min=0)], torch.zeros_like(u))
+            frac = ((u - below) / probs[i]).clamp(0.0, 1.0)
+        else:
+            u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gdev)
+            u = u.to(edges.device)
+            i = torch.searchsorted(cdf, u[0] * cdf[-1], right=True).clamp(0, _TABLE_BINS - 1)
+            frac = u[1]
+        t = edges[i] + frac * (edges[i + 1] - edges[i])
         dtype = dtype or torch.get_default_dtype()
         device = device or edges.device
         return t.to(dtype=dtype, device=device), (1.0 / dens[i]).to(dtype=dtype, device=device)
