@@ -6,13 +6,13 @@ Runtime algorithms over any compiled Diffusion (they live in sdec.runtime, which
 compiler never imports; these names are forwarded on first use): log_likelihood, sample.
 """
 from .api import analyze, parse, parse_file
-from .diagnostics import SpecError
+from .language.diagnostics import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["parse", "parse_file", "analyze", "SpecError", "compile", "compile_source",
            "compile_text", "log_likelihood", "sample", "MIX_TOL", "__version__"]
 
-_LAZY = {"compile": ".compiler", "compile_source": ".compiler", "compile_text": ".compiler",
+_LAZY = {"compile": ".backend.compiler", "compile_source": ".backend.compiler", "compile_text": ".backend.compiler",
          "MIX_TOL": ".checks",
          "log_likelihood": ".runtime.likelihood", "sample": ".runtime.sampling"}
 

@@ -7,10 +7,10 @@ import stat
 
 import attrs
 
-from .build import build
+from .language.build import build
 from .checks import MIX_TOL, run_checks
-from .diagnostics import Diagnostic, Span, SpecError, error
-from .parse import MAX_FILE_BYTES, decode, normalize, parse_text
+from .language.diagnostics import Diagnostic, Span, SpecError, error
+from .language.parse import MAX_FILE_BYTES, decode, normalize, parse_text
 
 
 @attrs.frozen
@@ -63,7 +63,7 @@ def analyze(text: str | bytes, filename: str | None = None, mix_tol: float = MIX
 
 
 def parse(text: str | bytes, filename: str | None = None):
-    """Parse and check a spec; return the checked IR (sdec.ir.Spec) or raise SpecError."""
+    """Parse and check a spec; return the checked IR (sdec.language.ir.Spec) or raise SpecError."""
     result = analyze(text, filename)
     if not result.ok:
         raise SpecError([d for d in result.diagnostics if d.severity == "error"] or result.diagnostics, result.source)

@@ -1,9 +1,9 @@
 """Rendering of `sdec check` results as text and as JSON."""
 from __future__ import annotations
 
-from .printer import expr_text
+from .language.format import expr_text
 
-_MARK = {"proved": "proved ", "checked": "checked", "holds": "holds  ", "warning": "WARNING",
+_MARK = {"proved": "proved ", "checked": "checked", "warning": "WARNING",
          "failed": "FAILED ", "info": "info   "}
 
 
@@ -58,8 +58,7 @@ def _spec_lines(spec) -> list:
         out.append(f"{title} =")
         out += matrix_lines(M, list(v))
     if spec.symbols:
-        from .checks import at_init
-        Q0, D0 = at_init(spec)
+        Q0, D0 = spec.at_init()
         for title, M in (("Q at the initial parameter values", Q0), ("D at the initial parameter values", D0)):
             out.append(f"{title} =")
             out += matrix_lines(M, list(v))

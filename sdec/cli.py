@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .diagnostics import SpecError
+from .language.diagnostics import SpecError
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -94,7 +94,7 @@ def _add_check(sub):
 def _run_check(args) -> int:
     from .api import analyze, read_spec_bytes
     from .checks import MIX_TOL
-    from .report_text import check_json, check_text
+    from .check_report import check_json, check_text
     data = read_spec_bytes(args.spec)
     result = analyze(data, args.spec, args.mix_tol if args.mix_tol is not None else MIX_TOL)
     if args.json:
@@ -112,7 +112,7 @@ def _add_fmt(sub):
 
 def _run_fmt(args) -> int:
     from .api import parse_file
-    from .printer import format_spec
+    from .language.format import format_spec
     _emit(format_spec(parse_file(args.spec)), end="")
     return 0
 
@@ -128,7 +128,7 @@ def _add_compile(sub):
 def _run_compile(args) -> int:
     from .api import parse_file
     from .emit.module import generate_source
-    from .lower import lower, lowering_report
+    from .backend.lower import lower, lowering_report
     if args.output and os.path.exists(args.spec):
         _refuse_input_as_output(args.spec, args.output)
     spec = parse_file(args.spec)
@@ -222,7 +222,7 @@ def _run_verify(args) -> int:
 
     from .api import parse_file
 
-    from .verify import render_checks, verify
+    from .backend.verify import render_checks, verify
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # K x K work: intra-op threads only add overhead
     spec = parse_file(args.spec)

@@ -5,9 +5,8 @@ import pytest
 import sympy as sp
 
 import sdec
-from sdec.checks import at_init
-from sdec.evaluate import T_SYMBOL as t
-from sdec.ir import Param
+from sdec.language.ir import T_SYMBOL as t
+from sdec.language.ir import Param
 
 BASE = """sde s
 state x, v
@@ -67,7 +66,7 @@ D[w, w] = g
     assert spec.Q == sp.Matrix([[0, -a, 0], [a, 0, -1], [0, 1, 0]])
     assert spec.D == sp.diag(0, 1, g)
     assert spec.parameter_count == 2 and [s.name for s in spec.symbols] == ["a", "g"]
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     assert Q0 == sp.Matrix([[0, -R(1, 2), 0], [R(1, 2), 0, -1], [0, 1, 0]]) and D0 == sp.diag(0, 1, 2)
     assert spec.filename == "demo.sde" and spec.report.ok
 
@@ -258,7 +257,7 @@ def test_learned_skew_q_with_on_and_mask():
     assert block.over == ("x", "w")  # state order, whatever the statement's order
     assert block.parameter_count == 1 and (spec.Q + spec.Q.T) == sp.zeros(3, 3)
     assert all(spec.Q[i, j] == 0 for i in range(3) for j in range(3) if 1 in (i, j))
-    assert at_init(spec)[0] == sp.Matrix([[0, 0, -2], [0, 0, 0], [2, 0, 0]])
+    assert spec.at_init()[0] == sp.Matrix([[0, 0, -2], [0, 0, 0], [2, 0, 0]])
     masked = sdec.parse(BASE3 + "learn Q: skew mask [[0, 1, 0], [1, 0, 1], [0, 1, 0]] init zeros(3)\n"
                         "D = diag(1, 1, 1)\n")
     (block,) = masked.learned
@@ -267,7 +266,7 @@ def test_learned_skew_q_with_on_and_mask():
 
 
 def _draw(kind, n, rank, std, seed):
-    """The documented random(std, seed) recipes of sdec.learn, written out again."""
+    """The documented random(std, seed) recipes of sdec.language.learn, written out again."""
     rng = np.random.default_rng(seed)
     if kind == "skew":
         W = np.tril(rng.normal(0.0, std, (n, n)), -1)
@@ -300,7 +299,7 @@ def test_random_init_is_reproducible_and_documented(line, kind, rank):
 def test_random_init_on_a_sub_block_is_embedded():
     spec = sdec.parse(BASE3 + "Q[x, v] = -1\nQ[v, x] = 1\nQ[v, w] = -1\nQ[w, v] = 1\n"
                       "learn D: psd on (v, w) init random(0.5, 1)\n")
-    D0 = numeric(at_init(spec)[1])
+    D0 = numeric(spec.at_init()[1])
     assert np.all(D0[0] == 0) and np.all(D0[:, 0] == 0)
     assert np.allclose(D0[1:, 1:], _draw("psd", 2, None, 0.5, 1), rtol=0, atol=1e-12)
 

@@ -11,7 +11,7 @@ from scipy.linalg import expm
 import sdec
 from sdec.checks.mixing import mixing_numbers
 from sdec.checks.schedule import integrated_beta
-from sdec.evaluate import T_SYMBOL as t
+from sdec.language.ir import T_SYMBOL as t
 
 SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs"
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.sde"))

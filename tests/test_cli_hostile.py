@@ -16,8 +16,8 @@ import pytest
 
 import sdec
 from sdec.cli import main
-from sdec.diagnostics import Diagnostic, Span
-from sdec.parse import MAX_FILE_BYTES
+from sdec.language.diagnostics import Diagnostic, Span
+from sdec.language.parse import MAX_FILE_BYTES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLD = REPO / "specs" / "cld.sde"
@@ -139,8 +139,8 @@ def test_stdout_that_cannot_be_written_is_one_line(unbuffered):
     assert one_line(proc.stderr) == "sdec check: error: cannot write to standard output (No space left on device)"
 
 
-@pytest.mark.parametrize("command, target", [("check", "sdec.api.analyze"), ("compile", "sdec.lower.lower"),
-                                             ("verify", "sdec.verify.verify")])
+@pytest.mark.parametrize("command, target", [("check", "sdec.api.analyze"), ("compile", "sdec.backend.lower.lower"),
+                                             ("verify", "sdec.backend.verify.verify")])
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, command, target):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -186,7 +186,7 @@ def test_verify_rejects_bad_samples_and_seeds(capsys, flag, value, says):
 
 
 def test_verify_api_rejects_bad_samples_and_seeds():
-    from sdec.verify import verify, verify_process
+    from sdec.backend.verify import verify, verify_process
     for kwargs in ({"samples": 0}, {"samples": -5}, {"seed": 2 ** 63}, {"seed": -1}, {"samples": 2.5}):
         with pytest.raises(ValueError):
             verify(None, **kwargs)

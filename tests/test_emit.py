@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import sdec
-from sdec.checks import at_init
+from sdec.backend.compiler import compile_text
 from sdec.cli import main as cli_main
-from sdec.compiler import compile_text
 
 from kernels import make
 
@@ -132,7 +131,7 @@ def test_learnable_kinds_start_at_their_init_and_receive_gradients(q, d):
     spec = sdec.parse(text, "learnkinds.sde")
     proc = sdec.compile(spec)
     Q, D = proc._blocks()
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     assert torch.allclose(Q, torch.tensor(np.array(Q0.evalf(20).tolist(), dtype=float)), atol=1e-12)
     assert torch.allclose(D, torch.tensor(np.array(D0.evalf(20).tolist(), dtype=float)), atol=1e-12)
     assert torch.allclose(Q, -Q.T)
@@ -163,7 +162,7 @@ def test_parameterization_keeps_constraints_for_any_parameter_value():
 def test_quadrature_B_when_no_closed_form():
     text = open(spec_path("cld")).read().replace("beta(t) = 4", "beta(t) = 2 + exp(sin(3*t))")
     spec = sdec.parse(text, "q.sde")
-    from sdec.lower import lower
+    from sdec.backend.lower import lower
     assert lower(spec).B is None
     proc = sdec.compile(spec)
     t = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
@@ -176,7 +175,7 @@ def test_t_min_kept_where_float64_holds_the_kernel():
     """CLD (non-hybrid) has a scale-free correlation structure as t -> 0 and the series
     keeps Σ's tiny entries exact, so Cholesky works far below the usual t_min; ALDA's
     hybrid kernel does not fit in float64 at 1e-9 and its t_min is raised."""
-    from sdec.lower import lower
+    from sdec.backend.lower import lower
     text = open(spec_path("cld")).read().replace("t_min = 1e-3", "t_min = 1e-7")
     plan = lower(sdec.parse(text, "tiny.sde"))
     assert plan.t_min == 1e-7 and plan.t_min_note is None
@@ -203,7 +202,7 @@ D = [[1, 1], [1, 1]]
 
 def test_t_min_is_raised_when_the_kernel_is_degenerate_at_small_t():
     """Noise entering only along x + v: corr(Σ_t) -> [[1, 1], [1, 1]] as t -> 0."""
-    from sdec.lower import lower, lowering_report
+    from sdec.backend.lower import lower, lowering_report
     spec = sdec.parse(SKEWED_NOISE, "skewed.sde")
     plan = lower(spec)
     assert plan.t_min > 1e-14 and plan.t_min_spec == 1e-14
@@ -235,10 +234,13 @@ def test_module_float32_cast_keeps_kk_algebra_in_float64():
     assert Q.dtype == D.dtype == torch.float64
 
 
-def test_lowering_emulates_the_kernel_branch_rule():
+def test_lowering_reads_the_kernel_branch_rule_from_kernel_base():
+    """kernel_base.py is the one source of the series constants; the lowering reads them
+    from its text (without importing torch) to emulate the kernel."""
+    from sdec.backend.t_min import SERIES_TAU, SERIES_TERMS, kernel_base_constants
     from sdec.emit import kernel_base
-    from sdec.lower import SERIES_TAU, SERIES_TERMS
     assert (SERIES_TAU, SERIES_TERMS) == (kernel_base._SERIES_TAU, kernel_base._SERIES_TERMS)
+    assert kernel_base_constants("_TABLE_BINS", "_TIME_SAMPLERS") == (kernel_base._TABLE_BINS, kernel_base._TIME_SAMPLERS)
 
 
 CHAIN4 = """
@@ -256,7 +258,7 @@ D = diag(0, 0, 0, 9)
 def test_t_min_raised_where_the_float64_series_loses_the_small_directions():
     """Found by Hypothesis: noise on u reaches x, v, w at the same order, so Σ_t(x, v, w) is
     nearly rank one at small t and the float64 kernel's Σ(1e-3 | y0) is not even PD."""
-    from sdec.lower import lower
+    from sdec.backend.lower import lower
     spec = sdec.parse(CHAIN4, "chain4.sde")
     plan = lower(spec)
     assert plan.t_min > 1e-3 and "t_min raised" in plan.t_min_note
@@ -279,7 +281,7 @@ def test_data_shape_may_be_an_int_or_a_tuple():
 def test_Q_and_D_of_a_fixed_spec_are_the_spec_matrices():
     spec = sdec.parse_file(spec_path("cld"))
     proc = sdec.compile(spec)
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     for got, want in ((proc.Q, Q0), (proc.D, D0)):
         assert got.dtype == torch.float64 and got.shape == (2, 2)
         assert torch.equal(got, torch.tensor(np.array(want.evalf(30).tolist(), dtype=float)))
@@ -324,7 +326,7 @@ D[v, v] = Gamma
 
 
 def test_spec_hash_is_canonical():
-    from sdec.lower import lower
+    from sdec.backend.lower import lower
     proc = sdec.compile(spec_path("cld"))
     assert re.fullmatch(r"[0-9a-f]{16}", proc.spec_hash)
     assert proc.spec_hash == type(proc).spec_hash == lower(sdec.parse_file(spec_path("cld"))).source_hash
@@ -362,7 +364,7 @@ def test_compile_text_gives_bit_identical_numbers():
 
 
 def test_spec_text_is_never_spliced_into_generated_code():
-    from sdec.compiler import load_source
+    from sdec.backend.compiler import load_source
     from sdec.emit.module import _hash
     text = CLD_REFORMATTED.replace("# critical damping", "# '''\"\"\" __import__('os')")
     spec = sdec.parse(text, "x.sde")

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdec
-from sdec.ir import Spec
+from sdec.language.ir import Spec
 
 SPECS = sorted((pathlib.Path(__file__).resolve().parent.parent / "specs").glob("*.sde"))
 SOURCES = [p.read_text(encoding="utf-8") for p in SPECS]

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import sdec
-from sdec.verify import check_invariance, check_lyapunov, check_moment_ode, check_semigroup
+from sdec.backend.verify import check_invariance, check_lyapunov, check_moment_ode, check_semigroup
 
 from test_roundtrip import parsed, specs
 

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sdec
-from sdec import syntax as S
-from sdec.evaluate import Scope, evaluate, number_value
-from sdec.parse import MAX_BRACKET_DEPTH, MAX_EXPR_DEPTH, MAX_FILE_BYTES, parse_text, split_statements
+from sdec.language import syntax as S
+from sdec.language.exact import Scope, evaluate, number_value
+from sdec.language.parse import MAX_BRACKET_DEPTH, MAX_EXPR_DEPTH, MAX_FILE_BYTES, parse_text, split_statements
 
 VP = """sde vp
 state x

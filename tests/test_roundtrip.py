@@ -11,9 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import sdec
-from sdec.checks import at_init
 from sdec.checks.stationarity import residual
-from sdec.printer import format_spec
+from sdec.language.format import format_spec
 
 R = sp.Rational
 SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs"
@@ -267,7 +266,7 @@ def check_proofs_hold(g):
     assert all(v != "failed" for v in verdicts.values())
     K = len(g.names)
     # the IR is the process the text describes (at the initial parameter values)
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     if g.Q is not None:
         assert Q0 == g.Q
     if g.D is not None:

@@ -5,7 +5,7 @@ import torch
 
 import sdec
 from sdec.cli import main as cli_main
-from sdec.verify import check_invariance, check_lyapunov, check_moment_ode, check_simulation, verify_process
+from sdec.backend.verify import check_invariance, check_lyapunov, check_moment_ode, check_simulation, verify_process
 
 SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
 

@@ -13,10 +13,10 @@ import os
 import sys
 import tempfile
 
-from .api import parse, parse_file
-from .emit.module import generate_source
+from ..api import parse, parse_file
+from ..emit.module import generate_source
 from .lower import lower
-from .printer import format_spec
+from ..language.format import format_spec
 
 
 def _cache_dir() -> str:

@@ -1,7 +1,8 @@
 """`sdec verify`: check a compiled spec's kernels against independent computations.
 
 Each check measures an error and compares it with a stated tolerance:
-- Euler–Maruyama simulation of the declared SDE vs the kernel's mean and covariance
+- Euler–Maruyama simulation of the declared SDE (the module's own drift(t) and
+  diffusion(t), so its noise factor is checked too) vs the kernel's mean and covariance
   (tolerance from the Monte-Carlo standard error, 5 sigma, plus the EM bias bound);
 - a direct RK4 solution of the moment ODEs dm = F m, dΣ = FΣ + ΣFᵀ + GGᵀ;
 - invariance of the target: Φ Σ∞ Φᵀ + Σ(t | y0) = Σ∞;
@@ -51,7 +52,7 @@ def check_simulation(proc, samples, seed):
     y = y0.expand(samples, K).clone()
     dt = t1 / steps
     mid = (torch.arange(steps, dtype=torch.float64) + 0.5) * dt  # midpoints in time for F and G
-    Fs, Gs = proc.drift(mid), _sqrt_psd(proc.noise_cov(mid))
+    Fs, Gs = proc.drift(mid), proc.diffusion(mid)  # G(t) of the module: its noise factor is checked too
     for k in range(steps):
         y = y + dt * y @ Fs[k].T + math.sqrt(dt) * torch.randn(samples, K, generator=gen, dtype=torch.float64) @ Gs[k].T
     Phi, Sigma = proc.transition(torch.tensor(t1, dtype=torch.float64), hybrid=False)
@@ -66,11 +67,6 @@ def check_simulation(proc, samples, seed):
     return [Check(f"Euler–Maruyama mean at t = {t1:g} ({samples} paths)", z_mean, 1.0,
                   "max |Δmean| / (5 s.e. + EM bias bound)"),
             Check(f"Euler–Maruyama covariance at t = {t1:g}", z_cov, 1.0, "max |ΔΣ| / (5 s.e. + EM bias bound)")]
-
-
-def _sqrt_psd(M):
-    w, V = torch.linalg.eigh(M)
-    return V * w.clamp(min=0).sqrt().unsqueeze(-2)
 
 
 def check_moment_ode(proc, hybrid=True):

@@ -5,7 +5,7 @@ from .algebra import check_aux_init, check_psd, check_skew, check_target
 from .convergence import check_convergence, reached
 from .mixing import MIX_TOL, check_mixing
 from .ranges import check_ranges
-from .report import Proof, Report, at_init, matrix_text
+from .proofs import Proof, Report, matrix_text
 from .schedule import check_beta, check_integral
 from .stationarity import check_stationarity
 
@@ -37,7 +37,7 @@ def run_checks(spec, mix_tol: float = MIX_TOL) -> Report:
         if _ok(proofs):
             more, mixing = check_mixing(spec, B, mix_tol)
             proofs += more
-    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok, _ok(target)))
+    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok, _ok(target)), B)
 
 
 def _ok(proofs) -> bool:
@@ -45,7 +45,6 @@ def _ok(proofs) -> bool:
 
 
 def _facts(spec, B, mixing, basics_ok, target_ok):
-    Q0, D0 = at_init(spec)
     facts = [
         ("name", spec.name), ("form", spec.form), ("variables", list(spec.variables)),
         ("data", spec.data), ("K", spec.K), ("T", str(spec.T)), ("t_min", str(spec.t_min)),
@@ -58,6 +57,7 @@ def _facts(spec, B, mixing, basics_ok, target_ok):
         ("learnable_symbols", [s.name for s in spec.symbols]),
     ]
     if basics_ok:
+        Q0, D0 = spec.at_init()
         A0 = -(Q0 + D0) * spec.target.inv()
         facts.append(("noise_reaches", [v for v, r in zip(spec.variables, reached(A0, D0)) if r]))
     if mixing is not None:

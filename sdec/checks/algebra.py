@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .report import Proof, at_init, numeric
+from .proofs import Proof, numeric
 
 
 def check_target(spec):
@@ -66,7 +66,7 @@ def check_psd(spec):
         exact = _psd_symbolic(D)
         if exact:
             return [Proof(title, "proved", "symbolically, for every admissible parameter value", span)]
-        _, D0 = at_init(spec)
+        _, D0 = spec.at_init()
         eig = np.linalg.eigvalsh(numeric(D0))
         if D0.is_positive_semidefinite:
             return [Proof(title, "checked", f"at the initial parameter values only (smallest eigenvalue {eig.min():.6g}); "

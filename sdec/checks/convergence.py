@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .report import Proof, at_init, numeric
+from .proofs import Proof, numeric
 
 
 def kalman_matrix(A, D):
@@ -30,7 +30,7 @@ def reached(A, D) -> tuple:
 def check_convergence(spec):
     span = spec.span_of("D") or spec.span_of(("eq", spec.data))
     learned_pd = any(b.block == "D" and b.kind in ("psd", "diagonal") and len(b.over) == spec.K for b in spec.learned)
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     A0 = sp.ImmutableMatrix(-(Q0 + D0) * spec.target.inv())
     eig = np.linalg.eigvals(numeric(A0))
     data = (("eigenvalues", [[float(e.real), float(e.imag)] for e in sorted(eig, key=lambda z: (z.real, z.imag))]),)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import mpmath as mp
 import sympy as sp
 
-from ..evaluate import T_SYMBOL
-from .report import Proof, at_init
+from ..language.ir import T_SYMBOL
+from .proofs import Proof
 
 MIX_TOL = 0.01  # nats per data coordinate
 
@@ -27,7 +27,7 @@ def mixing_numbers(spec, B_closed):
         else:
             f = sp.lambdify(T_SYMBOL, spec.beta, "mpmath")
             BT = mp.quad(f, [0, mp.mpf(str(sp.N(spec.T, 40)))])
-        Q0, D0 = at_init(spec)
+        Q0, D0 = spec.at_init()
         S = _mp(spec.target)
         A = -(_mp(Q0) + _mp(D0)) * mp.inverse(S)
         Phi = mp.expm(BT * A)

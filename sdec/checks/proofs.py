@@ -1,12 +1,13 @@
-"""Proof records and the report that ``sdec check`` prints."""
+"""Proof records (one claim, its verdict and location) and the Report of every proof about a spec."""
 from __future__ import annotations
 
 import attrs
-import sympy as sp
+import numpy as np
 
-from ..diagnostics import Span
+from ..language.diagnostics import Span
+from ..language.exact import float_rows
 
-VERDICTS = ("proved", "checked", "holds", "warning", "failed", "info")
+VERDICTS = ("proved", "checked", "warning", "failed", "info")
 
 
 @attrs.frozen
@@ -19,7 +20,7 @@ class Proof:
     """
 
     name: str
-    verdict: str
+    verdict: str = attrs.field(validator=attrs.validators.in_(VERDICTS))
     detail: str
     span: Span | None = attrs.field(default=None, eq=False)
     data: tuple = ()
@@ -31,8 +32,13 @@ class Proof:
 
 @attrs.frozen
 class Report:
+    """The proofs about a spec, JSON-ready facts, and B(t) = ∫₀ᵗ beta in closed form (None
+    when there is none, or when beta(t) was rejected): integrated once here, the lowering
+    carries it into the emitted module."""
+
     proofs: tuple
     facts: tuple  # ((key, value), ...) JSON-ready values
+    B: object = attrs.field(default=None, eq=False)
 
     @property
     def ok(self) -> bool:
@@ -42,25 +48,8 @@ class Report:
         return next((v for k, v in self.facts if k == key), default)
 
 
-def at_init(spec):
-    """Q and D with every learnable symbol replaced by its initial value (exact)."""
-    subs = {p.symbol: p.init for p in spec.params}
-    Q, D = spec.Q.subs(subs), spec.D.subs(subs)
-    for block in spec.learned:
-        if block.block == "Q":
-            Q = block.init
-        else:
-            D = block.init
-    return sp.ImmutableMatrix(Q), sp.ImmutableMatrix(D)
-
-
-def is_learnable(spec) -> bool:
-    return bool(spec.symbols)
-
-
 def numeric(matrix):
-    import numpy as np
-    return np.array(matrix.evalf(30).tolist(), dtype=float)
+    return np.array(float_rows(matrix), dtype=float)
 
 
 def matrix_text(matrix) -> list:

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import sympy as sp
 
-from .report import Proof, at_init
+from .proofs import Proof
 
 LARGEST = sp.Integer(10) ** 30
 SMALLEST = sp.Rational(1, 10 ** 30)
@@ -43,7 +43,7 @@ def _numbers(spec):
         for j in range(len(aux)):
             yield (f"initial covariance [{aux[i]}, {aux[j]}]", spec.aux_init[i, j],
                    spec.span_of(("init", aux[i])))
-    Q0, D0 = at_init(spec)
+    Q0, D0 = spec.at_init()
     for name, M in (("Q", Q0), ("D", D0)):
         for i in range(spec.K):
             for j in range(spec.K):

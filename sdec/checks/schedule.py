@@ -5,8 +5,8 @@ import numpy as np
 import sympy as sp
 from sympy.calculus.util import continuous_domain
 
-from ..evaluate import T_SYMBOL
-from .report import Proof
+from ..language.ir import T_SYMBOL
+from .proofs import Proof
 
 _s = sp.Symbol("s", nonnegative=True)
 GRID = 2001       # points of the float64 check of beta on [0, T]

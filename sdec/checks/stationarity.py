@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .report import Proof
+from .proofs import Proof
 
 
 def residual(spec) -> sp.ImmutableMatrix:

@@ -11,9 +11,9 @@ import re
 from importlib import resources
 
 from .. import __version__
-from ..evaluate import T_SYMBOL
-from ..lower import S_SYMBOL, KernelPlan
-from .printer import torch_expr
+from ..language.ir import T_SYMBOL
+from ..backend.lower import S_SYMBOL, KernelPlan
+from .torch_expr import torch_expr
 from .writer import Writer
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

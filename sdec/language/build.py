@@ -1,4 +1,4 @@
-"""Syntax statements → the IR (sdec.ir.Spec): name resolution, sizes, forms.
+"""Syntax statements → the IR (sdec.language.ir.Spec): name resolution, sizes, forms.
 
 Every user error becomes a Diagnostic pointing at the construct at fault; the builder
 goes on after an error where it can, so one run reports several.
@@ -9,20 +9,24 @@ import sympy as sp
 
 from . import syntax as S
 from .diagnostics import Diagnostic, Span, error, warning
-from .evaluate import FAILED, FUNCTIONS, T_SYMBOL, EvalError, Scope, evaluate, is_matrix, shape_text
-from .ir import Param, Spec
+from .equations import EquationsForm
+from .exact import FAILED, FUNCTIONS, EvalError, Scope, evaluate, is_matrix, shape_text
+from .explicit import ExplicitForm
+from .ir import DEFAULT_T_MIN, T_SYMBOL, Param, Spec
+from .recipe import RecipeForm
 
 MAX_STATE = 8
 RESERVED = {"t", "pi", "I", "beta", "random", "T", "t_min", "Q", "D", "drift", "diffusion"} | set(FUNCTIONS)
-_BLOCKS = ("Q", "D", "drift")
-_SINGLE = ("T", "t_min", "Q", "D", "drift", "diffusion")
+_TARGETS = ("T", "t_min", "Q", "D", "drift", "diffusion")  # what '=' can assign
 
 
 class _Abort(Exception):
     """Stop building: a missing piece makes the rest meaningless."""
 
 
-class Builder:
+class Builder(RecipeForm, ExplicitForm, EquationsForm):
+    """Statements → Spec. The process forms are mixins, one module each."""
+
     def __init__(self, statements, filename: str):
         self.stmts = statements
         self.filename = filename
@@ -197,7 +201,7 @@ class Builder:
 
     def horizon(self):
         values = []
-        for key, default in (("T", None), ("t_min", sp.Rational(1, 1000))):
+        for key, default in (("T", None), ("t_min", DEFAULT_T_MIN)):
             stmt = self.assignments(key)
             if stmt is None:
                 if default is None:
@@ -284,10 +288,91 @@ class Builder:
                     full[i, j] = cov[a, b]
         return sp.ImmutableMatrix(full)
 
-    # ---- the process --------------------------------------------------------------
+    # ---- the process: which form, and blocks given whole or entry by entry -------------
     def process(self, beta, target):
-        from .build_process import build_process
-        return build_process(self, beta, target)
+        for stmt in self.of(S.AssignStmt):
+            if stmt.target.name not in _TARGETS:
+                self.err(stmt.target.span, f"cannot assign to '{stmt.target.name}'",
+                         f"declare constants with 'const {stmt.target.name} = ...'; assignable: {', '.join(_TARGETS)}")
+        for stmt in self.of(S.EntryStmt):
+            if stmt.target.name not in ("Q", "D", "drift"):
+                self.err(stmt.target.span, f"entries can be assigned in Q, D or drift, not '{stmt.target.name}'")
+        recipe = [s for s in self.stmts if _names(s) in ("Q", "D")] + self.of(S.LearnStmt)
+        matrices = [s for s in self.stmts if _names(s) in ("drift", "diffusion")]
+        equations = self.of(S.EquationStmt)
+        used = [(k, v) for k, v in (("recipe", recipe), ("matrices", matrices), ("equations", equations)) if v]
+        if not used:
+            self.err(self.top(), "the process is not declared",
+                     "give Q and D (recipe form), drift and diffusion matrices, or one equation 'dx = ... dt + ... dW' per variable")
+            return None
+        if len(used) > 1:
+            first, second = used[0], used[1]
+            self.err(second[1][0].span, f"the process is declared in two forms ({first[0]} at line "
+                     f"{first[1][0].span.line} and {second[0]} here); use one")
+            return None
+        form = used[0][0]
+        if form == "recipe":
+            return self.recipe(target)
+        if beta is None or target is None:
+            return None
+        if form == "matrices":
+            return self.explicit(beta, target, *self.matrices(beta), form)
+        return self.explicit(beta, target, *self.equations(beta), form)
+
+    def block(self, name, scope):
+        """Q, D or drift from 'X = matrix' or 'X[a, b] = value' statements; None if absent."""
+        K = self.K
+        whole = self.assignments(name)
+        entries = [s for s in self.of(S.EntryStmt) if s.target.name == name]
+        if whole is not None and entries:
+            self.err(entries[0].span, f"{name} is given whole at line {whole.span.line} and entry by entry here; use one")
+            return None
+        if whole is not None:
+            value = self.value(whole.value, scope)
+            if value is None:
+                return None
+            if not is_matrix(value) or value.shape != (K, K):
+                self.err(whole.value.span, f"{name} must be a {K}x{K} matrix (one row and column per state variable), got a {shape_text(value)}")
+                return None
+            self.where(name, whole.value.span)
+            self._entry_spans(name, whole.value)
+            return value
+        if not entries:
+            return None
+        out = sp.zeros(K, K)
+        seen = {}
+        for stmt in entries:
+            idx = []
+            for ident in (stmt.row, stmt.col):
+                if ident.name not in self.variables:
+                    self.err(ident.span, f"'{ident.name}' is not a state variable (state: {', '.join(self.variables)})")
+                idx.append(self.variables.index(ident.name) if ident.name in self.variables else None)
+            value = self.value(stmt.value, scope, expect="scalar")
+            if None in idx or value is None:
+                continue
+            key = tuple(idx)
+            if key in seen:
+                self.err(stmt.span, f"{name}[{stmt.row.name}, {stmt.col.name}] is assigned twice (first at line {seen[key]})")
+                continue
+            seen[key] = stmt.span.line
+            out[key] = value
+            self.where((name,) + key, stmt.value.span)
+        self.where(name, entries[0].span)
+        return sp.ImmutableMatrix(out)
+
+    def _entry_spans(self, name, node):
+        if isinstance(node, S.Bracket) and all(isinstance(r, S.Bracket) for r in node.items):
+            for i, row in enumerate(node.items):
+                for j, item in enumerate(row.items):
+                    self.where((name, i, j), item.span)
+
+    def attempted(self, name) -> bool:
+        """Was block `name` written at all (whole, entry by entry or learned)?"""
+        return (self.assignments(name) is not None or any(s.target.name == name for s in self.of(S.EntryStmt))
+                or any(s.block.name == name for s in self.of(S.LearnStmt)))
+
+    def time_scope(self, beta, state=None):
+        return Scope(constants=self.constants, params=self.params, state=state or {}, time=True, beta=beta, size=self.K)
 
     def warn_unused(self):
         used = set()
@@ -298,6 +383,10 @@ class Builder:
         for name in self.constants:
             if name not in used:
                 self.diags.append(warning(self.span_of(("const", name)), f"constant '{name}' is never used"))
+
+
+def _names(stmt):
+    return stmt.target.name if isinstance(stmt, (S.AssignStmt, S.EntryStmt)) else None
 
 
 def build(statements, filename: str) -> tuple[Spec | None, list[Diagnostic]]:

@@ -12,13 +12,13 @@ import sympy as sp
 
 from . import syntax as S
 from .diagnostics import Span
+from .ir import T_SYMBOL
 
 MAX_SIG_DIGITS = 60
 MAX_EXPONENT = 400
 MAX_RATIONAL_BITS = 4000
 MAX_MATRIX_SIZE = 16
 
-T_SYMBOL = sp.Symbol("t", nonnegative=True)
 _NUMBER = re.compile(r"^(?P<int>\d*)(?:\.(?P<frac>\d*))?(?:[eE](?P<exp>[+-]?\d+))?$")
 
 
@@ -62,6 +62,11 @@ def _short(text: str) -> str:
 
 def is_matrix(value) -> bool:
     return isinstance(value, sp.MatrixBase)
+
+
+def float_rows(matrix) -> tuple:
+    """An exact matrix as nested tuples of float64, each entry rounded once from 30 digits."""
+    return tuple(tuple(float(sp.N(matrix[i, j], 30)) for j in range(matrix.cols)) for i in range(matrix.rows))
 
 
 def shape_text(value) -> str:

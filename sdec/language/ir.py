@@ -10,8 +10,9 @@ import attrs
 import sympy as sp
 
 from .diagnostics import Span
-from .evaluate import T_SYMBOL
 
+T_SYMBOL = sp.Symbol("t", nonnegative=True)  # the time variable of beta(t), drift, diffusion
+DEFAULT_T_MIN = sp.Rational(1, 1000)          # t_min when the spec does not set it
 FORMS = ("recipe", "matrices", "equations")
 LEARN_KINDS = ("skew", "psd", "diagonal", "lowrank")
 
@@ -133,6 +134,17 @@ class Spec:
     @property
     def parameter_count(self) -> int:
         return len(self.params) + sum(b.parameter_count for b in self.learned)
+
+    def at_init(self) -> tuple:
+        """(Q, D) with every learnable symbol replaced by its initial value (exact)."""
+        subs = {p.symbol: p.init for p in self.params}
+        Q, D = self.Q.subs(subs), self.D.subs(subs)
+        for block in self.learned:
+            if block.block == "Q":
+                Q = block.init
+            else:
+                D = block.init
+        return sp.ImmutableMatrix(Q), sp.ImmutableMatrix(D)
 
     def span_of(self, key) -> Span | None:
         for k, span in self.spans:

@@ -1,6 +1,6 @@
 """Syntax nodes: what a statement says, with positions, before any meaning is given.
 
-Produced by sdec.parse from Lark trees; no Lark type survives into these nodes.
+Produced by sdec.language.parse from Lark trees; no Lark type survives into these nodes.
 Spans are excluded from equality, so two parses of equivalent text compare equal.
 """
 from __future__ import annotations

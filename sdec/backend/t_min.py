@@ -1,0 +1,111 @@
+"""The t_min the float64 kernel can be trusted down to.
+
+The spec's t_min is kept unless the kernel's Σ(t_min), computed the way the float64 kernel
+computes it (series below the switch, stationary identity above; emulated with numpy, hybrid
+and not), is off by more than ROUNDING_TOL in Σ's own scale against 50 digits; then the
+smallest safe t_min is found by bisection and the lowering report says so.
+"""
+from __future__ import annotations
+
+import ast
+import math
+from importlib import resources
+
+import mpmath as mp
+import numpy as np
+import sympy as sp
+
+from ..language.exact import float_rows
+from ..language.ir import T_SYMBOL
+
+ROUNDING_TOL = 1e-4  # accepted error of the kernel's float64 Σ(t_min) in its own scale, max|L⁻¹ΔL⁻ᵀ|
+
+
+def _sigma_mp(A, D, S0, Sinf, s):
+    """Σ at 50 digits via the stationary identity (cancellation is harmless at this precision)."""
+    Phi = mp.expm(s * A)
+    return Sinf + Phi * (S0 - Sinf) * Phi.T
+
+
+def kernel_base_constants(*names) -> tuple:
+    """Module-level constants of sdec/emit/kernel_base.py, read from its text: the emitted
+    module's numerics are the one source (importing the file would load torch)."""
+    text = resources.files("sdec.emit").joinpath("kernel_base.py").read_text(encoding="utf-8")
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node.value
+    return tuple(ast.literal_eval(found[name]) for name in names)
+
+
+# The kernel base's branch rule: series while s·‖A‖₂ <= SERIES_TAU, SERIES_TERMS terms.
+SERIES_TAU, SERIES_TERMS = kernel_base_constants("_SERIES_TAU", "_SERIES_TERMS")
+
+
+def _own_scale_error(approx, Sig) -> float:
+    """max|L⁻¹ (approx - Σ) L⁻ᵀ| with L = chol(Σ) at working precision (inf if Σ is not PD)."""
+    K = Sig.rows
+    try:
+        Linv = mp.inverse(mp.cholesky(Sig))
+    except (ValueError, ZeroDivisionError):
+        return math.inf
+    delta = mp.matrix([[mp.mpf(float(approx[i][j])) - Sig[i, j] for j in range(K)] for i in range(K)])
+    E = Linv * delta * Linv.T
+    return float(max(abs(x) for x in E))
+
+
+def kernel_sigma64(A, D, S0, Sinf, s) -> list:
+    """Σ(s) computed the way the float64 kernel computes it (series below the switch,
+    stationary identity above), emulated with numpy."""
+    A64, D64, S064, Sinf64 = (np.array(m.tolist(), dtype=float) for m in (A, D, S0, Sinf))
+    s = float(s)
+    norm = np.linalg.norm(A64, 2)
+    if s * norm <= SERIES_TAU:
+        out, weight = S064.copy(), 1.0
+        AN = A64 @ S064
+        N = AN + AN.T + 2.0 * D64
+        for k in range(1, SERIES_TERMS):
+            weight = weight * s / k
+            out = out + weight * N
+            AN = A64 @ N
+            N = AN + AN.T
+        return out.tolist()
+    Phi = np.array(mp.expm(s * A).tolist(), dtype=float)
+    return (Sinf64 + Phi @ (S064 - Sinf64) @ Phi.T).tolist()
+
+
+def derive_t_min(spec) -> tuple[float, str | None]:
+    """The spec's t_min, or the smallest t where the float64 kernel's Σ_t (hybrid and not)
+    is accurate to ROUNDING_TOL in Σ's own scale, measured against 50 digits."""
+    t_spec = float(spec.t_min)
+    Q0, D0 = spec.at_init()
+    with mp.workdps(50):
+        A = mp.matrix(float_rows(-(Q0 + D0) * spec.target.inv()))
+        D = mp.matrix(float_rows(D0))
+        Sinf = mp.matrix(float_rows(spec.target))
+        starts = [mp.zeros(spec.K, spec.K), mp.zeros(spec.K, spec.K)]
+        for i in range(1, spec.K):
+            for j in range(1, spec.K):
+                starts[1][i, j] = mp.mpf(str(sp.N(spec.aux_init[i - 1, j - 1], 50)))
+        B = spec.report.B
+        f = sp.lambdify(T_SYMBOL, spec.beta, "mpmath")
+
+        def error_at(t):
+            s = mp.mpf(str(sp.N(B.subs(T_SYMBOL, t), 50))) if B is not None else mp.quad(f, [0, t])
+            return max(_own_scale_error(kernel_sigma64(A, D, S0, Sinf, s), _sigma_mp(A, D, S0, Sinf, s))
+                       for S0 in starts)
+
+        worst = error_at(t_spec)
+        if worst <= ROUNDING_TOL:
+            return t_spec, None
+        lo, hi = t_spec, float(spec.T)
+        if error_at(hi) > ROUNDING_TOL:
+            return t_spec, "the float64 kernel is inaccurate even at T; kept the spec's t_min"
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if error_at(mid) > ROUNDING_TOL else (lo, mid)
+            if hi / lo < 1.01:
+                break
+    return hi, (f"t_min raised from {t_spec:g} to {hi:.4g}: below it the float64 covariance of q(y_t|·) is "
+                f"off by more than {ROUNDING_TOL:g} in its own scale ({worst:.3g} at the spec's t_min, "
+                f"measured against 50 digits), so Cholesky and the score would be unreliable")

@@ -1,0 +1,7 @@
+"""The language: .sde text → the checked IR's input (no torch, no proofs).
+
+diagnostics (positions, errors) → parse (text → syntax nodes) → exact (expressions →
+exact sympy values) → build with its process forms recipe, explicit and equations
+(statements → ir.Spec); learn holds the learnable parameterizations, format prints a Spec
+back as canonical .sde text.
+"""
