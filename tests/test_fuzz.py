@@ -4,30 +4,17 @@ every SpecError says where (or at least what); nothing else escapes.
 
 The default profile keeps the suite fast; the slow-marked tests run the same properties with
 many more examples (pytest -m slow)."""
-import pathlib
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdec
 from sdec.language.ir import Spec
-
-SPECS = sorted((pathlib.Path(__file__).resolve().parent.parent / "specs").glob("*.sde"))
-SOURCES = [p.read_text(encoding="utf-8") for p in SPECS]
+from strategies import SOURCES, SPECS, TOKENS, mutated
 
 QUICK = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MUTATE = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-KEYWORDS = ["sde", "state", "const", "param", "init", "target", "normal", "learn", "on", "mask", "dt",
-            "beta", "T", "t_min", "Q", "D", "drift", "diffusion", "skew", "psd", "diagonal", "lowrank",
-            "random", "t", "pi", "I", "diag", "eye", "zeros", "ones", "inv", "transpose", "sqrt", "exp",
-            "log", "sin", "cos", "tanh", "x", "v", "w", "dx", "dv", "dW", "dW_a", "M", "Gamma"]
-NUMBERS = ["0", "1", "2", "-1", "0.5", ".5", "5.", "1e-3", "1_000", "2.5E+2", "1e400", "9" * 70, "1e99999", "0.01"]
-PUNCT = ["(", ")", "[", "]", ",", "=", "+", "-", "*", "/", "^", "**", "@", "~", ":", ">", ";", "#", "\n", "\n",
-         " ", "\t", "[[", "]]", "$", "\x00", "é", "\ufeff", "\r"]
-TOKENS = st.sampled_from(KEYWORDS + NUMBERS + PUNCT)
 
 
 def outcome(data, filename="fuzz.sde"):
@@ -92,34 +79,6 @@ def test_shipped_spec_with_a_random_statement_appended(source, tail):
 
 
 # ---- mutations of the shipped specs -----------------------------------------------------------------
-
-@st.composite
-def mutated(draw):
-    text = draw(st.sampled_from(SOURCES))
-    for _ in range(draw(st.integers(1, 4))):
-        if not text:
-            break
-        kind = draw(st.sampled_from(["delete", "insert", "truncate", "replace", "swap_lines", "duplicate_line"]))
-        i = draw(st.integers(0, len(text)))
-        if kind == "delete":
-            j = draw(st.integers(i, min(len(text), i + 12)))
-            text = text[:i] + text[j:]
-        elif kind == "insert":
-            text = text[:i] + draw(TOKENS) + text[i:]
-        elif kind == "truncate":
-            text = text[:i]
-        elif kind == "replace" and i < len(text):
-            text = text[:i] + draw(TOKENS) + text[i + 1:]
-        else:
-            lines = text.split("\n")
-            a, b = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines) - 1))
-            if kind == "swap_lines":
-                lines[a], lines[b] = lines[b], lines[a]
-            else:
-                lines.insert(b, lines[a])
-            text = "\n".join(lines)
-    return text
-
 
 @MUTATE
 @given(mutated())

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 import sdec
 from sdec.backend.verify import check_invariance, check_lyapunov, check_moment_ode, check_semigroup
 
-from test_roundtrip import parsed, specs
+from strategies import parsed, specs
 
 KERNEL = settings(max_examples=12, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])

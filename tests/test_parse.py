@@ -4,12 +4,12 @@ from fractions import Fraction
 import pytest
 import sympy as sp
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import sdec
 from sdec.language import syntax as S
 from sdec.language.exact import Scope, evaluate, number_value
 from sdec.language.parse import MAX_BRACKET_DEPTH, MAX_EXPR_DEPTH, MAX_FILE_BYTES, parse_text, split_statements
+from strategies import number_texts
 
 VP = """sde vp
 state x
@@ -319,21 +319,6 @@ def test_huge_but_exact_numbers_are_kept_exactly():
     assert const_value("1" + "0" * 100) == sp.Integer(10) ** 100  # trailing zeros are not significant digits
     assert const_value("0" * 5000 + "1.5") == sp.Rational(3, 2)
     assert const_value("2^1000") == sp.Integer(2) ** 1000
-
-
-_digits = st.text("0123456789", min_size=1, max_size=12)
-
-
-@st.composite
-def number_texts(draw):
-    whole = draw(_digits)
-    frac = draw(st.one_of(st.none(), st.text("0123456789", max_size=12)))
-    text = whole if frac is None else f"{whole}.{frac}"
-    if draw(st.booleans()):
-        text = "." + draw(_digits)
-    if draw(st.booleans()):
-        text += draw(st.sampled_from("eE")) + draw(st.sampled_from(["", "+", "-"])) + str(draw(st.integers(0, 40)))
-    return text
 
 
 @settings(max_examples=300, deadline=None)
