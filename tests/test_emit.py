@@ -214,10 +214,36 @@ def test_t_min_is_raised_when_the_kernel_is_degenerate_at_small_t():
         torch.linalg.cholesky(Sigma)
 
 
-def test_compile_without_output_prints_the_lowering_report(capsys):
-    assert cli_main(["compile", spec_path("cld")]) == 0
-    out = capsys.readouterr().out
-    assert "closed form" in out and "Φ(t)" in out and "t_min" in out
+LOWERINGS = {  # what each shipped spec lowers to, line by line of the report
+    "vpsde": {"head": "sde vpsde: K = 1, state (x), T = 1, t_min = 0.001",
+              "B(t)": "closed form 99*t**2/20 + t/10", "Φ(t)": "closed form expm(B(t) A)",
+              "Q, D": "Q fixed, D fixed", "learnable parameters": "0", "noise enters directly": "x"},
+    "cld": {"head": "sde cld: K = 2, state (x, v), T = 1, t_min = 0.001",
+            "B(t)": "closed form 4*t", "Φ(t)": "closed form expm(B(t) A)",
+            "Q, D": "Q fixed, D fixed", "learnable parameters": "0", "noise enters directly": "v"},
+    "learned3": {"head": "sde learned3: K = 3, state (x, v, w), T = 1, t_min = 0.001",
+                 "B(t)": "closed form 99*t**2/20 + t/10", "Φ(t)": "torch.linalg.matrix_exp(B(t) A)",
+                 "Q, D": "D learned psd over (x, v, w), Q learned skew over (x, v, w)",
+                 "learnable parameters": "9", "noise enters directly": "x, v, w"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERINGS))
+def test_compile_without_output_prints_the_lowering_report(capsys, name):
+    """Each report line names this spec's own lowering: closed-form Φ for vpsde and cld
+    (real rational eigenvalues), the matrix exponential for learned3 (learned Q and D)."""
+    assert cli_main(["compile", spec_path(name)]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    fields = {key.strip(): value.strip() for key, _, value in (ln.partition(":") for ln in lines[1:])
+              if key.startswith("  ") and not key.startswith("    ")}
+    want = LOWERINGS[name]
+    assert lines[0] == want["head"]
+    for key in ("B(t)", "Q, D", "learnable parameters", "noise enters directly"):
+        assert fields[key] == want[key], key
+    assert fields["Φ(t)"].startswith(want["Φ(t)"])
+    from sdec.backend.lower import lower
+    closed = lower(sdec.parse_file(spec_path(name))).phi_closed is not None
+    assert closed == want["Φ(t)"].startswith("closed form")
 
 
 def test_float32_inputs_give_float32_outputs():
