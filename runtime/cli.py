@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -16,7 +17,9 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--data-dir", str, "where the data files are (default $SDEC_DATA, else ./data)"),
     ("--image-size", int, "folder: data only: resize to this size (default 32)"),
     ("--steps", int, "optimizer steps (default per data set: digits 1500, toy 4000)"),
-    ("--batch-size", int, "examples per step (default 128)"),
+    ("--batch-size", int, "examples per micro-batch on each rank (default 128); the global batch is "
+                          "ranks x --grad-accum x --batch-size"),
+    ("--grad-accum", int, "micro-batches per rank per step, gradients accumulated (default 1)"),
     ("--lr", float, "network learning rate (default per net preset: tiny 2e-3, mlp 1e-3, else 2e-4)"),
     ("--process-lr", float, "learning rate of learnable Q and D (default: --lr)"),
     ("--weight-decay", float, "AdamW weight decay of the network (default 0)"),
@@ -38,6 +41,8 @@ TRAIN_FLAGS = (  # flag, type, help (defaults live in config.TrainConfig)
     ("--val-fraction", float, "fraction of train held out for validation (default 0.1)"),
     ("--sample-steps", int, "Euler–Maruyama steps of the sample grids (default 200)"),
     ("--device", str, "auto (CUDA when present, default), cpu or cuda"),
+    ("--precision", str, "fp32 or bf16: bf16 autocasts the network's forward only, the process "
+                         "math stays float32/float64 (default bf16 on CUDA, fp32 on CPU)"),
     ("--keep-checkpoints", int, "step checkpoints kept beside ckpt-last.pt and ckpt-best.pt (default 3)"),
 )
 
@@ -56,16 +61,22 @@ def _add_train(sub):
                    help="continue from <out>/ckpt-last.pt (same spec and settings)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network (off by default: see the README for when it helps)")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
+    from . import distributed
     from .config import TrainConfig
     from .train import train
     skip = {"command", "run", "spec"}
     given = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     cfg = TrainConfig(spec=args.spec, **given)
-    train(cfg, explicit=frozenset(given))
+    try:
+        train(cfg, explicit=frozenset(given))
+    finally:
+        distributed.stop()
     return 0
 
 
@@ -85,20 +96,25 @@ def _add_eval(sub):
 
 
 def _run_eval(args) -> int:
-    import torch
-
+    from . import distributed
+    from .data import load_dataset
     from .evaluate import describe_evaluation, evaluate
     from .saved import load_run
-    from .data import load_dataset
-    saved = load_run(args.run_dir, args.device)
-    cfg = saved.cfg
-    data = load_dataset(args.data or cfg.data, args.split, args.data_dir or cfg.data_dir, cfg.image_size)
-    x = data.data if args.limit is None else data.data[: _positive(args.limit, "--limit")]
-    gen = torch.Generator(device=saved.device).manual_seed(args.seed)
-    kw = {"transform": cfg.transform, "generator": gen, "device": saved.device}
-    if args.method == "elbo":
-        kw["time_samples"] = _positive(cfg.time_samples if args.time_samples is None else args.time_samples, "--time-samples")
-    ev = evaluate(saved.proc, saved.net, x, data.levels, method=args.method, **kw)
+    from .setup import pick_device
+    try:
+        ranks, device = distributed.start(pick_device(args.device))
+        saved = load_run(args.run_dir, str(device))
+        cfg = saved.cfg
+        data = load_dataset(args.data or cfg.data, args.split, args.data_dir or cfg.data_dir, cfg.image_size)
+        x = data.data if args.limit is None else data.data[: _positive(args.limit, "--limit")]
+        kw = {"transform": cfg.transform, "seed": args.seed, "ranks": ranks, "device": saved.device}
+        if args.method == "elbo":
+            kw["time_samples"] = _positive(cfg.time_samples if args.time_samples is None else args.time_samples, "--time-samples")
+        ev = evaluate(saved.proc, saved.net, x, data.levels, method=args.method, **kw)
+    finally:
+        distributed.stop()
+    if not ranks.is_main:
+        return 0
     result = {**ev.as_json(), "split": args.split, "spec": saved.proc.spec_name, "step": saved.step,
               "checkpoint": saved.path, "data": args.data or cfg.data}
     if args.json:
@@ -121,21 +137,25 @@ def _add_sample(sub):
     p.set_defaults(run=_run_sample)
 
 
+SAMPLE_CHUNK = 256  # samples per generator (seeded by (seed, chunk)) and per rank's batch
+
+
 def _run_sample(args) -> int:
     import numpy as np
-    import torch
 
-    import sdec
-
-    from . import plots
+    from . import distributed, plots
     from .bpd import from_model
     from .saved import load_run
-    saved = load_run(args.run_dir, args.device)
+    from .setup import pick_device
     n, steps = _positive(args.n, "-n"), _positive(args.steps, "--steps")
-    gen = torch.Generator(device=saved.device).manual_seed(args.seed)
-    shape = tuple(saved.data["shape"])
-    y = sdec.sample(saved.proc, saved.proc.score_from_eps(saved.net), n, shape, method=args.method,
-                    steps=steps, generator=gen, device=saved.device, return_state=True)
+    try:
+        ranks, device = distributed.start(pick_device(args.device))
+        saved = load_run(args.run_dir, str(device))
+        y = _draw(saved, n, args.method, steps, args.seed, ranks)
+    finally:
+        distributed.stop()
+    if not ranks.is_main:
+        return 0
     x = y[:, 0]
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -150,6 +170,28 @@ def _run_sample(args) -> int:
     np.savez(stem + ".npz", **arrays)
     print(f"wrote {args.out} and {stem}.npz: {n} samples ({args.method}, step {saved.step}, EMA weights)")
     return 0
+
+
+def _draw(saved, n, method, steps, seed, ranks):
+    """n samples (n, K, *shape) in chunks of SAMPLE_CHUNK, chunk c drawn with a generator
+    seeded by (seed, c) on rank c mod world, gathered in order on every rank: the same samples
+    on 1 or N ranks."""
+    import torch
+
+    import sdec
+
+    from .evaluate import chunk_seed, collect_chunks
+    shape = tuple(saved.data["shape"])
+    rows = []
+    for c in range(ranks.rank, -(-n // SAMPLE_CHUNK), ranks.world):
+        m = min(SAMPLE_CHUNK, n - c * SAMPLE_CHUNK)
+        gen = torch.Generator(device=saved.device).manual_seed(chunk_seed(seed, c))
+        y = sdec.sample(saved.proc, saved.proc.score_from_eps(saved.net), m, shape, method=method,
+                        steps=steps, generator=gen, device=saved.device, return_state=True)
+        rows.append(y.detach().reshape(m, -1).cpu())
+    full = collect_chunks(rows, n, SAMPLE_CHUNK, ranks, saved.proc.K * math.prod(shape),
+                          torch.get_default_dtype())
+    return full.reshape((n, saved.proc.K) + shape)
 
 
 def _add_data(sub):
@@ -184,9 +226,16 @@ def user_errors() -> tuple:
 
 
 def report(exc: BaseException, command: str) -> int:
+    """Print the error as one line; under torchrun, ranks other than 0 name themselves, and
+    stay silent about a non-finite loss (every rank stops with it; rank 0 reports it)."""
+    from .distributed import env_rank
     from .step import NonFiniteError
     line = " ".join(str(exc).split())
-    print(f"sdec {command}: error: {line}", file=sys.stderr)
+    rank = env_rank()
+    if rank == 0:
+        print(f"sdec {command}: error: {line}", file=sys.stderr)
+    elif not isinstance(exc, NonFiniteError):
+        print(f"sdec {command} (rank {rank}): error: {line}", file=sys.stderr)
     return 1 if isinstance(exc, NonFiniteError) else 2
 
 

@@ -13,11 +13,12 @@ import attrs
 OBJECTIVES = ("elbo", "eps")
 TIME_SAMPLERS = ("importance", "stratified", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Knobs a resumed run may change (the step count, the learning rates and clipping, e.g. after
 # a non-finite loss, and the logging cadence); everything else must match the checkpoint.
 RESUMABLE = ("steps", "lr", "process_lr", "grad_clip", "eval_every", "sample_every", "log_every",
              "device", "progress", "resume", "out", "time_samples", "sample_steps",
-             "keep_checkpoints")
+             "keep_checkpoints", "grad_accum", "precision", "compile")
 
 # Per-dataset defaults: steps sized so the default run on digits ends within 5 minutes on a
 # 2-core CPU (measured, see the README), longer for the real image sets.
@@ -33,7 +34,8 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int = 32
     steps: int | None = None
-    batch_size: int = 128
+    batch_size: int = 128           # per rank and per micro-batch
+    grad_accum: int = 1             # micro-batches per rank per step
     lr: float | None = None
     process_lr: float | None = None
     weight_decay: float = 0.0
@@ -56,6 +58,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_steps: int = 200
     device: str = "auto"
+    precision: str = "auto"         # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
     progress: bool = True
 
     def as_dict(self) -> dict:
@@ -85,7 +89,7 @@ def resolve(cfg: TrainConfig, net_preset: str) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     positive = ("steps", "batch_size", "eval_every", "sample_every", "log_every", "time_samples",
-                "sample_steps", "image_size", "keep_checkpoints")
+                "sample_steps", "image_size", "keep_checkpoints", "grad_accum")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -104,6 +108,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown transform {cfg.transform!r}; valid: center, logit")
     if cfg.device not in DEVICES:
         raise ValueError(f"unknown device {cfg.device!r}; valid: {', '.join(DEVICES)}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16 (default: bf16 on "
+                         "CUDA, fp32 on CPU)")
     if cfg.warmup < 0 or cfg.weight_decay < 0:
         raise ValueError("--warmup and --weight-decay must be non-negative")
 

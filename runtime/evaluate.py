@@ -13,6 +13,13 @@ Two methods, one result shape (:class:`Evaluation`):
   example. Examples whose ODE end state lies far outside the prior are counted, and the
   median is reported beside the mean (a score network that blows up on one input can send
   that example's log-likelihood to -1e20 and the mean with it).
+
+Draws and ranks: with ``seed`` the examples are cut into fixed chunks (``batch_size //
+time_samples`` examples for the ELBO, ``batch_size`` for the ODE) and chunk c draws from a
+generator seeded by (seed, c), so every example's draws depend on its index alone. Under
+torchrun (``ranks``) chunk c is computed by rank c mod world and the per-example figures are
+gathered, in example order, on every rank: the BPD is over the whole split and is the same on
+1 or N ranks. With ``generator`` instead (one stream for the whole split) there is one rank.
 """
 from __future__ import annotations
 
@@ -44,61 +51,104 @@ class Evaluation:
                 "n": self.n, "terms": dict(self.terms), **self.extra}
 
 
-def _batches(x, batch_size):
-    for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size]
+def chunk_seed(seed: int, chunk: int) -> int:
+    return (seed * 1_000_003 + chunk * 15_485_863 + 7) % (2 ** 63 - 1)
 
 
-def _summary(method, per_example, term_sums, n, extra):
+def _chunks(x, size, generator, seed, ranks, device):
+    """(chunk index, examples, generator) of this rank's chunks, in order."""
+    world, rank = (ranks.world, ranks.rank) if ranks is not None else (1, 0)
+    if seed is None and world > 1:
+        raise ValueError("evaluation over several ranks needs a seed (per-chunk draws), not a generator")
+    n_chunks = -(-x.shape[0] // size)
+    for c in range(rank, n_chunks, world):
+        gen = generator if seed is None else torch.Generator(device=device).manual_seed(chunk_seed(seed, c))
+        yield c, x[c * size:(c + 1) * size], gen
+
+
+def collect_chunks(rows: list, n: int, size: int, ranks, width: int,
+                   dtype=torch.float64) -> torch.Tensor:
+    """This rank's per-example rows (its chunks in order; each row ``width`` numbers) → every
+    example's rows in example order, from all ranks."""
+    local = torch.cat(rows) if rows else torch.zeros((0, width), dtype=dtype)
+    if ranks is None or not ranks.active:
+        return local
+    full = ranks.gather_rows(local)
+    n_chunks = -(-n // size)
+    starts = [c * size for r in range(ranks.world) for c in range(r, n_chunks, ranks.world)]
+    out = torch.empty_like(full)
+    pos = 0
+    for start in starts:
+        m = min(size, n - start)
+        out[start:start + m] = full[pos:pos + m]
+        pos += m
+    return out
+
+
+def _summary(method, rows, names, extra):
+    """rows: (n, 1 + len(names)) float64, the total first, then the terms."""
+    n = rows.shape[0]
+    per_example = rows[:, 0].contiguous()
     mean = float(per_example.mean())
     se = float(per_example.std() / math.sqrt(n)) if n > 1 else None  # JSON-safe
-    terms = {k: float(v) / n for k, v in term_sums.items()}
+    terms = {k: float(rows[:, i + 1].sum()) / n for i, k in enumerate(names)}
     return Evaluation(method, n, mean, se, terms, per_example, extra)
 
 
 def evaluate_elbo(proc, eps_net, x, levels, *, transform="center", time_samples=16,
-                  batch_size=256, generator=None, device="cpu", dtype=torch.float32):
+                  batch_size=256, generator=None, seed=None, ranks=None, device="cpu",
+                  dtype=torch.float32):
     """ELBO bits per dimension over the raw examples x (N, *shape)."""
     score_fn = proc.score_from_eps(eps_net)
     D = x[0].numel()
-    per, sums = [], {}
+    rows, names = [], None
     per_batch = max(1, batch_size // time_samples)
     with torch.no_grad():
-        for xb in _batches(x, per_batch):
+        for _, xb, gen in _chunks(x, per_batch, generator, seed, ranks, device):
             xb = xb.to(device).repeat_interleave(time_samples, 0)
-            y, ldj = prepare(xb, levels, transform, generator, dtype)
-            terms = proc.elbo(y, score_fn, time_sampler="importance", generator=generator)
+            y, ldj = prepare(xb, levels, transform, gen, dtype)
+            terms = proc.elbo(y, score_fn, time_sampler="importance", generator=gen)
             bpd = bits_per_dim({k: getattr(terms, k).double() for k in ELBO_TERMS}, ldj.double(), D, levels)
-            for k, v in bpd.items():
-                if k != "total":
-                    sums[k] = sums.get(k, 0.0) + float(v.sum()) / time_samples
-            per.append(bpd["total"].reshape(-1, time_samples).mean(1).cpu())
-    per = torch.cat(per).double()
-    return _summary("elbo", per, sums, per.numel(), {"time_samples": time_samples})
+            names = [k for k in bpd if k != "total"]
+            cols = [bpd["total"]] + [bpd[k] for k in names]
+            rows.append(torch.stack([c.reshape(-1, time_samples).mean(1) for c in cols], 1).cpu())
+    names = names or _elbo_names(levels)
+    return _summary("elbo", collect_chunks(rows, x.shape[0], per_batch, ranks, 1 + len(names)), names,
+                    {"time_samples": time_samples})
+
+
+def _elbo_names(levels):
+    return list(ELBO_TERMS) + (["transform", "dequantization"] if levels is not None else [])
 
 
 def evaluate_ode(proc, eps_net, x, levels, *, transform="center", batch_size=64,
-                 generator=None, device="cpu", dtype=torch.float32, rtol=1e-5, atol=1e-5):
+                 generator=None, seed=None, ranks=None, device="cpu", dtype=torch.float32,
+                 rtol=1e-5, atol=1e-5):
     """Probability-flow ODE bits per dimension over the raw examples x (N, *shape)."""
     score_fn = proc.score_from_eps(eps_net)
     D = x[0].numel()
-    per, sums, far, nfe = [], {}, 0, 0
-    for xb in _batches(x, batch_size):
-        y, ldj = prepare(xb.to(device), levels, transform, generator, dtype)
-        r = sdec.log_likelihood(proc, y, score_fn, rtol=rtol, atol=atol, generator=generator)
+    rows, names = [], None
+    for _, xb, gen in _chunks(x, batch_size, generator, seed, ranks, device):
+        y, ldj = prepare(xb.to(device), levels, transform, gen, dtype)
+        r = sdec.log_likelihood(proc, y, score_fn, rtol=rtol, atol=atol, generator=gen)
         bpd = bits_per_dim({"prior": r.prior.double(), "divergence": r.divergence.double(),
                             "truncation": r.truncation.double(),
                             "aux_log_prob": -r.aux_log_prob.double()}, ldj.double(), D, levels)
-        for k, v in bpd.items():
-            if k != "total":
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
-        per.append(bpd["total"].detach().cpu())
-        far += int(r.far_from_prior.sum())
-        nfe += r.nfe
-    per = torch.cat(per).double()
+        names = [k for k in bpd if k != "total"]
+        n = xb.shape[0]
+        nfe = torch.zeros(n, dtype=torch.float64)
+        nfe[0] = r.nfe  # one solve per chunk: counted once, on its first example
+        cols = [bpd["total"]] + [bpd[k] for k in names]
+        cols += [r.far_from_prior.double(), nfe.to(cols[0].device)]
+        rows.append(torch.stack([c.detach().double() for c in cols], 1).cpu())
+    names = names or (["prior", "divergence", "truncation", "aux_log_prob"]
+                      + (["transform", "dequantization"] if levels is not None else []))
+    full = collect_chunks(rows, x.shape[0], batch_size, ranks, 3 + len(names))
+    far, nfe = int(full[:, -2].sum()), int(full[:, -1].sum())
+    per = full[:, 0]
     extra = {"median_bpd": float(per.median()), "far_from_prior": far, "nfe": nfe,
              "rtol": rtol, "atol": atol}
-    return _summary("ode", per, sums, per.numel(), extra)
+    return _summary("ode", full[:, :-2], names, extra)
 
 
 def evaluate(proc, eps_net, x, levels, *, method="elbo", **kw):

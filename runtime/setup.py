@@ -7,6 +7,7 @@ checkpoint (so a run directory is self-contained: the spec file may have moved o
 from __future__ import annotations
 
 import os
+import shutil
 
 import attrs
 import torch
@@ -101,3 +102,31 @@ def check_out_dir(path: str) -> None:
         os.remove(probe)
     except OSError as exc:
         raise RunError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def checkpoint_bytes(modules) -> int:
+    """About the size of one checkpoint: the weights (network and process), their EMA and
+    AdamW's two moments, i.e. four copies of every parameter, plus 1 MB for the rest."""
+    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return 4 * params + (1 << 20)
+
+
+def check_disk_space(path: str, one_checkpoint: int, keep: int) -> None:
+    """Fail at start-up if the run directory cannot hold the run's checkpoints: ``keep`` step
+    files, ckpt-best.pt, and the temporary file of the write in progress (ckpt-last.pt is a
+    hard link). Checkpoints already in the directory (a resumed run) are replaced in turn, so
+    their space counts as available."""
+    need = (keep + 2) * one_checkpoint
+    have = shutil.disk_usage(path).free
+    existing = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                   if n.startswith("ckpt-") and n.endswith(".pt")
+                   and os.path.isfile(os.path.join(path, n)))
+    if have + existing < need:
+        raise RunError(f"--out {path}: not enough free disk space: {_mb(have)} free, the checkpoints "
+                       f"need about {_mb(need)} ({keep} step files, the best and one being written, "
+                       f"{_mb(one_checkpoint)} each); free some space, choose another --out or "
+                       "lower --keep-checkpoints")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MB"

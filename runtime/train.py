@@ -5,6 +5,11 @@ BPD terms, throughput, mixing at T, Q and D) → every ``eval_every`` steps the 
 the EMA model, ``ckpt-last.pt`` and, if it improved, ``ckpt-best.pt`` → every
 ``sample_every`` steps a sample grid. At the end: a last checkpoint, plots, and the test BPD
 of the EMA model of the best checkpoint (``results.json`` and one final line).
+
+Under torchrun every rank runs this loop on its own micro-batches (step.py) with the network
+and the process wrapped together in DistributedDataParallel; validation and the test BPD are
+split across the ranks and gathered (evaluate.py). Rank 0 alone writes: checkpoints, metrics,
+config.json, plots, sample grids, results.json, the progress bar and the printed lines.
 """
 from __future__ import annotations
 
@@ -18,21 +23,23 @@ import torch
 import sdec
 
 from . import checkpoint as ckpt
-from . import monitor, plots
+from . import distributed, monitor, plots
 from .bpd import from_model, prepare
 from .data import load_dataset
 from .config import TrainConfig, changed_on_resume, default_out, resolve
 from .ema import EMA
 from .evaluate import describe_evaluation, evaluate_elbo, plus_minus
-from .setup import (RunError, build_model, check_out_dir, compile_spec, load_splits,
-                    param_groups, pick_device)
-from .step import MetricsLog, NonFiniteError, Run, Throughput, checkpoint_state, restore, seed_for, train_step
+from .setup import (RunError, build_model, check_disk_space, check_out_dir, checkpoint_bytes,
+                    compile_spec, load_splits, param_groups, pick_device)
+from .step import (MetricsLog, NonFiniteError, Objective, Run, Throughput, batch_change,
+                   checkpoint_state, restore, seed_for, train_step)
 
 GRID_SAMPLES = 64
 
 
-def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
-    """Resolve the configuration, compile the spec, load data, build net and optimizer.
+def build_run(cfg: TrainConfig, explicit=frozenset(), warn=print) -> Run:
+    """Resolve the configuration, compile the spec, load data, build net and optimizer; join
+    the torchrun process group if there is one.
     With ``resume`` the checkpoint's configuration is the base and only the options named in
     ``explicit`` may override it (config.RESUMABLE)."""
     state = _resume_state(cfg, explicit) if cfg.resume else None
@@ -45,17 +52,54 @@ def build_run(cfg: TrainConfig, explicit=frozenset()) -> Run:
         raise RunError(f"--objective eps trains fixed processes only: {cfg.spec} has learnable "
                        "Q or D, which only the ELBO can train (use --objective elbo)")
     device = pick_device(cfg.device)
+    ranks, device = distributed.start(device)
     torch.manual_seed(cfg.seed)
     net, preset = build_model(proc, splits.shape, cfg.net, cfg.dropout)
     cfg = resolve(cfg, preset)
-    check_out_dir(cfg.out)
+    cfg = attrs.evolve(cfg, precision=resolve_precision(cfg.precision, device))
+    micro = ranks.world * cfg.grad_accum
+    if splits.train.shape[0] < micro:
+        raise RunError(f"{cfg.data}: {splits.train.shape[0]} training examples cannot fill "
+                       f"{micro} micro-batches (ranks x --grad-accum)")
+    _check_out(cfg, ranks, checkpoint_bytes([net, proc]))
     proc, net = proc.to(device), net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, proc, cfg), lr=cfg.lr)
-    run = Run(cfg, proc, net, optimizer, None, splits, device)
+    run = Run(cfg, proc, net, optimizer, None, splits, device, ranks=ranks)
     run.ema = EMA(run.model, cfg.ema_decay)
     if state is not None:
         restore(run, state)
+        change = batch_change(run, state)
+        if change and ranks.is_main:
+            warn(f"WARNING: {change}")
+    fast = torch.compile(net) if cfg.compile else None
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    run.objective = Objective(net, proc, cfg, splits.levels, autocast=amp, fast_net=fast)
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+        run.trainer = DistributedDataParallel(
+            run.objective, device_ids=[device.index] if device.type == "cuda" else None)
     return run
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto: bf16 autocast of the network on CUDA, float32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _check_out(cfg: TrainConfig, ranks, one_checkpoint: int) -> None:
+    """Rank 0 checks that --out is writable and has room for the checkpoints; every rank
+    stops if it cannot (with rank 0's message)."""
+    problem = None
+    if ranks.is_main:
+        try:
+            check_out_dir(cfg.out)
+            check_disk_space(cfg.out, one_checkpoint, cfg.keep_checkpoints)
+        except RunError as exc:
+            problem = exc
+    if not ranks.agree(problem is None):
+        raise problem or RunError(f"--out {cfg.out}: rank 0 cannot use the run directory (see its message)")
 
 
 def _resume_state(cfg: TrainConfig, explicit) -> dict:
@@ -73,38 +117,47 @@ def _resume_state(cfg: TrainConfig, explicit) -> dict:
 
 def train(cfg: TrainConfig, explicit=frozenset(), echo=print) -> dict:
     """Run training to ``cfg.steps``; return the results dict (also in results.json)."""
-    run = build_run(cfg, explicit)
+    run = build_run(cfg, explicit, warn=echo)
     cfg = run.cfg
-    metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
+    main = run.ranks.is_main
+    echo = echo if main else _quiet
+    metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), enabled=main)
     if cfg.resume:
         metrics.truncate_after(run.step)
-    with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(cfg.as_dict(), handle, indent=2)
+    if main:
+        with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(cfg.as_dict(), handle, indent=2)
+    ranks = (f", {run.ranks.world} ranks x {cfg.grad_accum} x {run.micro_size} = global batch "
+             f"{run.global_batch}" if run.micro_batches > 1 else "")
     echo(f"sdec train: {run.proc.spec_name} ({run.proc.K} variables: {', '.join(run.proc.names)}) on "
          f"{cfg.data} {tuple(run.splits.shape)}, net {cfg.net} "
          f"({sum(p.numel() for p in run.net.parameters()):,} parameters), {cfg.steps} steps, "
-         f"device {run.device}, run directory {cfg.out}"
+         f"device {run.device}{ranks}, run directory {cfg.out}"
          + (f", resumed at step {run.step}" if cfg.resume else ""))
     _loop(run, metrics, echo)
     return finish(run, echo)
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
 def _loop(run: Run, metrics: MetricsLog, echo) -> None:
     cfg = run.cfg
-    bar = _progress(run)
+    bar = _progress(run) if run.ranks.is_main else None
     speed = Throughput()
     try:
         while run.step < cfg.steps:
             numbers = train_step(run, run.step)
             run.step += 1
-            speed.add(min(cfg.batch_size, run.splits.train.shape[0]))
+            speed.add(run.global_batch)
             if bar is not None:
                 bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            if run.ranks.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
                 _log_train(run, numbers, speed.rate(), metrics, echo, bar)
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 _validate(run, metrics, echo)
-            if run.step % cfg.sample_every == 0 or run.step == cfg.steps:
+            if run.ranks.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):
                 write_samples(run, os.path.join(cfg.out, "samples", f"step-{run.step:07d}.png"))
     except NonFiniteError as err:
         raise NonFiniteError(f"{err}; stopped. The last good checkpoint is "
@@ -157,14 +210,16 @@ def ema_models(run: Run):
 def _validate(run: Run, metrics: MetricsLog, echo) -> None:
     cfg = run.cfg
     proc, net = ema_models(run)
-    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, 0, "val"))
     ev = evaluate_elbo(proc, net, run.splits.val, run.splits.levels, transform=cfg.transform,
-                       time_samples=cfg.time_samples, generator=gen, device=run.device)
-    metrics.write({"kind": "val", "step": run.step, "val_bpd": ev.bpd, "val_bpd_stderr": ev.bpd_stderr,
-                   "terms": ev.terms})
+                       time_samples=cfg.time_samples, seed=seed_for(cfg.seed, 0, "val"),
+                       ranks=run.ranks, device=run.device)
     improved = ev.bpd < run.best_val
     if improved:
         run.best_val, run.best_step = ev.bpd, run.step
+    if not run.ranks.is_main:
+        return
+    metrics.write({"kind": "val", "step": run.step, "val_bpd": ev.bpd, "val_bpd_stderr": ev.bpd_stderr,
+                   "terms": ev.terms})
     state = checkpoint_state(run)
     ckpt.save_rolling(state, cfg.out, cfg.keep_checkpoints)
     if improved:
@@ -207,23 +262,31 @@ def _model_second_moment(run: Run):
 
 
 def finish(run: Run, echo) -> dict:
-    """Last checkpoint, then the test BPD of the best checkpoint's EMA model."""
+    """Last checkpoint, then the test BPD of the best checkpoint's EMA model (rank 0 reads the
+    checkpoint and sends its EMA weights to the other ranks; the test split is shared out)."""
     cfg = run.cfg
-    best_path = ckpt.resolve(cfg.out)  # the best checkpoint (the last if none improved)
-    state = ckpt.load(best_path, map_location=run.device)
-    run.ema.load_state_dict(state["ema"])  # the run is over: reuse its EMA holder for the best
+    best_path = ckpt.resolve(cfg.out) if run.ranks.is_main else None  # the best (else the last)
+    if run.ranks.is_main:
+        state = ckpt.load(best_path, map_location=run.device)
+        run.ema.load_state_dict(state["ema"])  # the run is over: reuse its EMA holder for the best
+        info = torch.tensor([state["step"], state["best_val"]], dtype=torch.float64)
+    else:
+        info = torch.zeros(2, dtype=torch.float64)
+    run.ranks.broadcast_([run.ema.shadow[k] for k in sorted(run.ema.shadow)] + [info])
+    step, best_val = int(info[0]), float(info[1])
     proc, net = ema_models(run)
     test = load_dataset(cfg.data, "test", cfg.data_dir, cfg.image_size)
-    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, 0, "test"))
     ev = evaluate_elbo(proc, net, test.data, test.levels, transform=cfg.transform,
-                       time_samples=cfg.time_samples, generator=gen, device=run.device)
-    results = {**ev.as_json(), "split": "test", "spec": proc.spec_name, "step": state["step"],
-               "checkpoint": best_path, "best_val_bpd": state["best_val"], "data": cfg.data,
+                       time_samples=cfg.time_samples, seed=seed_for(cfg.seed, 0, "test"),
+                       ranks=run.ranks, device=run.device)
+    results = {**ev.as_json(), "split": "test", "spec": proc.spec_name, "step": step,
+               "checkpoint": best_path, "best_val_bpd": best_val, "data": cfg.data,
                "mixing": monitor.mixing(proc)}
-    with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    if run.ranks.is_main:
+        with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
     echo(describe_evaluation(ev, test.levels))
     echo(f"test BPD {ev.bpd:.4f} {plus_minus(ev.bpd_stderr)} (ELBO, EMA weights of the best checkpoint, "
-         f"step {state['step']}; {cfg.data} test split, n = {ev.n}); samples in "
+         f"step {step}; {cfg.data} test split, n = {ev.n}); samples in "
          f"{os.path.join(cfg.out, 'samples')}")
     return results
