@@ -122,7 +122,7 @@ class Objective(torch.nn.ModuleDict):
         self._fast = (fast_net,)  # a tuple: not registered as a submodule
 
     def eps_net(self, y, t):
-        call = self._fast[0] or self["net"]
+        call = self["net"] if self._fast[0] is None else self._fast[0]
         if self.autocast is None:
             return call(y, t)
         with torch.autocast(device_type=y.device.type, dtype=self.autocast):
