@@ -96,7 +96,10 @@ def batch_for(run: Run, step: int, micro: int = 0) -> torch.Tensor:
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(run.cfg.seed, epoch, "epoch")))
     lo = i * total + micro * bs
-    return x[perm[lo:lo + bs]].to(run.device, non_blocking=True)
+    xb = x[perm[lo:lo + bs]]
+    if run.device.type == "cuda":
+        xb = xb.pin_memory()  # page-locked, so the copy below is asynchronous
+    return xb.to(run.device, non_blocking=True)
 
 
 def _generator(device, seed):

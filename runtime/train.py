@@ -127,8 +127,8 @@ def train(cfg: TrainConfig, explicit=frozenset(), echo=print) -> dict:
     if main:
         with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(cfg.as_dict(), handle, indent=2)
-    ranks = (f", {run.ranks.world} ranks x {cfg.grad_accum} x {run.micro_size} = global batch "
-             f"{run.global_batch}" if run.micro_batches > 1 else "")
+    ranks = (f", {run.ranks.world} rank(s) x {cfg.grad_accum} micro-batch(es) of {run.micro_size} = "
+             f"global batch {run.global_batch}" if run.micro_batches > 1 else "")
     echo(f"sdec train: {run.proc.spec_name} ({run.proc.K} variables: {', '.join(run.proc.names)}) on "
          f"{cfg.data} {tuple(run.splits.shape)}, net {cfg.net} "
          f"({sum(p.numel() for p in run.net.parameters()):,} parameters), {cfg.steps} steps, "

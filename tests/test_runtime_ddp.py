@@ -96,13 +96,15 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, tmp_p
 
 def test_eval_over_two_ranks_equals_one(two_ranks, capsys):
     out, _, _ = two_ranks
-    args = ("eval", out, "--limit", "40", "--time-samples", "2", "--json", "--device", "cpu")
+    # 300 examples, 8 times each: chunks of 256 // 8 = 32 examples, 10 chunks, the last partial,
+    # shared out 5 and 5
+    args = ("eval", out, "--limit", "300", "--time-samples", "8", "--json", "--device", "cpu")
     done = torchrun(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     rc, stdout, err = cli(capsys, *args)
     assert rc == 0, err
     two, one = json.loads(done.stdout), json.loads(stdout)
-    assert two["n"] == one["n"] == 40                      # the whole split, not one rank's half
+    assert two["n"] == one["n"] == 300                     # the whole split, not one rank's half
     assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-12, abs=1e-12)
     for k in one["terms"]:
         assert two["terms"][k] == pytest.approx(one["terms"][k], rel=1e-12, abs=1e-12), k
@@ -133,3 +135,36 @@ def test_non_finite_on_one_rank_stops_both(tmp_path):
     assert "]: Traceback" not in done.stderr   # no rank died with a traceback ([rankN]: ...)
     assert ckpt.load(str(out / ckpt.LAST))["step"] == 1  # the last good checkpoint
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun(tmp_path, capsys):
+    """2 ranks x 4 steps in one go == 2 ranks x 2 steps, then 2 ranks --resume to 4 (bitwise:
+    nothing per rank to restore) == the same 2 steps, then 1 process --grad-accum 2 (floats)."""
+    base = list(TINY)
+    base[base.index("--steps") + 1] = "4"
+    base[base.index("--eval-every") + 1] = "2"
+    one_go = torchrun("train", SPEC, "--out", tmp_path / "one", *base)
+    assert one_go.returncode == 0, one_go.stderr[-3000:]
+    for name in ("split", "mixed"):
+        first = list(base)
+        first[first.index("--steps") + 1] = "2"
+        done = torchrun("train", SPEC, "--out", tmp_path / name, *first)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun("train", SPEC, "--out", tmp_path / "split", "--steps", "4", "--resume", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step 2" in done.stdout
+    rc, out, err = cli(capsys, "train", SPEC, "--out", tmp_path / "mixed", "--steps", "4", "--resume",
+                       "--grad-accum", "2", "--no-progress")
+    assert rc == 0, err
+    assert "WARNING" not in out  # ranks x --grad-accum kept: the same global batch
+    one = ckpt.load(str(tmp_path / "one" / ckpt.LAST))
+    split = ckpt.load(str(tmp_path / "split" / ckpt.LAST))
+    mixed = ckpt.load(str(tmp_path / "mixed" / ckpt.LAST))
+    assert one["step"] == split["step"] == mixed["step"] == 4
+    for part in ("net", "process"):
+        for k, v in one[part].items():
+            assert torch.equal(v, split[part][k]), (part, k)
+            assert torch.allclose(v.double(), mixed[part][k].double(), rtol=1e-5, atol=1e-7), (part, k)
+    for k, v in one["ema"]["shadow"].items():
+        assert torch.equal(v, split["ema"]["shadow"][k]), k
