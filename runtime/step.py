@@ -154,19 +154,6 @@ class Objective(torch.nn.ModuleDict):
         return mse, {"eps_mse": mse}
 
 
-def step_loss(run: Run, x_raw, gen) -> tuple:
-    """(loss, per-term mean BPD dict) for one batch on this rank, without DDP: the loss is the
-    batch's mean BPD (elbo) or the noise-prediction MSE (eps)."""
-    return run.objective(x_raw, gen)
-
-
-def first_non_finite(terms: dict):
-    for k, v in terms.items():
-        if not torch.isfinite(v).all():
-            return k
-    return None
-
-
 def _gathered_terms(run: Run, terms: dict, step: int) -> torch.Tensor:
     """Every rank's term means (world, n_terms) float64; NonFiniteError on every rank at once
     if any rank's term is not finite (so no rank is left waiting in the backward pass)."""
