@@ -168,3 +168,17 @@ def test_resume_under_torchrun(tmp_path, capsys):
             assert torch.allclose(v.double(), mixed[part][k].double(), rtol=1e-5, atol=1e-7), (part, k)
     for k, v in one["ema"]["shadow"].items():
         assert torch.equal(v, split["ema"]["shadow"][k]), k
+
+
+def test_resume_with_another_global_batch_warns(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = list(TINY)
+    first[first.index("--steps") + 1] = "2"
+    rc, _, err = cli(capsys, "train", SPEC, "--out", out, *first)
+    assert rc == 0, err
+    rc, stdout, err = cli(capsys, "train", SPEC, "--out", out, "--steps", "3", "--resume",
+                          "--grad-accum", "2", "--no-progress")
+    assert rc == 0, err
+    warning = [ln for ln in stdout.splitlines() if ln.startswith("WARNING")]
+    assert len(warning) == 1 and "global batch 8" in warning[0] and "global batch 16" in warning[0]
+    assert ckpt.load(str(out / ckpt.LAST))["micro_batches"] == 2
