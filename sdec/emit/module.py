@@ -110,17 +110,17 @@ def _beta(w, plan):
 
 
 def _integral(w, plan):
+    tc = plan.time_change
     w.line("def _B(self, t):")
     with w.indent():
-        if plan.B is not None:
-            w.line(f"return torch.zeros_like(t) + ({torch_expr(plan.B, {T_SYMBOL: 't'})})")
+        if tc.closed is not None:
+            w.line(f"return torch.zeros_like(t) + ({torch_expr(tc.closed, {T_SYMBOL: 't'})})")
         else:
-            nodes, weights = plan.gauss_legendre
-            w.line("# no closed form: Gauss–Legendre quadrature of beta on [0, t], 64 nodes")
-            w.line(f"x = torch.tensor({_lit(nodes)}, dtype=t.dtype, device=t.device)")
-            w.line(f"wts = torch.tensor({_lit(weights)}, dtype=t.dtype, device=t.device)")
-            w.line("half = (t / 2).unsqueeze(-1)")
-            w.line("return (half * wts * self._beta(half * (x + 1))).sum(-1)")
+            w.line(f"# Gauss–Legendre quadrature of beta on [0, t]: {tc.panels} panel(s) of 64 nodes, nodes on [0, 1]")
+            w.line(f"x = torch.tensor({_lit(tc.nodes)}, dtype=t.dtype, device=t.device)")
+            w.line(f"wts = torch.tensor({_lit(tc.weights)}, dtype=t.dtype, device=t.device)")
+            w.line("tt = t.unsqueeze(-1)")
+            w.line("return (tt * wts * self._beta(tt * x)).sum(-1)")
     w.line("")
 
 

@@ -32,14 +32,21 @@ class KernelPrinter(TorchPrinter):
     def _print_Integer(self, expr):
         return f"{expr.p}.0"
 
+    def _print_expm1(self, expr):
+        return f"torch.expm1({self._print(expr.args[0])})"
 
-def _fold_constants(expr):
-    """Replace maximal numeric, non-rational sub-expressions by 30-digit floats."""
+    def _print_log1p(self, expr):
+        return f"torch.log1p({self._print(expr.args[0])})"
+
+
+def fold_constants(expr):
+    """Replace maximal numeric, non-rational sub-expressions by 30-digit floats (what the
+    generated code computes with; the lowering's accuracy checks evaluate the same)."""
     if expr.is_number:
         return expr if expr.is_Rational else sp.Float(sp.N(expr, 30), 30)
     if not expr.args:
         return expr
-    return expr.func(*[_fold_constants(a) for a in expr.args])
+    return expr.func(*[fold_constants(a) for a in expr.args])
 
 
 def torch_expr(expr, names: dict) -> str:
@@ -47,4 +54,4 @@ def torch_expr(expr, names: dict) -> str:
         expr = sp.Integer(expr)
     if not isinstance(expr, sp.Basic):
         raise TypeError(f"expected a sympy expression, got {type(expr).__name__}")
-    return KernelPrinter(names).doprint(_fold_constants(expr))
+    return KernelPrinter(names).doprint(fold_constants(expr))
