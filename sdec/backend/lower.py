@@ -14,6 +14,7 @@ Choices made here, all reported by ``lowering_report``:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -55,6 +56,8 @@ class KernelPlan:
     phi_closed: sp.ImmutableMatrix | None = None
     phi_note: str | None = None     # why a closed form Φ was not used, or its measured accuracy
     D_sqrt: tuple | None = None     # S with S Sᵀ = D for a fixed D
+    canonical: str = ""             # the spec as `sdec fmt` prints it (for the module docstring)
+    exact: dict = attrs.field(factory=dict, eq=False)  # exact matrices and times for the docstring
 
     @property
     def K(self) -> int:
@@ -82,8 +85,13 @@ def lower(spec) -> KernelPlan:
         else:
             fixed[name] = float_rows(M)
     phi, phi_note = (None, None) if (spec.symbols or learned) else closed_form_phi(spec.A, _s_max(spec))
+    canonical = format_spec(spec)
+    exact = {"Q": spec.Q, "D": spec.D, "target": spec.target, "aux_init": spec.aux_init, "T": spec.T,
+             "t_min": spec.t_min, "A": None if (spec.symbols or learned) else spec.A}
+    exact.update({b.block + "_init": b.init for b in spec.learned})
     return KernelPlan(
-        spec_name=spec.name, source_hash=hashlib.sha256(format_spec(spec).encode()).hexdigest()[:16],
+        spec_name=spec.name, source_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        canonical=canonical, exact=exact,
         names=spec.variables, T=float(spec.T), t_min=t_min, t_min_spec=float(spec.t_min), t_min_note=note,
         noised=tuple(bool(n) for n in spec.noised), sigma_inf=float_rows(spec.target), aux_init=float_rows(spec.aux_init),
         beta=spec.beta, time_change=time_change, fixed=fixed, symbolic=symbolic, params=params,
@@ -113,10 +121,16 @@ def _s_max(spec) -> float:
         return float(mp.quad(f, [0, mp.mpf(float(spec.T))]))
 
 
-PHI_POINTS = 30
+PHI_POINTS = 16
 
 
 def closed_form_phi(A, s_max: float = 3.0):
+    """See _closed_form_phi; cached, since tests and training compile the same spec often."""
+    return _closed_form_phi(sp.ImmutableMatrix(A), float(s_max))
+
+
+@functools.lru_cache(maxsize=128)
+def _closed_form_phi(A, s_max: float):
     """(expm(s A) in closed form, None) when every eigenvalue of A is a real rational and the
     float64 closed form matches mpmath's expm to REQUIRED in max-entry scale on a grid of s
     over the range where the kernel uses it (from the series switch to s_max); else

@@ -38,7 +38,7 @@ def _times(proc):
 
 
 def _A(proc, t):
-    return proc.drift(t) / proc._beta(torch.as_tensor(t, dtype=torch.float64))
+    return proc.drift(t) / proc.beta(torch.as_tensor(t, dtype=torch.float64))[..., None, None]
 
 
 def check_simulation(proc, samples, seed):
@@ -120,7 +120,7 @@ def check_semigroup(proc):
     t1, t2 = 0.2 * proc.T, 0.7 * proc.T
     Phi1, _ = proc.transition(torch.tensor(t1, dtype=torch.float64))
     Phi2, _ = proc.transition(torch.tensor(t2, dtype=torch.float64))
-    B = proc._B(torch.tensor([t1, t2], dtype=torch.float64))
+    B = proc.B(torch.tensor([t1, t2], dtype=torch.float64))
     A = _A(proc, torch.tensor(t1, dtype=torch.float64))
     step = torch.linalg.matrix_exp((B[1] - B[0]) * A)
     err = float((step @ Phi1 - Phi2).abs().max())
