@@ -19,6 +19,8 @@ import numbers
 import attrs
 import torch
 
+from . import MAX_SAMPLES
+
 
 @attrs.frozen
 class Check:
@@ -222,9 +224,11 @@ def verify_process(proc, samples=20000, seed=0):
 
 
 def _check_arguments(samples, seed) -> None:
-    """samples: a whole number >= 2 (a covariance needs two paths); seed: 0 .. 2**63 - 1."""
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 2:
-        raise ValueError(f"samples must be a whole number >= 2, got {samples!r}")
+    """samples: a whole number from 2 (a covariance needs two paths) to MAX_SAMPLES;
+    seed: 0 .. 2**63 - 1."""
+    if (isinstance(samples, bool) or not isinstance(samples, numbers.Integral)
+            or not 2 <= samples <= MAX_SAMPLES):
+        raise ValueError(f"samples must be a whole number from 2 to {MAX_SAMPLES}, got {samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2 ** 63 - 1:
         raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
 
