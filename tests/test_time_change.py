@@ -99,3 +99,36 @@ def test_closed_form_phi_that_cancels_is_rejected():
     assert phi is None and note.startswith("closed-form Φ rejected")
     phi, note = closed_form_phi(sp.Matrix([[-1, 1], [0, -2]]), 3.0)
     assert phi is not None and "max error" in note
+
+
+K4_IRRATIONAL = """sde k4
+state x, v, w, u
+init (v, w, u) ~ normal(0, 0.01)
+beta(t) = 1
+T = 1
+target normal(0, I + sqrt(2)/10*ones(4,4))
+Q = [[0, -1, 0, 0], [1, 0, -1, 0], [0, 1, 0, -1], [0, 0, 1, 0]]
+D = diag(0, 1, 1, 1)
+"""
+
+
+def test_irrational_drift_skips_the_symbolic_eigenvalue_search(monkeypatch):
+    """A = -(Q + D) Σ∞⁻¹ with sqrt(2) entries: the exact charpoly and roots took 20 s; the
+    lowering now goes straight to the matrix exponential."""
+    import sdec.backend.lower as lowering
+
+    def no_symbolic_work(*args, **kwargs):
+        raise AssertionError("symbolic characteristic polynomial attempted")
+
+    spec = sdec.parse(K4_IRRATIONAL, "k4.sde")
+    monkeypatch.setattr(lowering.sp, "Poly", no_symbolic_work)
+    plan = lower(spec)
+    assert plan.phi_closed is None and "torch.linalg.matrix_exp" in lowering_report(plan)
+
+
+def test_rational_eigenvalues_are_found_exactly():
+    from sdec.backend.lower import _rational_eigenvalues
+    assert _rational_eigenvalues(sp.Matrix([[0, 4], [-1, -4]]))            # CLD: -2, -2
+    assert not _rational_eigenvalues(sp.Matrix([[0, 1], [-2, 0]]))         # ±i sqrt(2)
+    assert not _rational_eigenvalues(sp.Matrix([[0, 1], [2, 0]]))          # ±sqrt(2): real, irrational
+    assert not _rational_eigenvalues(sp.Matrix([[sp.sqrt(2), 0], [0, 1]]))

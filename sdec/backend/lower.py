@@ -129,15 +129,27 @@ def closed_form_phi(A, s_max: float = 3.0):
     return _closed_form_phi(sp.ImmutableMatrix(A), float(s_max))
 
 
+def _rational_eigenvalues(A) -> bool:
+    """True when every eigenvalue of A is a real rational: A rational (an irrational entry is
+    taken as no, without symbolic work), its float64 eigenvalues real, and its characteristic
+    polynomial over QQ a product of linear factors."""
+    A = sp.ImmutableMatrix(A)
+    if not all(e.is_Rational for e in A):
+        return False
+    w = np.linalg.eigvals(np.array(float_rows(A)))
+    if np.abs(w.imag).max(initial=0.0) > 1e-9 * max(1.0, np.abs(w).max(initial=0.0)):
+        return False
+    factors = sp.Poly(A.charpoly(sp.Symbol("lam")).as_expr(), sp.Symbol("lam"), domain="QQ").factor_list()[1]
+    return all(f.degree() == 1 for f, _ in factors)
+
+
 @functools.lru_cache(maxsize=128)
 def _closed_form_phi(A, s_max: float):
     """(expm(s A) in closed form, None) when every eigenvalue of A is a real rational and the
     float64 closed form matches mpmath's expm to REQUIRED in max-entry scale on a grid of s
     over the range where the kernel uses it (from the series switch to s_max); else
     (None, the reason when a closed form existed but was inaccurate)."""
-    charpoly = A.charpoly(sp.Symbol("lam"))
-    roots = sp.roots(charpoly, multiple=True)
-    if len(roots) != A.rows or not all(r.is_Rational for r in roots):
+    if not _rational_eigenvalues(A):
         return None, None
     Phi = (S_SYMBOL * sp.Matrix(A)).exp().applyfunc(lambda e: sp.factor_terms(sp.expand(e)))
     if Phi.has(sp.I) or any(e.has(sp.sinh, sp.cosh, sp.sin, sp.cos) for e in Phi):
