@@ -437,3 +437,10 @@ def test_noise_missing_a_combination_names_it_exactly():
     assert "real part exactly 0" in errors[1] and "max Re" not in errors[1]
     text_out = check_text(result)
     assert "noise reaches: x, v, w, but never the combination v - w" in text_out
+
+
+def test_non_symmetric_d_names_the_entries_at_the_statement_that_set_the_second():
+    exc = error_of(HEAD + "Q = [[0, -1], [1, 0]]\nD[v, v] = 1\nD[x, v] = 1\nD[v, x] = 2\nD[x, x] = 4\n")
+    assert exc.message == "D is not symmetric: D[x, v] = 1 but D[v, x] = 2" and exc.line == 10
+    exc = error_of(HEAD + "Q = [[0, -1], [1, 0]]\nD = [[1, 1/2],\n     [1/3, 1]]\n")
+    assert exc.message == "D is not symmetric: D[x, v] = 1/2 but D[v, x] = 1/3" and (exc.line, exc.column) == (9, 7)
