@@ -562,3 +562,21 @@ def test_explicit_diffusion_not_proportional_to_beta_names_the_entry():
 def test_numbers_in_messages_are_readable():
     err = error_of(BASE.replace("T = 1", "T = 1e-300") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
     assert err.message == "t_min = 1/1000 must be smaller than T = 1e-300"
+
+
+K1 = "sde s\nstate x\nbeta(t) = 1 + t\nT = 5\ntarget normal(0, 1)\n"
+
+
+@pytest.mark.parametrize("scalar, matrix", [
+    ("Q = 0\nD = 1/2\n", "Q = [[0]]\nD = [[1/2]]\n"),
+    ("Q[x, x] = 0\nD = 1/2\n", "Q = [[0]]\nD = [[1/2]]\n"),
+    ("drift = -beta(t)/2\ndiffusion = sqrt(beta(t))\n", "drift = [[-beta(t)/2]]\ndiffusion = [[sqrt(beta(t))]]\n"),
+])
+def test_with_one_state_variable_a_scalar_is_its_1x1_matrix(scalar, matrix):
+    a, b = sdec.parse(K1 + scalar), sdec.parse(K1 + matrix)
+    assert (a.Q, a.D) == (b.Q, b.D) and a.Q.shape == (1, 1)
+
+
+def test_a_scalar_is_still_rejected_where_the_state_has_two_variables():
+    err = error_of(BASE + "Q = [[0, -1], [1, 0]]\nD = 1/2\n")
+    assert "D must be a 2x2 matrix" in err.message and "got a scalar" in err.message

@@ -337,6 +337,12 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
             return self.explicit(beta, target, *self.matrices(beta), form)
         return self.explicit(beta, target, *self.equations(beta), form)
 
+    def one_by_one(self, value):
+        """With one state variable a scalar is its 1x1 matrix: 'D = 1/2' means D = [[1/2]]."""
+        if self.K == 1 and value is not None and not is_matrix(value):
+            return sp.ImmutableMatrix([[value]])
+        return value
+
     def block(self, name, scope):
         """Q, D or drift from 'X = matrix' or 'X[a, b] = value' statements; None if absent."""
         K = self.K
@@ -346,7 +352,7 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
             self.err(entries[0].span, f"{name} is given whole at line {whole.span.line} and entry by entry here; use one")
             return None
         if whole is not None:
-            value = self.value(whole.value, scope)
+            value = self.one_by_one(self.value(whole.value, scope))
             if value is None:
                 return None
             if not is_matrix(value) or value.shape != (K, K):

@@ -28,7 +28,7 @@ class ExplicitForm:
         if stmt is None:
             self.err(self.span_of("drift"), "the diffusion matrix is missing", "add 'diffusion = [[...]]' (K rows, one column per Brownian motion)")
             return None, None, ()
-        G = self.value(stmt.value, scope)
+        G = self.one_by_one(self.value(stmt.value, scope))
         if G is None:
             return None, None, ()
         if not is_matrix(G) or G.rows != self.K:
