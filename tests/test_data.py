@@ -1,5 +1,6 @@
 """Data readers over byte-exact fixtures of the published formats (nothing is downloaded)."""
 import gzip
+import pathlib
 import pickle
 import pickletools
 import struct
@@ -328,6 +329,27 @@ def test_digits():
     assert torch.equal(train.data, again.data) and torch.equal(train.labels, again.labels)
     from sklearn.datasets import load_digits
     assert int(train.data.sum() + test.data.sum()) == int(load_digits().images.sum())
+
+
+def test_digits_split_is_scikit_learns_and_loading_it_imports_no_scikit_learn():
+    """The loader reads scikit-learn's file itself; the split must still be exactly
+    train_test_split(test_size=0.2, random_state=0) of load_digits()."""
+    import subprocess
+    import sys
+    probe = ("import sys; from sdec.runtime.data import load_dataset; load_dataset('digits', 'train'); "
+             "print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=pathlib.Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    bunch = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(np.rint(bunch.images).astype(np.uint8), bunch.target,
+                                                        test_size=0.2, random_state=0)
+    for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+        got = load_dataset("digits", split)
+        assert np.array_equal(got.data.squeeze(1).numpy(), images)
+        assert np.array_equal(got.labels.numpy(), labels)
 
 
 # ---------------------------------------------------------------- folder
