@@ -24,6 +24,9 @@ Resumable: each stage writes its own file in the run directory (results.json fro
 eval-ode.json, eval-elbo-subset.json) and is skipped when that file exists;
 a run killed mid-training continues with `sdec train --resume`. After every stage the
 aggregate JSON and Markdown table are rewritten, so they always show what has finished.
+The aggregate JSON is a resume point too: a (spec, seed) whose run directory is gone (a new
+machine, a cleaned /work) but whose record the JSON already holds is kept as recorded and
+not run again; delete its record (or the JSON) to rerun it.
 
     python bench/reproduce.py                       # the digits table (defaults below)
     python bench/reproduce.py --steps 6000 --ode-limit 0 --runs-dir /work/repro-runs-long \\
@@ -295,9 +298,18 @@ BASELINE_LABELS = {"diag_gaussian_bpd": "diagonal Gaussian", "full_covariance_ga
                    "diag_gmm_100_bpd": "diagonal Gaussian mixture, 100 components"}
 
 
+def recorded(state, spec, seed):
+    """The previous aggregate's record of (spec, seed) when its run directory no longer exists."""
+    rec = state["previous_runs"].get(spec, {}).get(str(seed))
+    if rec is None or os.path.exists(os.path.join(rec.get("run_dir", ""), "results.json")):
+        return None
+    return rec
+
+
 def write_results(args, specs, seeds, state, status):
-    records = {spec: {str(seed): collect(args, os.path.join(args.runs_dir, run_name(spec, seed, args.steps)),
-                                         state.get("startup_seconds"))
+    records = {spec: {str(seed): recorded(state, spec, seed)
+                      or collect(args, os.path.join(args.runs_dir, run_name(spec, seed, args.steps)),
+                                 state.get("startup_seconds"))
                       for seed in seeds} for spec in specs}
     base = read_json(args.baselines) if args.baselines else None
     result = {"command": state["command"], "status": status, "started": state["started"],
@@ -325,18 +337,23 @@ def main(argv=None):
     state = {"command": "python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "started": previous.get("started")
              or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "machine": machine(), "startup_seconds": previous.get("eval_startup_seconds")}
+             "machine": machine(), "startup_seconds": previous.get("eval_startup_seconds"),
+             "previous_runs": previous.get("runs") or {}}
     state["command"] = state["command"].strip()
     if args.report_only and previous.get("command"):
         state["command"] = previous["command"]  # the table's command, not this rewrite's
     if args.report_only:
-        done = all(os.path.exists(os.path.join(args.runs_dir, run_name(spec, seed, args.steps), "results.json"))
+        done = all(recorded(state, spec, seed)
+                   or os.path.exists(os.path.join(args.runs_dir, run_name(spec, seed, args.steps), "results.json"))
                    for spec in specs for seed in seeds)
         write_results(args, specs, seeds, state, "complete" if done else "partial")
         print(open(args.out + ".md", encoding="utf-8").read())
         return
     for seed in seeds:
         for spec in specs:
+            if recorded(state, spec, seed):
+                print(f"{spec} seed {seed}: kept as recorded in {args.out}.json (run directory gone)", flush=True)
+                continue
             one_run(args, spec, seed, state)
             write_results(args, specs, seeds, state, "partial")
     write_results(args, specs, seeds, state, "complete")

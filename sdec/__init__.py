@@ -1,7 +1,8 @@
 """sdec: a compiler for multivariate linear diffusions (specs → checked PyTorch modules).
 
 Front end (no torch needed): parse, parse_file, analyze, SpecError.
-Backend (imports torch on first use): compile, compile_source, compile_text.
+Backend (imports torch on first use): compile, compile_source, compile_text, and the
+classes every compiled module raises and returns: CholeskyError, ELBOTerms, Perturbed.
 Runtime algorithms over any compiled Diffusion (they live in sdec.runtime, which the
 compiler never imports; these names are forwarded on first use): log_likelihood, sample.
 """
@@ -10,9 +11,10 @@ from .language.diagnostics import SpecError
 
 __version__ = "0.1.0"
 __all__ = ["parse", "parse_file", "analyze", "SpecError", "compile", "compile_source",
-           "compile_text", "log_likelihood", "sample", "MIX_TOL", "__version__"]
+           "compile_text", "CholeskyError", "ELBOTerms", "Perturbed", "log_likelihood", "sample", "MIX_TOL", "__version__"]
 
 _LAZY = {"compile": ".backend.compiler", "compile_source": ".backend.compiler", "compile_text": ".backend.compiler",
+         "CholeskyError": ".emit.kernel_base", "ELBOTerms": ".emit.kernel_base", "Perturbed": ".emit.kernel_base",
          "MIX_TOL": ".checks",
          "log_likelihood": ".runtime.likelihood", "sample": ".runtime.sampling"}
 

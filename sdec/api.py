@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import sys
 
 import attrs
 
@@ -70,10 +71,26 @@ def parse(text: str | bytes, filename: str | None = None):
     return result.spec
 
 
-def read_spec_bytes(path) -> bytes:
-    """The bytes of a spec file, read no further than MAX_FILE_BYTES + 1: a larger file, an
-    endless device (/dev/zero) or a pipe that never ends is a SpecError, not unbounded work."""
+STDIN = "-"  # the spec path that means standard input
+
+
+def spec_name(path) -> str:
+    """The file name diagnostics show for a spec path ('<stdin>' for '-')."""
     path = os.fspath(path)
+    return "<stdin>" if path == STDIN else path
+
+
+def read_spec_bytes(path) -> bytes:
+    """The bytes of a spec file ('-': standard input), read no further than MAX_FILE_BYTES + 1:
+    a larger file, an endless device (/dev/zero) or a pipe that never ends is a SpecError,
+    not unbounded work."""
+    path = os.fspath(path)
+    if path == STDIN:
+        data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        if len(data) <= MAX_FILE_BYTES:
+            return data
+        raise SpecError([error(Span.point(spec_name(path), 1, 1), f"standard input is more than {MAX_FILE_BYTES} "
+                               f"bytes (reading stopped there); specs are limited to {MAX_FILE_BYTES}")])
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
@@ -93,4 +110,4 @@ def read_spec_bytes(path) -> bytes:
 
 def parse_file(path):
     """Parse and check the spec in a file; raise SpecError naming the file on failure."""
-    return parse(read_spec_bytes(path), os.fspath(path))
+    return parse(read_spec_bytes(path), spec_name(path))

@@ -20,22 +20,45 @@ def matrix_lines(M, names=None, indent="    ") -> list:
     return lines
 
 
-def check_text(result) -> str:
-    out = []
+def check_text(result, path: str = "SPEC") -> str:
+    """The report `sdec check` prints on stdout: the spec, the proofs, the verdict and what to
+    do next. The diagnostics themselves (diagnostics_text) go to stderr, between the two."""
+    return "\n\n".join(part for part in check_sections(result, path) if part)
+
+
+def check_sections(result, path: str = "SPEC") -> tuple:
+    """(the spec and its proofs, the verdict and what to do next) as text."""
     spec = result.spec
-    if spec is not None:
-        out += _spec_lines(spec)
+    return ("\n".join(_spec_lines(spec)) if spec is not None else "", _verdict(result, path))
+
+
+def _verdict(result, path) -> str:
+    out = []
     errors = [d for d in result.diagnostics if d.severity == "error"]
     warnings = [d for d in result.diagnostics if d.severity == "warning"]
-    if result.diagnostics:
-        out.append("")
-        out += [d.render(result.source) for d in result.diagnostics]
-    out.append("")
     if errors:
         out.append(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s)")
+        out.append(f"next: fix the errors (on stderr, each at file:line:column), then run `sdec check {path}` again")
     else:
         out.append(f"OK: every proof holds ({len(warnings)} warning(s))")
+        if warnings:
+            out.append("      warnings do not stop compilation; each says what was not proved or what to change")
+        out.append(f"next: `sdec compile {path} -o MODULE.py` writes the torch module, `sdec verify {path}` "
+                   f"tests its kernels, `sdec train {path}` trains a model on it")
     return "\n".join(out)
+
+
+def diagnostics_text(result) -> str:
+    """Every diagnostic, rendered with its location and source line (for stderr)."""
+    return "\n".join(d.render(result.source) for d in result.diagnostics)
+
+
+_NOTATION = {  # learnable symbols as the matrices above print them (sdec.language.learn)
+    "skew": "{b}{{i,j}}: entry (i, j) of W, strictly lower triangular, {b} = W - Wᵀ",
+    "psd": "L{b}{{i,j}}: entry (i, j) of L, lower triangular with a positive diagonal, {b} = L Lᵀ",
+    "diagonal": "d{b}{{i}}: the positive diagonal entry of {b} = diag(d) for variable i",
+    "lowrank": "B{b}{{i,k}}: entry (i, k) of the factor B, {b} = B Bᵀ",
+}
 
 
 def _spec_lines(spec) -> list:
@@ -72,6 +95,9 @@ def _spec_lines(spec) -> list:
     out.append(f"the score network must predict noise for: {', '.join(noised) or 'none'}")
     syms = r.fact("learnable_symbols") or []
     out.append(f"learnable parameters: {spec.parameter_count}" + (f" ({', '.join(syms)})" if syms else ""))
+    if spec.learned:
+        out.append("notation: learned blocks appear in the matrices above as their free entries;")
+        out += [f"  {_NOTATION[b.kind].format(b=b.block)}, over ({', '.join(b.over)})" for b in spec.learned]
     return out
 
 

@@ -19,9 +19,11 @@ import sys
 import tempfile
 
 from . import __version__
+from .backend import MAX_SAMPLES
 from .language.diagnostics import SpecError
 
 MAX_SEED = 2 ** 63 - 1
+SPEC_HELP = "path to a .sde file, or - for standard input"
 
 
 class CommandError(Exception):
@@ -49,7 +51,7 @@ def _whole_number(text: str, low: int, high: int | None, why: str) -> int:
 
 
 def _samples(text: str) -> int:
-    return _whole_number(text, 2, None, "must be at least 2 (a covariance needs two paths)")
+    return _whole_number(text, 2, MAX_SAMPLES, f"must be between 2 (a covariance needs two paths) and {MAX_SAMPLES:,}")
 
 
 def _seed(text: str) -> int:
@@ -84,7 +86,7 @@ def _silence_stdout() -> None:
 
 def _add_check(sub):
     p = sub.add_parser("check", help="parse a spec, prove what can be proved, print the report")
-    p.add_argument("spec", help="path to a .sde file")
+    p.add_argument("spec", help=SPEC_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--mix-tol", type=_positive_float, default=None, metavar="NATS",
                    help="warn when KL(q(y_T|x) || target) per coordinate exceeds this (default 0.01)")
@@ -92,21 +94,26 @@ def _add_check(sub):
 
 
 def _run_check(args) -> int:
-    from .api import analyze, read_spec_bytes
+    from .api import analyze, read_spec_bytes, spec_name
     from .checks import MIX_TOL
-    from .check_report import check_json, check_text
-    data = read_spec_bytes(args.spec)
-    result = analyze(data, args.spec, args.mix_tol if args.mix_tol is not None else MIX_TOL)
+    from .check_report import check_json, check_sections, diagnostics_text
+    result = analyze(read_spec_bytes(args.spec), spec_name(args.spec),
+                     args.mix_tol if args.mix_tol is not None else MIX_TOL)
     if args.json:
         _emit(json.dumps(check_json(result), indent=2, ensure_ascii=False))
-    else:
-        _emit(check_text(result))
+        return 0 if result.ok else 1
+    body, verdict = check_sections(result, "SPEC" if args.spec == "-" else args.spec)  # report: stdout
+    if body:
+        _emit(body + "\n")
+    if result.diagnostics:  # diagnostics: stderr
+        _to_stderr(diagnostics_text(result) + "\n")
+    _emit(verdict)
     return 0 if result.ok else 1
 
 
 def _add_fmt(sub):
     p = sub.add_parser("fmt", help="print a spec in canonical form (constants folded, exact values)")
-    p.add_argument("spec", help="path to a .sde file")
+    p.add_argument("spec", help=SPEC_HELP)
     p.set_defaults(run=_run_fmt)
 
 
@@ -119,7 +126,7 @@ def _run_fmt(args) -> int:
 
 def _add_compile(sub):
     p = sub.add_parser("compile", help="emit a standalone torch module (-o) or print the lowering report")
-    p.add_argument("spec", help="path to a .sde file")
+    p.add_argument("spec", help=SPEC_HELP)
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the generated Python module here (never the spec itself; written atomically)")
     p.set_defaults(run=_run_compile)
@@ -210,8 +217,8 @@ def write_output(path: str, text: str) -> None:
 
 def _add_verify(sub):
     p = sub.add_parser("verify", help="check the compiled kernels against independent computations")
-    p.add_argument("spec", help="path to a .sde file")
-    p.add_argument("--samples", type=_samples, default=20000, help="Euler–Maruyama paths, at least 2 (default 20000)")
+    p.add_argument("spec", help=SPEC_HELP)
+    p.add_argument("--samples", type=_samples, default=20000, help=f"Euler–Maruyama paths, 2 to {MAX_SAMPLES:,} (default 20000)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulation and gradient checks, 0 to 2**63 - 1 (default 0)")
     p.set_defaults(run=_run_verify)
@@ -255,6 +262,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list) -> int:
+    if argv and argv[0] == "-":  # `sdec -`: check the spec on standard input
+        argv = ["check"] + argv
     parser = build_parser()
     if not argv:  # list the commands rather than one line about a missing one
         _to_stderr(parser.format_help().rstrip("\n"))

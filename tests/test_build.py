@@ -265,6 +265,30 @@ def test_learned_skew_q_with_on_and_mask():
     assert masked.Q[0, 1] != 0 and masked.Q[1, 2] != 0 and (masked.Q + masked.Q.T) == sp.zeros(3, 3)
 
 
+Q3 = "Q = [[0, -1, 0], [1, 0, -1], [0, 1, 0]]\n"
+
+
+@pytest.mark.parametrize("block_sized,full", [
+    ("learn D: diagonal on (v, w) init diag(1, 2)", "learn D: diagonal on (v, w) init diag(0, 1, 2)"),
+    ("learn D: psd on (x, w) init [[2, 1], [1, 3]]", "learn D: psd on (x, w) init [[2, 0, 1], [0, 0, 0], [1, 0, 3]]"),
+    ("learn D: lowrank(1) on (v, w) init [[1], [2]]", "learn D: lowrank(1) on (v, w) init [[0, 0, 0], [0, 1, 2], [0, 2, 4]]"),
+    ("learn D: lowrank(2) init [[1, 0], [1, 1], [0, 2]]", "learn D: lowrank(2) init [[1, 1, 0], [1, 2, 2], [0, 2, 4]]"),
+    ("learn D: lowrank(2) on (v, w) init [[1, 2], [2, 5]]", "learn D: lowrank(2) on (v, w) init diag(0, 1, 1) @ [[0, 0, 0], [0, 1, 2], [0, 2, 5]]"),
+])
+def test_learned_init_block_sized_or_factor_equals_the_full_form(block_sized, full):
+    a, b = sdec.parse(BASE3 + Q3 + block_sized + "\n"), sdec.parse(BASE3 + Q3 + full + "\n")
+    assert a.learned[0].init == b.learned[0].init and a.at_init() == b.at_init()
+    assert a.learned[0].over == b.learned[0].over
+
+
+def test_learned_init_of_the_wrong_size_lists_the_accepted_forms():
+    err = error_of(BASE3 + Q3 + "learn D: lowrank(1) on (v, w) init [[1, 2]]\n")
+    assert "must be a 3x3 matrix, the 2x2 block on (v, w) or the 2x1 factor B of D = B Bᵀ, got a 1x2 matrix" in err.message
+    assert (err.line, err.column) == (8, 36)
+    err = error_of(BASE3 + Q3 + "learn D: psd init diag(1, 2)\n")
+    assert "must be a 3x3 matrix, got a 2x2 matrix" in err.message
+
+
 def _draw(kind, n, rank, std, seed):
     """The documented random(std, seed) recipes of sdec.language.learn, written out again."""
     rng = np.random.default_rng(seed)

@@ -176,7 +176,8 @@ def test_sigint_during_verify_exits_130_with_one_line():
 
 
 @pytest.mark.parametrize("flag, value, says", [
-    ("--samples", "-5", "at least 2"), ("--samples", "0", "at least 2"), ("--samples", "many", "whole number"),
+    ("--samples", "-5", "between 2"), ("--samples", "0", "between 2"), ("--samples", "many", "whole number"),
+    ("--samples", "1000001", "and 1,000,000"),
     ("--seed", "99999999999999999999999", "2**63 - 1"), ("--seed", "-1", "2**63 - 1")])
 def test_verify_rejects_bad_samples_and_seeds(capsys, flag, value, says):
     code, out, err = run(capsys, "verify", CLD, flag, value)
@@ -187,7 +188,8 @@ def test_verify_rejects_bad_samples_and_seeds(capsys, flag, value, says):
 
 def test_verify_api_rejects_bad_samples_and_seeds():
     from sdec.backend.verify import verify, verify_process
-    for kwargs in ({"samples": 0}, {"samples": -5}, {"seed": 2 ** 63}, {"seed": -1}, {"samples": 2.5}):
+    for kwargs in ({"samples": 0}, {"samples": -5}, {"samples": 10 ** 6 + 1}, {"seed": 2 ** 63}, {"seed": -1},
+                   {"samples": 2.5}):
         with pytest.raises(ValueError):
             verify(None, **kwargs)
         with pytest.raises(ValueError):
@@ -259,7 +261,7 @@ def test_positional_arguments_and_seed_have_help(capsys, command):
     assert code == 0
     lines = out.split("\n")
     spec_line = next(line for line in lines if line.strip().startswith("spec") and not line.startswith("usage"))
-    assert spec_line.split(None, 1)[1:] == ["path to a .sde file"], spec_line
+    assert spec_line.split(None, 1)[1:] == ["path to a .sde file, or - for standard input"], spec_line
     if command == "verify":
         i = next(i for i, line in enumerate(lines) if line.strip().startswith("--seed"))
         assert (lines[i].split("SEED", 1)[1] + lines[i + 1]).strip(), lines[i:i + 2]
@@ -290,3 +292,99 @@ def test_check_of_a_binary_file_prints_no_raw_bytes(capsys):
 def test_rendered_caret_spans_an_escaped_character():
     diag = Diagnostic(Span("f", 1, 3, 1, 4), "bad byte")
     assert diag.render("ab\x00cd").split("\n")[1:] == ["    ab\\x00cd", "      ^~~~"]
+
+
+# 6. standard input, stdout and stderr, what the report says ------------------------------
+
+class _Stdin:
+    """A stand-in for sys.stdin whose .buffer records how much was asked for."""
+
+    def __init__(self, data: bytes):
+        import io
+        self.asked = []
+        raw = io.BytesIO(data)
+
+        class Buffer:
+            def read(inner, n=-1):
+                self.asked.append(n)
+                return raw.read(n)
+        self.buffer = Buffer()
+
+
+def test_dash_reads_the_spec_from_standard_input(capsys, monkeypatch, tmp_path):
+    text = CLD.read_bytes()
+    for argv in (["-"], ["check", "-"]):
+        monkeypatch.setattr(sys, "stdin", _Stdin(text))
+        code, out, err = run(capsys, *argv)
+        assert code == 0 and err == "" and out.startswith("<stdin>: sde cld (recipe form)")
+        assert "next: `sdec compile SPEC -o MODULE.py`" in out
+    monkeypatch.setattr(sys, "stdin", _Stdin(text))
+    code, out, _ = run(capsys, "fmt", "-")
+    assert code == 0 and out == sdec.language.format.format_spec(sdec.parse_file(CLD))
+    monkeypatch.setattr(sys, "stdin", _Stdin(text))
+    code, out, _ = run(capsys, "compile", "-", "-o", tmp_path / "m.py")
+    assert code == 0 and "class Diffusion(DiffusionBase)" in (tmp_path / "m.py").read_text()
+    monkeypatch.setattr(sys, "stdin", _Stdin(b"sde s\nstate x\nbeta(t) = 1 + x\n"))
+    code, out, err = run(capsys, "check", "-")
+    assert code == 1 and err.startswith("<stdin>:") and "FAILED" in out
+
+
+def test_standard_input_is_read_up_to_the_limit_plus_one_byte(capsys, monkeypatch):
+    stdin = _Stdin(b"#" * (3 * MAX_FILE_BYTES))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, err = run(capsys, "check", "-")
+    assert code == 1 and stdin.asked == [MAX_FILE_BYTES + 1]
+    assert f"<stdin>:1:1: error: standard input is more than {MAX_FILE_BYTES} bytes" in err
+
+
+def test_dev_zero_is_read_up_to_the_limit_plus_one_byte(capsys, monkeypatch):
+    import builtins
+    asked, real_open = [], builtins.open
+
+    class Spy:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.handle.read(n)
+
+        def fileno(self):
+            return self.handle.fileno()
+
+    def spy_open(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        return Spy(handle) if path == "/dev/zero" else handle
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    code, out, err = run(capsys, "check", "/dev/zero")
+    monkeypatch.undo()
+    assert code == 1 and asked == [MAX_FILE_BYTES + 1]
+
+
+@pytest.mark.parametrize("command", ["check", "fmt", "compile", "verify"])
+def test_diagnostics_on_stderr_reports_on_stdout(capsys, tmp_path, command):
+    bad = tmp_path / "bad.sde"
+    bad.write_text(CLD.read_text().replace("D[v, v] = Gamma", "D[v, v] = -Gamma"))
+    code, out, err = run(capsys, command, bad)
+    assert code == 1
+    assert f"{bad}:" in err and "error:" in err and "error:" not in out
+    if command == "check":
+        assert "FAILED: 1 error(s)" in out
+
+
+def test_check_report_explains_its_notation_and_what_to_do_next(capsys):
+    code, out, _ = run(capsys, "check", "specs/learned3.sde")
+    assert code == 0
+    assert "LD{x,x}" in out and "Q{v,x}" in out
+    assert "  LD{i,j}: entry (i, j) of L, lower triangular with a positive diagonal, D = L Lᵀ, over (x, v, w)" in out
+    assert "  Q{i,j}: entry (i, j) of W, strictly lower triangular, Q = W - Wᵀ, over (x, v, w)" in out
+    assert out.rstrip().split("\n")[-1].startswith("next: `sdec compile specs/learned3.sde -o MODULE.py`")
+    code, out, _ = run(capsys, "check", "specs/cld.sde")
+    assert "notation:" not in out  # no learned blocks, nothing to explain

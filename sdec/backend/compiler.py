@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from ..api import parse, parse_file
+from ..emit import kernel_base
 from ..emit.module import generate_source
 from .lower import lower
 from ..language.format import format_spec
@@ -26,7 +27,11 @@ def _cache_dir() -> str:
 
 
 def load_source(source: str):
-    """Import generated source as a module (cached by content hash); return the module."""
+    """Import generated source as a module (cached by content hash); return the module.
+
+    The module runs with ``_SDEC_SHARED`` preset to sdec's own CholeskyError, Perturbed and
+    ELBOTerms (from sdec.emit.kernel_base), which the shared core then uses instead of its
+    own copies: every module compiled in one process raises and returns the same classes."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     name = f"sdec_generated_{digest}"
     if name in sys.modules:
@@ -39,6 +44,7 @@ def load_source(source: str):
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    module._SDEC_SHARED = (kernel_base.CholeskyError, kernel_base.Perturbed, kernel_base.ELBOTerms)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module

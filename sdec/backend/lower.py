@@ -1,16 +1,20 @@
 """IR → kernel plan: which form each quantity takes, numbers as float64 literals.
 
 Choices made here, all reported by ``lowering_report``:
-- B(t): closed form from sympy, else Gauss–Legendre quadrature of beta (64 nodes on [0, t]).
+- B(t): the closed form from the schedule check in a float64-stable form (expm1/log1p), else
+  Gauss–Legendre quadrature of beta, whichever is accurate against mpmath on a grid of
+  [t_min, T] (sdec.backend.time_change).
 - Φ(s): closed form when A has only rational real eigenvalues (VP, CLD: polynomial times
-  exponentials, checked against mpmath); else scaling and squaring of its Taylor series. Near s = 0 the
-  kernel base uses exact Taylor series for Φ and Σ (structural zeros stay exact).
+  exponentials) and its float64 values match mpmath's expm on a grid of s up to B(T);
+  else scaling and squaring of its Taylor series. Near s = 0 the kernel base uses exact
+  Taylor series for Φ and Σ (structural zeros stay exact); for K = 1 Σ has a closed form.
 - Σ(s): Taylor series for small s·‖A‖, stationary identity Σ∞ + Φ(Σ0 - Σ∞)Φᵀ above.
 - t_min: the spec's, unless the float64 kernel is inaccurate there (sdec.backend.t_min).
 - learnable parameters: raw tensors and their initial values (sdec.backend.learned).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -21,8 +25,11 @@ import sympy as sp
 
 from ..language.exact import float_rows
 from ..language.format import expr_text, format_spec
+from ..language.ir import T_SYMBOL
+from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
 from .t_min import SERIES_TAU, derive_t_min
+from .time_change import REQUIRED, TimeChange, choose
 
 S_SYMBOL = sp.Symbol("s", nonnegative=True)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -41,14 +48,16 @@ class KernelPlan:
     sigma_inf: tuple
     aux_init: tuple
     beta: sp.Expr
-    B: sp.Expr | None
-    gauss_legendre: tuple | None    # (nodes, weights) on [-1, 1] when B has no closed form
+    time_change: TimeChange         # how B(t) is emitted: closed form or quadrature, with its accuracy
     fixed: dict = attrs.field(eq=False)   # "Q"/"D" -> float matrix (no parameters)
     symbolic: dict = attrs.field(eq=False)  # "Q"/"D" -> sympy matrix in param symbols
     params: tuple = ()
     blocks: tuple = ()
     phi_closed: sp.ImmutableMatrix | None = None
+    phi_note: str | None = None     # why a closed form Φ was not used, or its measured accuracy
     D_sqrt: tuple | None = None     # S with S Sᵀ = D for a fixed D
+    canonical: str = ""             # the spec as `sdec fmt` prints it (for the module docstring)
+    exact: dict = attrs.field(factory=dict, eq=False)  # exact matrices and times for the docstring
 
     @property
     def K(self) -> int:
@@ -62,11 +71,8 @@ def lower(spec) -> KernelPlan:
     for name in spec.variables:
         if not _IDENT.match(name):
             raise ValueError(f"variable name {name!r} is not an identifier")  # grammar guarantees this
-    B = spec.report.B
-    gl = None
-    if B is None:
-        nodes, weights = np.polynomial.legendre.leggauss(64)
-        gl = (tuple(float(x) for x in nodes), tuple(float(w) for w in weights))
+    t_min, note = derive_t_min(spec)
+    time_change = choose(spec.beta, spec.report.B, min(t_min, float(spec.t_min)), float(spec.T))
     params = tuple(param_plan(p) for p in spec.params)
     blocks = tuple(block_plan(b, spec) for b in spec.learned)
     learned = {b.block for b in spec.learned}
@@ -78,14 +84,18 @@ def lower(spec) -> KernelPlan:
             symbolic[name] = M
         else:
             fixed[name] = float_rows(M)
-    phi = None if (spec.symbols or learned) else closed_form_phi(spec.A)
-    t_min, note = derive_t_min(spec)
+    phi, phi_note = (None, None) if (spec.symbols or learned) else closed_form_phi(spec.A, _s_max(spec))
+    canonical = format_spec(spec)
+    exact = {"Q": spec.Q, "D": spec.D, "target": spec.target, "aux_init": spec.aux_init, "T": spec.T,
+             "t_min": spec.t_min, "A": None if (spec.symbols or learned) else spec.A}
+    exact.update({b.block + "_init": b.init for b in spec.learned})
     return KernelPlan(
-        spec_name=spec.name, source_hash=hashlib.sha256(format_spec(spec).encode()).hexdigest()[:16],
+        spec_name=spec.name, source_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        canonical=canonical, exact=exact,
         names=spec.variables, T=float(spec.T), t_min=t_min, t_min_spec=float(spec.t_min), t_min_note=note,
         noised=tuple(bool(n) for n in spec.noised), sigma_inf=float_rows(spec.target), aux_init=float_rows(spec.aux_init),
-        beta=spec.beta, B=B, gauss_legendre=gl, fixed=fixed, symbolic=symbolic, params=params, blocks=blocks,
-        phi_closed=phi, D_sqrt=fixed_sqrt(spec.D) if "D" in fixed else None)
+        beta=spec.beta, time_change=time_change, fixed=fixed, symbolic=symbolic, params=params,
+        blocks=blocks, phi_closed=phi, phi_note=phi_note, D_sqrt=fixed_sqrt(spec.D) if "D" in fixed else None)
 
 
 def fixed_sqrt(D) -> tuple:
@@ -101,23 +111,57 @@ def fixed_sqrt(D) -> tuple:
         return tuple(tuple(float(root[i, j]) for j in range(K)) for i in range(K))
 
 
-def closed_form_phi(A) -> sp.ImmutableMatrix | None:
-    """expm(s A) in closed form when every eigenvalue of A is a real rational, else None."""
+def _s_max(spec) -> float:
+    """B(T) at 30 digits: the largest s the kernel evaluates Φ(s) at."""
+    B = spec.report.B
+    if B is not None:
+        return float(sp.N(B.subs(T_SYMBOL, spec.T), 30))
+    f = sp.lambdify(T_SYMBOL, spec.beta, "mpmath")
+    with mp.workdps(30):
+        return float(mp.quad(f, [0, mp.mpf(float(spec.T))]))
+
+
+PHI_POINTS = 16
+
+
+def closed_form_phi(A, s_max: float = 3.0):
+    """See _closed_form_phi; cached, since tests and training compile the same spec often."""
+    return _closed_form_phi(sp.ImmutableMatrix(A), float(s_max))
+
+
+@functools.lru_cache(maxsize=128)
+def _closed_form_phi(A, s_max: float):
+    """(expm(s A) in closed form, None) when every eigenvalue of A is a real rational and the
+    float64 closed form matches mpmath's expm to REQUIRED in max-entry scale on a grid of s
+    over the range where the kernel uses it (from the series switch to s_max); else
+    (None, the reason when a closed form existed but was inaccurate)."""
     charpoly = A.charpoly(sp.Symbol("lam"))
     roots = sp.roots(charpoly, multiple=True)
     if len(roots) != A.rows or not all(r.is_Rational for r in roots):
-        return None
+        return None, None
     Phi = (S_SYMBOL * sp.Matrix(A)).exp().applyfunc(lambda e: sp.factor_terms(sp.expand(e)))
     if Phi.has(sp.I) or any(e.has(sp.sinh, sp.cosh, sp.sin, sp.cos) for e in Phi):
-        return None
-    with mp.workdps(40):
-        Am = mp.matrix(float_rows(A))
-        for s in (0.01, 0.7, 3.0):
-            ref = mp.expm(s * Am)
-            got = Phi.subs(S_SYMBOL, sp.Float(s, 40)).evalf(40)
-            if max(abs(float(got[i, j]) - float(ref[i, j])) for i in range(A.rows) for j in range(A.rows)) > 1e-14:
-                return None
-    return sp.ImmutableMatrix(Phi)
+        return None, None
+    K = A.rows
+    Af = float_rows(A)
+    norm = float(np.linalg.norm(np.array(Af), 2))
+    s_lo = min(SERIES_TAU / norm if norm > 0 else 1.0, s_max) / 2
+    points = np.geomspace(s_lo, max(s_max, 2 * s_lo), PHI_POINTS)
+    entries = [sp.lambdify(S_SYMBOL, fold_constants(Phi[i, j]), "numpy") for i in range(K) for j in range(K)]
+    worst = 0.0
+    with mp.workdps(30), np.errstate(all="ignore"):
+        Am = mp.matrix(Af)
+        for s in points:
+            ref = mp.expm(mp.mpf(float(s)) * Am)
+            scale = max(abs(ref[i, j]) for i in range(K) for j in range(K))
+            got = [float(f(float(s))) for f in entries]
+            err = max(abs(mp.mpf(got[i * K + j]) - ref[i, j]) for i in range(K) for j in range(K)) / scale
+            if not all(np.isfinite(got)) or err > REQUIRED:
+                return None, (f"closed-form Φ rejected: off by {float(err):.2g} of max|Φ| at s = {s:.4g} "
+                              "against 30-digit mpmath")
+            worst = max(worst, float(err))
+    return sp.ImmutableMatrix(Phi), (f"max error {worst:.2g} of max|Φ| against 30-digit mpmath on "
+                                     f"{PHI_POINTS} points of s in [{points[0]:.3g}, {points[-1]:.3g}]")
 
 
 def lowering_report(plan: KernelPlan) -> str:
@@ -125,12 +169,15 @@ def lowering_report(plan: KernelPlan) -> str:
     if plan.t_min_note:
         lines.append(f"  NOTE: {plan.t_min_note}")
     lines.append(f"  beta(t) = {expr_text(plan.beta)}: printed as a torch expression")
-    lines.append("  B(t)   : " + (f"closed form {expr_text(plan.B)}" if plan.B is not None
-                                  else "Gauss–Legendre quadrature of beta, 64 nodes on [0, t]"))
+    tc = plan.time_change
+    lines.append("  B(t)   : " + tc.describe())
+    if tc.error > REQUIRED:
+        lines.append(f"  WARNING: no form of B(t) tried is accurate to {REQUIRED:g} relative; the most accurate one is used")
     if plan.phi_closed is not None:
-        lines.append("  Φ(t)   : closed form expm(B(t) A) from sympy (real rational eigenvalues), verified against mpmath")
+        lines.append(f"  Φ(t)   : closed form expm(B(t) A) from sympy (real rational eigenvalues); {plan.phi_note}")
     else:
-        lines.append("  Φ(t)   : expm(B(t) A) by scaling and squaring of its Taylor series (no closed form used)")
+        lines.append("  Φ(t)   : expm(B(t) A) by scaling and squaring of its Taylor series" + (f" ({plan.phi_note})" if plan.phi_note else
+                                                                                       " (no closed form used)"))
     if plan.K == 1:
         lines.append("  Σ(t)   : closed form -Σ∞ expm1(2 a B(t)) + Σ0 e^(2 a B(t)), a = A (K = 1; no cancellation near 0)")
     else:

@@ -19,6 +19,8 @@ import numbers
 import attrs
 import torch
 
+from . import MAX_SAMPLES
+
 
 @attrs.frozen
 class Check:
@@ -38,7 +40,7 @@ def _times(proc):
 
 
 def _A(proc, t):
-    return proc.drift(t) / proc._beta(torch.as_tensor(t, dtype=torch.float64))
+    return proc.drift(t) / proc.beta(torch.as_tensor(t, dtype=torch.float64))[..., None, None]
 
 
 def check_simulation(proc, samples, seed):
@@ -120,7 +122,7 @@ def check_semigroup(proc):
     t1, t2 = 0.2 * proc.T, 0.7 * proc.T
     Phi1, _ = proc.transition(torch.tensor(t1, dtype=torch.float64))
     Phi2, _ = proc.transition(torch.tensor(t2, dtype=torch.float64))
-    B = proc._B(torch.tensor([t1, t2], dtype=torch.float64))
+    B = proc.B(torch.tensor([t1, t2], dtype=torch.float64))
     A = _A(proc, torch.tensor(t1, dtype=torch.float64))
     step = torch.linalg.matrix_exp((B[1] - B[0]) * A)
     err = float((step @ Phi1 - Phi2).abs().max())
@@ -222,9 +224,11 @@ def verify_process(proc, samples=20000, seed=0):
 
 
 def _check_arguments(samples, seed) -> None:
-    """samples: a whole number >= 2 (a covariance needs two paths); seed: 0 .. 2**63 - 1."""
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 2:
-        raise ValueError(f"samples must be a whole number >= 2, got {samples!r}")
+    """samples: a whole number from 2 (a covariance needs two paths) to MAX_SAMPLES;
+    seed: 0 .. 2**63 - 1."""
+    if (isinstance(samples, bool) or not isinstance(samples, numbers.Integral)
+            or not 2 <= samples <= MAX_SAMPLES):
+        raise ValueError(f"samples must be a whole number from 2 to {MAX_SAMPLES}, got {samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2 ** 63 - 1:
         raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .proofs import Proof, numeric
+from .proofs import Proof, block_span, numeric
 
 
 def check_target(spec):
@@ -36,11 +36,11 @@ def check_skew(spec):
     if spec.form != "recipe":
         return []  # explicit forms: Q is derived; the stationarity residual says it all
     if any(b.block == "Q" for b in spec.learned):
-        return [Proof(title, "proved", "by parameterization Q = W - Wᵀ (every parameter value)", spec.span_of("Q"))]
+        return [Proof(title, "proved", "by parameterization Q = W - Wᵀ (every parameter value)", block_span(spec, "Q"))]
     S = (spec.Q + spec.Q.T).applyfunc(sp.simplify)
     if S.is_zero_matrix:
         how = "symbolically, for every parameter value" if spec.Q.free_symbols else "exact"
-        return [Proof(title, "proved", how, spec.span_of("Q"))]
+        return [Proof(title, "proved", how, block_span(spec, "Q"))]
     K, names = spec.K, spec.variables
     i, j = next((i, j) for i in range(K) for j in range(K) if S[i, j] != 0)
     if i == j:
@@ -48,13 +48,13 @@ def check_skew(spec):
     else:
         msg = (f"Q is not skew-symmetric: Q[{names[i]}, {names[j]}] = {spec.Q[i, j]} but "
                f"Q[{names[j]}, {names[i]}] = {spec.Q[j, i]} (must be {-spec.Q[i, j]})")
-    span = spec.span_of(("Q", i, j)) or spec.span_of(("Q", j, i)) or spec.span_of("Q")
+    span = spec.span_of(("Q", i, j)) or spec.span_of(("Q", j, i)) or block_span(spec, "Q")
     return [Proof(title, "failed", msg, span)]
 
 
 def check_psd(spec):
     title = "D is positive semi-definite"
-    span = spec.span_of("D")
+    span = block_span(spec, "D")
     learned = next((b for b in spec.learned if b.block == "D"), None)
     if learned is not None:
         how = {"psd": "D = L Lᵀ", "diagonal": "D = diag(d), d > 0", "lowrank": "D = B Bᵀ"}[learned.kind]

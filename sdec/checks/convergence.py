@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .proofs import Proof, numeric
+from .proofs import Proof, block_span, numeric
 
 
 def kalman_matrix(A, D):
@@ -28,7 +28,7 @@ def reached(A, D) -> tuple:
 
 
 def check_convergence(spec):
-    span = spec.span_of("D") or spec.span_of(("eq", spec.data))
+    span = block_span(spec, "D")
     learned_pd = any(b.block == "D" and b.kind in ("psd", "diagonal") and len(b.over) == spec.K for b in spec.learned)
     Q0, D0 = spec.at_init()
     A0 = sp.ImmutableMatrix(-(Q0 + D0) * spec.target.inv())

@@ -48,6 +48,23 @@ class Report:
         return next((v for k, v in self.facts if k == key), default)
 
 
+def block_span(spec, name: str):
+    """Where block ``name`` ("Q", "D" or "drift") is written, in any form of the process.
+
+    Recipe form: the Q or D statement (an unwritten Q, which is 0, points at the state
+    declaration). Matrices form: the drift or diffusion matrix. Equations form: the data
+    variable's equation for the drift, the first equation with a noise term for D.
+    """
+    if spec.form == "recipe":
+        return spec.span_of("D" if name == "drift" else name) or spec.span_of("state")
+    if spec.form == "matrices":
+        return spec.span_of("diffusion" if name == "D" else "drift")
+    if name == "D":
+        noised = [v for v, n in zip(spec.variables, spec.noised) if n]
+        return spec.span_of(("eq", (noised or spec.variables)[0]))
+    return spec.span_of(("eq", spec.data))
+
+
 def numeric(matrix):
     return np.array(float_rows(matrix), dtype=float)
 

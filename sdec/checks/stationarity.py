@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .proofs import Proof
+from .proofs import Proof, block_span
 
 
 def residual(spec) -> sp.ImmutableMatrix:
@@ -20,7 +20,7 @@ def residual(spec) -> sp.ImmutableMatrix:
 def check_stationarity(spec):
     title = "N(0, Σ∞) is stationary (F Σ∞ + Σ∞ Fᵀ + G Gᵀ = 0)"
     R = residual(spec)
-    span = spec.span_of("D") if spec.form == "recipe" else (spec.span_of("drift") or spec.span_of(("eq", spec.data)))
+    span = block_span(spec, "D" if spec.form == "recipe" else "drift")
     if R.is_zero_matrix:
         scope = "for all t and every parameter value" if spec.symbols else "for all t"
         return [Proof(title, "proved", f"residual simplifies to 0 {scope}", span)]

@@ -120,6 +120,14 @@ class ELBOTerms:
         return f"ELBOTerms({means})"
 
 
+# sdec.compile runs this file with ``_SDEC_SHARED`` preset to the classes above as defined
+# once in sdec.emit.kernel_base, so ``except sdec.CholeskyError`` and
+# ``isinstance(terms, sdec.ELBOTerms)`` hold for every module it returns. A standalone file
+# keeps its own classes (and needs only torch).
+if "_SDEC_SHARED" in globals():
+    CholeskyError, Perturbed, ELBOTerms = _SDEC_SHARED  # noqa: F821 - preset by the loader
+
+
 def _col(c, like):
     """A per-example (B,) or scalar coefficient shaped to broadcast against like (B, *data)."""
     return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
@@ -418,6 +426,16 @@ class DiffusionBase(torch.nn.Module):
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.get_default_dtype(), device=self._device())
         return t.reshape(-1).to(torch.float64), t.shape, t.dtype, t.device
+
+    def beta(self, t):
+        """The time change beta(t) for a float or tensor t, in t's dtype (float64 inside)."""
+        t64, shape, dtype, _ = self._time(t)
+        return self._beta(t64).reshape(shape).to(dtype)
+
+    def B(self, t):
+        """B(t) = ∫₀ᵗ beta(u) du for a float or tensor t, in t's dtype (float64 inside)."""
+        t64, shape, dtype, _ = self._time(t)
+        return self._B(t64).reshape(shape).to(dtype)
 
     def _B_at(self, t):
         return self._B(torch.as_tensor(t, dtype=torch.float64, device=self._device()))

@@ -7,6 +7,8 @@ generated code never calls torch on a Python number.
 """
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 from sympy.printing.pytorch import TorchPrinter
 
@@ -22,24 +24,52 @@ class KernelPrinter(TorchPrinter):
         return self.names[expr]
 
     def _print_Float(self, expr):
-        return repr(float(expr))
+        return _literal(float(expr))
 
-    def _print_Rational(self, expr):
-        if expr.q == 1:
-            return f"{expr.p}.0"
-        return f"({expr.p}/{expr.q})"
+    def _print_Rational(self, expr):  # torch_expr turns them into Floats first
+        return _literal(_to_float(expr))
 
     def _print_Integer(self, expr):
-        return f"{expr.p}.0"
+        return _literal(_to_float(expr))
+
+    def _print_expm1(self, expr):
+        return f"torch.expm1({self._print(expr.args[0])})"
+
+    def _print_log1p(self, expr):
+        return f"torch.log1p({self._print(expr.args[0])})"
 
 
-def _fold_constants(expr):
-    """Replace maximal numeric, non-rational sub-expressions by 30-digit floats."""
+def _to_float(r) -> float:
+    """p/q in Python is the correctly rounded quotient: the double a literal would give."""
+    try:
+        return r.p / r.q
+    except OverflowError:
+        return math.inf if r.p > 0 else -math.inf
+
+
+def _literal(value: float) -> str:
+    if math.isnan(value):
+        return "math.nan"
+    if math.isinf(value):
+        return "math.inf" if value > 0 else "(-math.inf)"
+    return repr(value)  # sympy's precedence rules parenthesize negative numbers where needed
+
+
+def _rationals_as_floats(expr):
+    """Non-integer rationals as the double they round to, printed as plain literals
+    (9.9*t, not ((99/10))*t); integers stay exact (exponents print as t**2)."""
+    found = {r for r in expr.atoms(sp.Rational) if not r.is_Integer}
+    return expr.xreplace({r: sp.Float(_to_float(r), 17) for r in found}) if found else expr
+
+
+def fold_constants(expr):
+    """Replace maximal numeric, non-rational sub-expressions by 30-digit floats (what the
+    generated code computes with; the lowering's accuracy checks evaluate the same)."""
     if expr.is_number:
         return expr if expr.is_Rational else sp.Float(sp.N(expr, 30), 30)
     if not expr.args:
         return expr
-    return expr.func(*[_fold_constants(a) for a in expr.args])
+    return expr.func(*[fold_constants(a) for a in expr.args])
 
 
 def torch_expr(expr, names: dict) -> str:
@@ -47,4 +77,4 @@ def torch_expr(expr, names: dict) -> str:
         expr = sp.Integer(expr)
     if not isinstance(expr, sp.Basic):
         raise TypeError(f"expected a sympy expression, got {type(expr).__name__}")
-    return KernelPrinter(names).doprint(_fold_constants(expr))
+    return KernelPrinter(names).doprint(_rationals_as_floats(fold_constants(expr)))

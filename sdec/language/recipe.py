@@ -142,22 +142,45 @@ class RecipeForm:
             sub = learn.random_init(kind, n, rank, float(std), int(seed), mask)
             full = learn.embed(sub, index, self.K)
         else:
-            full = self.value(node, Scope(constants=self.constants, size=self.K))
-            if full is None:
+            value = self.value(node, Scope(constants=self.constants, size=self.K))
+            if value is None:
                 return None, None
-            if not is_matrix(full) or full.shape != (self.K, self.K):
-                self.err(node.span, f"the initial value must be a {self.K}x{self.K} matrix, got a {shape_text(full)}")
+            sub = self._given_init(node, value, kind, over, rank)
+            if sub is None:
                 return None, None
-            outside = [(i, j) for i in range(self.K) for j in range(self.K)
-                       if (i not in index or j not in index) and full[i, j] != 0]
-            if outside:
-                i, j = outside[0]
-                self.err(node.span, f"initial value is nonzero at [{self.variables[i]}, {self.variables[j]}], outside the learned variables")
-                return None, None
-            sub = sp.Matrix(n, n, lambda a, c: full[index[a], index[c]])
+            full = learn.embed(sub, index, self.K)
         try:
             learn.check_init(kind, sub, rank, mask)
         except learn.InitError as exc:
             self.err(node.span, str(exc))
             return None, None
         return sp.ImmutableMatrix(full), random
+
+    def _given_init(self, node, value, kind, over, rank):
+        """The n x n sub-block from a written initial value: the K x K matrix (zero outside
+        the block), the block's own n x n value, or (lowrank(r)) the n x r factor B of B Bᵀ.
+        A square n x n value is the block's value even when r = n."""
+        K, n = self.K, len(over)
+        index = [self.variables.index(v) for v in over]
+        shape = value.shape if is_matrix(value) else None
+        if shape == (K, K):
+            outside = [(i, j) for i in range(K) for j in range(K)
+                       if (i not in index or j not in index) and value[i, j] != 0]
+            if outside:
+                i, j = outside[0]
+                self.err(node.span, f"initial value is nonzero at [{self.variables[i]}, {self.variables[j]}], "
+                         "outside the learned variables")
+                return None
+            return sp.Matrix(n, n, lambda a, c: value[index[a], index[c]])
+        if shape == (n, n):
+            return sp.Matrix(value)
+        if kind == "lowrank" and shape == (n, rank):
+            return sp.Matrix(value) * sp.Matrix(value).T
+        forms = [f"a {K}x{K} matrix"]
+        if n != K:
+            forms.append(f"the {n}x{n} block on ({', '.join(over)})")
+        if kind == "lowrank" and rank != n:
+            forms.append(f"the {n}x{rank} factor B of D = B Bᵀ")
+        listed = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
+        self.err(node.span, f"the initial value must be {listed}, got a {shape_text(value)}")
+        return None
