@@ -151,12 +151,14 @@ def _apply(mat, y, tri=None, col=None, x=None):
 
     parts = [v for v in (mat, y, col, x) if v is not None]
     if torch.is_grad_enabled() and any(v.requires_grad for v in parts):
+        E, ys = _entries(mat), y.unbind(1)
+        cs = None if col is None else col.unbind(-1)
         rows = []
         for i in range(K):
-            r = None if col is None else _col(col[..., i], x) * x
+            r = None if col is None else _col(cs[i], x) * x
             for j in entries(i):
-                c = _col(mat[..., i, j], y[:, j])
-                r = y[:, j] * c if r is None else torch.addcmul(r, y[:, j], c)
+                c = _col(E[i][j], ys[j])
+                r = ys[j] * c if r is None else torch.addcmul(r, ys[j], c)
             rows.append(r)
         return torch.stack(rows, 1)
     dtype = mat.dtype
@@ -183,16 +185,17 @@ def _cholesky_small(S):
     vectorised over n: the recurrences of LAPACK's unblocked potf2, without a per-matrix
     call (or its per-matrix backward).  Returns (L, ok), ok False where a pivot is not > 0."""
     K = S.shape[-1]
+    E = _entries(S)
     L = [[None] * K for _ in range(K)]
     ok = None
     for j in range(K):
-        d = S[:, j, j]
+        d = E[j][j]
         for k in range(j):
             d = d - L[j][k] * L[j][k]
         ok = d > 0 if ok is None else ok & (d > 0)
         L[j][j] = torch.sqrt(d)
         for i in range(j + 1, K):
-            v = S[:, i, j]
+            v = E[i][j]
             for k in range(j):
                 v = v - L[i][k] * L[j][k]
             L[i][j] = v * (1.0 / L[j][j])
@@ -203,15 +206,22 @@ def _tri_inverse_small(L):
     """L⁻¹ of (n, K, K) lower-triangular L with a positive diagonal (K <= _UNROLL_K), by
     forward substitution entry by entry, vectorised over n."""
     K = L.shape[-1]
+    E = _entries(L)
     M = [[None] * K for _ in range(K)]
     for j in range(K):
-        M[j][j] = 1.0 / L[:, j, j]
+        M[j][j] = 1.0 / E[j][j]
         for i in range(j + 1, K):
-            v = L[:, i, j] * M[j][j]
+            v = E[i][j] * M[j][j]
             for k in range(j + 1, i):
-                v = v + L[:, i, k] * M[k][j]
-            M[i][j] = -v / L[:, i, i]
+                v = v + E[i][k] * M[k][j]
+            M[i][j] = -v / E[i][i]
     return _stack_lower(M, L)
+
+
+def _entries(mat):
+    """mat[..., i, j] as nested lists, by two levels of unbind (one backward node each, where
+    K² separate selects would each allocate a full-size gradient)."""
+    return [row.unbind(-1) for row in mat.unbind(-2)]
 
 
 def _stack_lower(entries, like):
