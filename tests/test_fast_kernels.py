@@ -190,3 +190,16 @@ def test_elbo_clears_its_memo_when_the_score_function_raises():
     with pytest.raises(RuntimeError, match="network failed"):
         proc.elbo(x, broken, generator=gen(1))
     assert proc._call_memo is None
+
+
+@pytest.mark.parametrize("tri", [None, "lower", "upper"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_apply_backward_passes_gradcheck(tri, batched):
+    """The batched-product backward of the unrolled apply, for every input at once."""
+    K, n = 3, 2
+    mat = torch.randn(*((n,) if batched else ()), K, K, generator=gen(0), dtype=F64, requires_grad=True)
+    y = torch.randn(n, K, 2, generator=gen(1), dtype=F64, requires_grad=True)
+    col = torch.randn(n, K, generator=gen(2), dtype=F64, requires_grad=True)
+    x = torch.randn(n, 2, generator=gen(3), dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, a, c, b: kb._apply(m, a, tri, c, b), (mat, y, col, x))
+    assert torch.autograd.gradcheck(lambda m, a: kb._apply(m, a, tri), (mat, y))

@@ -145,32 +145,26 @@ def _apply(mat, y, tri=None, col=None, x=None):
     if K > _UNROLL_K:
         out = torch.matmul(mat, y.reshape(y.shape[0], K, -1)).reshape(y.shape)
         return out if col is None else out + _col(col, y) * x[:, None]
-
-    def entries(i):
-        return range(i + 1) if tri == "lower" else range(i, K) if tri == "upper" else range(K)
-
     parts = [v for v in (mat, y, col, x) if v is not None]
     if torch.is_grad_enabled() and any(v.requires_grad for v in parts):
-        E, ys = _entries(mat), y.unbind(1)
-        cs = None if col is None else col.unbind(-1)
-        rows = []
-        for i in range(K):
-            r = None if col is None else _col(cs[i], x) * x
-            for j in entries(i):
-                c = _col(E[i][j], ys[j])
-                r = ys[j] * c if r is None else torch.addcmul(r, ys[j], c)
-            rows.append(r)
-        return torch.stack(rows, 1)
+        return _SmallApply.apply(mat, y, col, x, tri)
+    return _apply_unrolled(mat, y, tri, col, x)
+
+
+def _apply_unrolled(mat, y, tri, col, x):
+    """The no-graph body of _apply for K <= _UNROLL_K: rows written in place."""
+    K = y.shape[1]
     dtype = mat.dtype
-    for v in parts[1:]:
-        dtype = torch.promote_types(dtype, v.dtype)
+    for v in (y, col, x):
+        if v is not None:
+            dtype = torch.promote_types(dtype, v.dtype)
     out = torch.empty(y.shape, dtype=dtype, device=y.device)
     for i in range(K):
         o, first = out[:, i], True
         if col is not None:
             torch.mul(x, _col(col[..., i], x), out=o)
             first = False
-        for j in entries(i):
+        for j in range(i + 1) if tri == "lower" else range(i, K) if tri == "upper" else range(K):
             c = _col(mat[..., i, j], o)
             if first:
                 torch.mul(y[:, j], c, out=o)
@@ -178,6 +172,40 @@ def _apply(mat, y, tri=None, col=None, x=None):
             else:
                 o.addcmul_(y[:, j], c)
     return out
+
+
+class _SmallApply(torch.autograd.Function):
+    """_apply with a graph (K <= _UNROLL_K): the forward is the in-place unrolled one; the
+    backward reduces each input's gradient in one batched product, where autograd through
+    the per-entry ops would add a full-size multiply and a reduction for every entry:
+    d mat = g yᵀ per example (its zero triangle dropped), d col = g xᵀ, d y = matᵀ g,
+    d x = Σ_i col_i g_i."""
+
+    @staticmethod
+    def forward(ctx, mat, y, col, x, tri):
+        ctx.tri = tri
+        ctx.save_for_backward(mat, y, col, x)
+        return _apply_unrolled(mat, y, tri, col, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        mat, y, col, x = ctx.saved_tensors
+        tri = ctx.tri
+        n, K = g.shape[0], g.shape[1]
+        gf = g.reshape(n, K, -1)
+        d_mat = d_y = d_col = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT
+            d_mat = d_mat.tril() if tri == "lower" else d_mat.triu() if tri == "upper" else d_mat
+            d_mat = (d_mat if mat.dim() == 3 else d_mat.sum(0)).to(mat.dtype)
+        if ctx.needs_input_grad[1]:
+            flip = {"lower": "upper", "upper": "lower"}.get(tri)
+            d_y = _apply(mat.mT.to(g.dtype), g, flip).to(y.dtype)
+        if ctx.needs_input_grad[2]:
+            d_col = (gf @ x.reshape(n, -1, 1).to(g.dtype)).squeeze(-1).to(col.dtype)
+        if ctx.needs_input_grad[3]:
+            d_x = (_col(col.to(g.dtype), g) * g).sum(1).to(x.dtype)
+        return d_mat, d_y, d_col, d_x, None
 
 
 def _cholesky_small(S):
