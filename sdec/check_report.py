@@ -91,7 +91,10 @@ def _spec_lines(spec) -> list:
         out.append(f"  [{_MARK[p.verdict]}] {p.name}: {p.detail}")
     out.append("")
     noised = r.fact("noised_directly") or []
-    out.append(f"noised directly: {', '.join(noised) or 'none'};  noise reaches: {', '.join(r.fact('noise_reaches') or []) or '?'}")
+    misses = r.fact("noise_misses") or []
+    reaches = ", ".join(r.fact("noise_reaches") or []) or "?"
+    out.append(f"noised directly: {', '.join(noised) or 'none'};  noise reaches: {reaches}"
+               + (f", but never the combination{'s' if len(misses) > 1 else ''} {'; '.join(misses)}" if misses else ""))
     out.append(f"the score network must predict noise for: {', '.join(noised) or 'none'}")
     syms = r.fact("learnable_symbols") or []
     out.append(f"learnable parameters: {spec.parameter_count}" + (f" ({', '.join(syms)})" if syms else ""))

@@ -22,8 +22,8 @@ SOURCES = [p.read_text(encoding="utf-8") for p in SPECS]
 # ---- generated specs -----------------------------------------------------------------------------
 
 R = sp.Rational
-# Identifiers a user may pick, keywords of the grammar included (they are names outside their statement).
-NAMES = ["x", "v", "w", "u", "z", "y2", "aux_1", "on", "mask", "normal", "state", "dt", "e", "E", "dW"]
+# Identifiers a user may pick, near-keywords included (the keywords themselves are reserved).
+NAMES = ["x", "v", "w", "u", "z", "y2", "aux_1", "onset", "masks", "normals", "state2", "dt_", "e", "E", "dW"]
 SMALL = [R(n, d) for n in range(-3, 4) for d in (1, 2, 4)]
 POSITIVE = [R(n, d) for n in (1, 2, 3) for d in (1, 2, 4)]
 

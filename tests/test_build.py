@@ -382,7 +382,7 @@ ERRORS = [
     (BASE.replace("beta(t) = 1", "beta(s) = 1") + P, "write the time change as beta(t)", 4, 6),
     (BASE.replace("beta(t) = 1", "alpha(t) = 1") + P, "only beta(t) can be defined, not alpha()", 4, 1),
     (BASE.replace("beta(t) = 1", "beta(t) = 1\nbeta(t) = 2") + P, "beta(t) is defined twice (first at line 4)", 5, 1),
-    (BASE.replace("beta(t) = 1", "beta(t) = 1 + x") + P, "unknown name 'x'", 4, 15),
+    (BASE.replace("beta(t) = 1", "beta(t) = 1 + x") + P, "'x' is a state variable; beta(t) may use only t and constants", 4, 15),
     (BASE.replace("beta(t) = 1", "beta(t) = I") + P, "expected a scalar, got a 2x2 matrix", 4, 11),
     (BASE.replace("init v ~ normal(0, 0.01)\n", "") + P, "auxiliary variable 'v' has no initial law", 2, 10),
     (BASE.replace("init v", "init x") + P, "'x' is the data variable; its initial law is the data", 3, 6),
@@ -525,3 +525,40 @@ def test_spec_error_is_a_value_error_with_fields():
 def test_default_filename():
     exc = error_of(BASE.replace("T = 1", "T = 0") + P, None)
     assert exc.filename == "<spec>" and exc.render().startswith("<spec>:5:5: error:")
+
+
+@pytest.mark.parametrize("text,name,line,column", [
+    ("sde state\nstate x\n", "state", 1, 5),
+    ("sde s\nstate x, on\n", "on", 2, 10),
+    ("sde s\nstate x\nconst normal = 2\n", "normal", 3, 7),
+    ("sde s\nstate x\nparam mask = 2\n", "mask", 3, 7),
+    ("sde s\nstate x, dt\n", "dt", 2, 10),
+])
+def test_reserved_words_cannot_be_names(text, name, line, column):
+    result = sdec.analyze(text + "beta(t) = 1\nT = 1\ntarget normal(0, I)\nD = I\n", "r.sde")
+    found = [d for d in result.diagnostics if f"'{name}' is reserved" in d.message]
+    assert found and (found[0].span.line, found[0].span.column) == (line, column)
+
+
+def test_state_variable_in_beta_is_named_as_such():
+    err = error_of(BASE.replace("beta(t) = 1", "beta(t) = 1 + x") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
+    assert err.message == "'x' is a state variable; beta(t) may use only t and constants"
+
+
+def test_missing_statement_points_at_the_sde_line_or_the_end_never_a_comment():
+    err = error_of("# a comment\n\nsde s\nstate x\nbeta(t) = 1\ntarget normal(0, I)\nD = I\n# end\n")
+    assert err.message == "missing the time horizon" and (err.line, err.column) == (3, 1)
+    err = error_of("# a comment\nstate x\nbeta(t) = 1\nT = 1\ntarget normal(0, I)\nD = I\n# end\n")
+    assert err.message == "missing the spec name" and (err.line, err.column) == (2, 1)
+
+
+def test_explicit_diffusion_not_proportional_to_beta_names_the_entry():
+    err = error_of(BASE.replace("beta(t) = 1", "beta(t) = 2 + t") +
+                   "drift = beta(t) * [[0, 1], [-1, -1]]\ndiffusion = [[0], [sqrt(2)]]\n")
+    assert "entry [v, v] of G Gᵀ(t) / (2 beta(t)) is 1/(t + 2), which depends on t" in err.message
+    assert (err.line, err.column) == (8, 13)
+
+
+def test_numbers_in_messages_are_readable():
+    err = error_of(BASE.replace("T = 1", "T = 1e-300") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
+    assert err.message == "t_min = 1/1000 must be smaller than T = 1e-300"

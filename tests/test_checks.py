@@ -9,6 +9,7 @@ import sympy as sp
 from scipy.linalg import expm
 
 import sdec
+from sdec.check_report import check_text
 from sdec.checks.mixing import mixing_numbers
 from sdec.checks.schedule import integrated_beta
 from sdec.language.ir import T_SYMBOL as t
@@ -100,7 +101,7 @@ def test_shipped_spec_proofs_hold(name):
     conv = proof(spec, "converges to N(0, Σ∞)")
     assert conv.verdict == "proved"
     if fixed:
-        assert proof(spec, "noise reaches every variable").detail == f"exact rank: rank {spec.K} = K"
+        assert proof(spec, "noise reaches every variable").detail == f"rank {spec.K} = K (exact)"
     else:  # learned2/3 learn a full psd D: positive definite for every parameter value
         assert "for every parameter value" in proof(spec, "noise reaches every variable").detail
         assert "Lyapunov" in conv.detail
@@ -311,21 +312,21 @@ def test_noise_that_never_reaches_a_variable():
     A = -(np.array([[0, -1, 0], [1, 0, 0], [0, 0, 0]]) + np.diag([0, 1, 0]))
     assert kalman_rank(A, np.diag([0, 1, 0])) == 2 and np.isclose(np.linalg.eigvals(A).real.max(), 0)
     exc = error_of(text)
-    assert exc.message == "rank 2 < K = 3: the noise never reaches w"
+    assert exc.message == "rank 2 < K = 3 (exact): the noise never reaches the variable w"
     assert (exc.line, exc.column) == (8, 5)
     assert "does not forget its start" in exc.errors[1].message
 
 
 def test_no_skew_coupling_means_x_is_never_noised():
     exc = error_of(HEAD + "D = diag(0, 1)\n")
-    assert exc.message == "rank 1 < K = 2: the noise never reaches x" and (exc.line, exc.column) == (7, 5)
+    assert exc.message == "rank 1 < K = 2 (exact): the noise never reaches the variable x" and (exc.line, exc.column) == (7, 5)
 
 
 def test_learned_block_convergence_checked_at_init_and_said_so():
     text = ("sde l\nstate x, v, w\ninit (v, w) ~ normal(0, 0.01)\nbeta(t) = 0.1 + 9.9 * t\nT = 1\ntarget normal(0, I)\n"
             "learn Q: skew init [[0, -1, 0], [1, 0, 0], [0, 0, 0]]\nD = diag(0, 1, 0)\n")
     exc = error_of(text)
-    assert exc.message == "rank 2 < K = 3 at the initial parameter values: the noise never reaches w"
+    assert exc.message == "rank 2 < K = 3 (exact at the initial parameter values): the noise never reaches the variable w"
     ok = sdec.parse(text.replace("[[0, -1, 0], [1, 0, 0], [0, 0, 0]]", "[[0, -1, -1], [1, 0, -1], [1, 1, 0]]"))
     reach = proof(ok, "noise reaches every variable")
     assert reach.verdict == "checked" and "at the initial parameter values" in reach.detail
@@ -346,12 +347,18 @@ def test_learned_psd_on_a_sub_block_is_not_proved_by_structure():
     ("cos(3 * t)", "the time change must stay positive"),
     ("cos(100000 * t) + 0.5", "the time change must stay positive"),
     ("1/(t - 1/2)^2", "not a finite real number at t = 0.5"),
-    ("1/(t - 0.50001)^2", "not finite everywhere on [0, 1]"),
+    ("1/(t - 0.50001)^2", "not finite at t = 50001/100000 (a pole on [0, 1])"),
+    ("1/(t - 1/pi)^2", "not finite at t = 1/pi ≈ 0.31831"),
     ("log(t) + 5", "not a finite real number at t = 0"),
     ("sqrt(t - 1/2) + 1", "not a finite real number at t = 0"),
-    ("exp(710 * t)", "is out of range (more than 1e30)"),
-    ("exp(exp(exp(10) * t))", "not a finite real number"),
-    ("(t - 0.50001)^2", "beta(t) reaches 0 on [0, 1]"),
+    ("exp(710 * t)", "= 1.15887e+30 is out of range; beta must stay between 1e-30 and 1e30"),
+    ("1e399", "beta(0) = 1e+399 overflows float64"),
+    ("exp(exp(exp(10) * t))", "beta(0.0005) = 2.46192e+26349 overflows float64"),
+    ("(t - 0.50001)^2", "beta(t) = 0 exactly at t = 50001/100000; the time change must stay positive on [0, 1]"),
+    ("1 + cos(100 * t)", "beta(t) = 0 exactly at t = pi/100 ≈ 0.0314159"),
+    ("1 + cos(100 * t + 1/3)", "beta(t) = 0 exactly at t = -1/300 + pi/100 ≈ 0.0280826"),
+    ("(t - 1/2)^2 - 1/16", "beta(t) is smallest at t = 0.5, where beta(0.5) = -0.0625"),
+    ("(t - 0.3)^2 - 1/16", "beta(t) is smallest at t = 0.3, where beta(0.3) = -0.0625"),
 ])
 def test_beta_must_stay_positive_and_finite(beta, fragment):
     exc = error_of(HEAD.replace("0.1 + 9.9 * t", beta) + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
@@ -359,10 +366,29 @@ def test_beta_must_stay_positive_and_finite(beta, fragment):
     assert (exc.line, exc.column) == (4, 11) and len(exc.errors) == 1
 
 
-def test_high_frequency_beta_is_checked_numerically_and_said_so():
+def test_high_frequency_beta_is_proved_by_interval_arithmetic():
     spec = sdec.parse(HEAD.replace("0.1 + 9.9 * t", "cos(100000 * t) + 1.5") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
     positive = proof(spec, "beta(t) > 0")
-    assert positive.verdict == "checked" and "not proved" in positive.detail
+    assert positive.verdict == "proved" and "interval arithmetic" in positive.detail and "beta(t) ≥ 0.5" in positive.detail
+
+
+def test_beta_that_interval_bisection_cannot_decide_is_a_warning_saying_so():
+    # exp(2t) - 4 exp(t) + 4 = (exp(t) - 2)^2 >= 0: positive by 1e-12 at t = log 2, where interval
+    # bounds of the expanded form cannot resolve it and no closed-form point makes it <= 0
+    result = sdec.analyze(HEAD.replace("0.1 + 9.9 * t", "exp(2*t) - 4*exp(t) + 4 + 1e-12") +
+                          "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n", "w.sde")
+    positive = proof(result.spec, "beta(t) > 0")
+    assert positive.verdict == "warning" and positive.detail.startswith("not proved: interval arithmetic")
+    assert "near t = 0.69" in positive.detail
+    assert any(d.severity == "warning" and d.span.line == 4 for d in result.diagnostics)
+
+
+def test_beta_minimum_value_and_place_agree_with_mpmath():
+    import mpmath as mp
+    spec_text = HEAD.replace("0.1 + 9.9 * t", "2 + 3*sin(5*t + 1)") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n"
+    exc = error_of(spec_text)
+    t_star = (3 * mp.pi / 2 - 1) / 5  # sin = -1 there: beta = -1
+    assert f"smallest at t = {float(t_star):.6g}" in exc.message and "= -1;" in exc.message
 
 
 @pytest.mark.parametrize("line,fragment,where", [
@@ -392,3 +418,29 @@ def test_failed_proofs_stop_the_proofs_that_build_on_them():
     names = [p.name for p in spec.report.proofs]
     assert not any(n.startswith(("N(0, Σ∞) is stationary", "converges", "mixed")) for n in names)
     assert spec.report.fact("F") is None
+
+
+def test_non_skew_q_or_non_symmetric_d_gives_no_follow_on_stationarity_error():
+    for blocks in ("Q = [[0, -1], [2, 0]]\nD = diag(0, 1)\n", "Q = [[0, -1], [1, 0]]\nD = [[1, 1], [0, 1]]\n"):
+        result = sdec.analyze(HEAD + blocks, "b.sde")
+        errors = [d.message for d in result.diagnostics if d.severity == "error"]
+        assert len(errors) == 1 and "stationary" not in errors[0], errors
+
+
+def test_noise_missing_a_combination_names_it_exactly():
+    # v and w are coupled to x alike and noised only through v + w: v - w is never reached
+    text = ("sde m\nstate x, v, w\ninit (v, w) ~ normal(0, 0.01)\nbeta(t) = 1\nT = 1\ntarget normal(0, I)\n"
+            "Q = [[0, -1, -1], [1, 0, 0], [1, 0, 0]]\nD = [[0, 0, 0], [0, 1, 1], [0, 1, 1]]\n")
+    result = sdec.analyze(text, "m.sde")
+    errors = [d.message for d in result.diagnostics if d.severity == "error"]
+    assert errors[0] == "rank 2 < K = 3 (exact): the noise never reaches the combination v - w of the variables"
+    assert "real part exactly 0" in errors[1] and "max Re" not in errors[1]
+    text_out = check_text(result)
+    assert "noise reaches: x, v, w, but never the combination v - w" in text_out
+
+
+def test_non_symmetric_d_names_the_entries_at_the_statement_that_set_the_second():
+    exc = error_of(HEAD + "Q = [[0, -1], [1, 0]]\nD[v, v] = 1\nD[x, v] = 1\nD[v, x] = 2\nD[x, x] = 4\n")
+    assert exc.message == "D is not symmetric: D[x, v] = 1 but D[v, x] = 2" and exc.line == 10
+    exc = error_of(HEAD + "Q = [[0, -1], [1, 0]]\nD = [[1, 1/2],\n     [1/3, 1]]\n")
+    assert exc.message == "D is not symmetric: D[x, v] = 1/2 but D[v, x] = 1/3" and (exc.line, exc.column) == (9, 7)

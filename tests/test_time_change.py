@@ -99,3 +99,83 @@ def test_closed_form_phi_that_cancels_is_rejected():
     assert phi is None and note.startswith("closed-form Φ rejected")
     phi, note = closed_form_phi(sp.Matrix([[-1, 1], [0, -2]]), 3.0)
     assert phi is not None and "max error" in note
+
+
+K4_IRRATIONAL = """sde k4
+state x, v, w, u
+init (v, w, u) ~ normal(0, 0.01)
+beta(t) = 1
+T = 1
+target normal(0, I + sqrt(2)/10*ones(4,4))
+Q = [[0, -1, 0, 0], [1, 0, -1, 0], [0, 1, 0, -1], [0, 0, 1, 0]]
+D = diag(0, 1, 1, 1)
+"""
+
+
+def test_irrational_drift_skips_the_symbolic_eigenvalue_search(monkeypatch):
+    """A = -(Q + D) Σ∞⁻¹ with sqrt(2) entries: the exact charpoly and roots took 20 s; the
+    lowering now goes straight to the matrix exponential."""
+    import sdec.backend.lower as lowering
+
+    def no_symbolic_work(*args, **kwargs):
+        raise AssertionError("symbolic characteristic polynomial attempted")
+
+    spec = sdec.parse(K4_IRRATIONAL, "k4.sde")
+    monkeypatch.setattr(lowering.sp, "Poly", no_symbolic_work)
+    plan = lower(spec)
+    assert plan.phi_closed is None and "torch.linalg.matrix_exp" in lowering_report(plan)
+
+
+def test_rational_eigenvalues_are_found_exactly():
+    from sdec.backend.lower import _rational_eigenvalues
+    assert _rational_eigenvalues(sp.Matrix([[0, 4], [-1, -4]]))            # CLD: -2, -2
+    assert not _rational_eigenvalues(sp.Matrix([[0, 1], [-2, 0]]))         # ±i sqrt(2)
+    assert not _rational_eigenvalues(sp.Matrix([[0, 1], [2, 0]]))          # ±sqrt(2): real, irrational
+    assert not _rational_eigenvalues(sp.Matrix([[sp.sqrt(2), 0], [0, 1]]))
+
+
+def test_symbolic_steps_past_their_budget_fall_back_and_say_so(monkeypatch):
+    """With a budget too small for any symbolic step, the lowering still gives correct
+    numbers (matrix exponential, quadrature or the unrewritten closed form) and its report
+    names each step that ran out."""
+    import sdec.backend.lower as lowering
+    import sdec.backend.time_change as time_change
+    import time
+
+    def slow(*args, **kwargs):
+        time.sleep(5)
+
+    spec = sdec.parse(ONE_D.format(beta="exp(2*t)"), "budget.sde")
+    lowering._closed_form_phi.cache_clear()
+    time_change.choose.cache_clear()
+    monkeypatch.setattr(time_change, "stable_form", slow)
+    monkeypatch.setattr(lowering, "_symbolic_phi", slow)
+    monkeypatch.setattr(lowering, "SYMBOLIC_SECONDS", 0.05)
+    monkeypatch.setattr(time_change, "SYMBOLIC_SECONDS", 0.05)
+    plan = lower(spec)
+    report = lowering_report(plan)
+    assert plan.phi_closed is None
+    assert "the closed form of expm(s A) did not finish within the 2 s budget" not in report
+    assert "did not finish within the 0.05 s budget" in report
+    assert "the expm1/log1p rewriting of B did not finish within the 0.05 s budget" in report
+    assert plan.time_change.error <= 1e-14  # a form that is accurate was still found
+    lowering._closed_form_phi.cache_clear()
+    time_change.choose.cache_clear()
+
+
+def test_exact_drift_matrix_past_its_budget_gives_the_same_module_numbers(monkeypatch):
+    import time
+    import sdec.backend.lower as lowering
+    from sdec.emit.module import generate_source
+    spec = sdec.parse_file(os.path.join(SPECS, "cld.sde"))
+    reference = sdec.compile(spec).transition(torch.tensor([0.01, 0.5, 1.0], dtype=torch.float64))
+    monkeypatch.setattr(type(spec), "A", property(lambda self: time.sleep(5)))
+    monkeypatch.setattr(lowering, "SYMBOLIC_SECONDS", 0.05)
+    plan = lower(spec)
+    assert plan.phi_closed is None and plan.exact["A"] is None
+    assert "the exact A = -(Q + D) Σ∞⁻¹ did not finish within the 0.05 s budget" in lowering_report(plan)
+    from sdec.backend.compiler import load_source
+    proc = load_source(generate_source(plan)).Diffusion()
+    Phi, Sigma = proc.transition(torch.tensor([0.01, 0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(Phi, reference[0], rtol=0, atol=1e-13)
+    assert torch.allclose(Sigma, reference[1], rtol=1e-12, atol=1e-15)

@@ -45,3 +45,31 @@ def test_invariance_catches_a_wrong_transition():
     proc.transition = skewed
     with torch.no_grad():
         assert not check_invariance(proc)[0].passed
+
+
+STIFF = """sde stiff
+state x
+beta(t) = 1000000
+T = 1
+target normal(0, 1)
+D = [[1]]
+"""
+
+
+def test_stiff_schedule_is_reported_instead_of_hanging(capsys, tmp_path):
+    """‖F‖ = 1e6: the RK4 reference would need 1e8 steps and Euler–Maruyama is unstable, so
+    both say why they were not run; the cheap checks still run, and the exit status is 0."""
+    from sdec.backend.verify import MAX_RK4_STEPS, render_checks
+    proc = sdec.compile_text(STIFF, "stiff.sde")
+    with torch.no_grad():
+        (ode,) = check_moment_ode(proc)
+        (em,) = check_simulation(proc, 100, 0)
+    assert ode.passed and ode.skipped.startswith("stiff schedule: max ‖F(t)‖ = 1e+06 on [0, T] needs 1e+08 RK4 steps")
+    assert f"{MAX_RK4_STEPS:,}" in ode.skipped
+    assert em.passed and em.skipped.startswith("stiff schedule: dt ‖F(t)‖ reaches 500")
+    path = tmp_path / "stiff.sde"
+    path.write_text(STIFF)
+    assert cli_main(["verify", str(path), "--samples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[SKIP]") == 2 and "0 failed, 2 not run (see SKIP above)" in out
+    assert "[FAIL]" not in out

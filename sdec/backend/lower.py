@@ -30,6 +30,7 @@ from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
 from .t_min import SERIES_TAU, derive_t_min
 from .time_change import REQUIRED, TimeChange, choose
+from ..checks.budget import SYMBOLIC_SECONDS, limited
 
 S_SYMBOL = sp.Symbol("s", nonnegative=True)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,10 +85,18 @@ def lower(spec) -> KernelPlan:
             symbolic[name] = M
         else:
             fixed[name] = float_rows(M)
-    phi, phi_note = (None, None) if (spec.symbols or learned) else closed_form_phi(spec.A, _s_max(spec))
+    A, phi, phi_note = None, None, None
+    if not (spec.symbols or learned):
+        step = limited(SYMBOLIC_SECONDS, lambda: spec.A)  # exact inverse of Σ∞
+        if step.finished:
+            A = step.value
+            phi, phi_note = closed_form_phi(A, _s_max(spec))
+        else:
+            phi_note = (f"the exact A = -(Q + D) Σ∞⁻¹ did not finish within the {SYMBOLIC_SECONDS:g} s budget "
+                        "for a symbolic step; the module computes A in float64 and uses the matrix exponential")
     canonical = format_spec(spec)
     exact = {"Q": spec.Q, "D": spec.D, "target": spec.target, "aux_init": spec.aux_init, "T": spec.T,
-             "t_min": spec.t_min, "A": None if (spec.symbols or learned) else spec.A}
+             "t_min": spec.t_min, "A": A}
     exact.update({b.block + "_init": b.init for b in spec.learned})
     return KernelPlan(
         spec_name=spec.name, source_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
@@ -124,24 +133,51 @@ def _s_max(spec) -> float:
 PHI_POINTS = 16
 
 
-def closed_form_phi(A, s_max: float = 3.0):
-    """See _closed_form_phi; cached, since tests and training compile the same spec often."""
-    return _closed_form_phi(sp.ImmutableMatrix(A), float(s_max))
+def closed_form_phi(A, s_max: float = 3.0, seconds: float | None = None):
+    """See _closed_form_phi, run under a time budget (default SYMBOLIC_SECONDS; past it: no
+    closed form, and the note says so); cached, since tests and training compile the same
+    spec often."""
+    seconds = SYMBOLIC_SECONDS if seconds is None else seconds
+    return _closed_form_phi(sp.ImmutableMatrix(A), float(s_max), float(seconds))
 
 
 @functools.lru_cache(maxsize=128)
-def _closed_form_phi(A, s_max: float):
-    """(expm(s A) in closed form, None) when every eigenvalue of A is a real rational and the
-    float64 closed form matches mpmath's expm to REQUIRED in max-entry scale on a grid of s
-    over the range where the kernel uses it (from the series switch to s_max); else
-    (None, the reason when a closed form existed but was inaccurate)."""
-    charpoly = A.charpoly(sp.Symbol("lam"))
-    roots = sp.roots(charpoly, multiple=True)
-    if len(roots) != A.rows or not all(r.is_Rational for r in roots):
-        return None, None
+def _closed_form_phi(A, s_max: float, seconds: float):
+    step = limited(seconds, _symbolic_phi, A)
+    if not step.finished:
+        return None, (f"the closed form of expm(s A) did not finish within the {seconds:g} s budget "
+                      "for a symbolic step; the matrix exponential is used")
+    return _checked_phi(step.value, A, s_max) if step.value is not None else (None, None)
+
+
+def _rational_eigenvalues(A) -> bool:
+    """True when every eigenvalue of A is a real rational: A rational (an irrational entry is
+    taken as no, without symbolic work), its float64 eigenvalues real, and its characteristic
+    polynomial over QQ a product of linear factors."""
+    A = sp.ImmutableMatrix(A)
+    if not all(e.is_Rational for e in A):
+        return False
+    w = np.linalg.eigvals(np.array(float_rows(A)))
+    if np.abs(w.imag).max(initial=0.0) > 1e-9 * max(1.0, np.abs(w).max(initial=0.0)):
+        return False
+    factors = sp.Poly(A.charpoly(sp.Symbol("lam")).as_expr(), sp.Symbol("lam"), domain="QQ").factor_list()[1]
+    return all(f.degree() == 1 for f, _ in factors)
+
+
+def _symbolic_phi(A):
+    """expm(s A) in closed form when every eigenvalue of A is a real rational, else None."""
+    if not _rational_eigenvalues(A):
+        return None
     Phi = (S_SYMBOL * sp.Matrix(A)).exp().applyfunc(lambda e: sp.factor_terms(sp.expand(e)))
     if Phi.has(sp.I) or any(e.has(sp.sinh, sp.cosh, sp.sin, sp.cos) for e in Phi):
-        return None, None
+        return None
+    return Phi
+
+
+def _checked_phi(Phi, A, s_max: float):
+    """(Phi, its measured accuracy) when the float64 closed form matches mpmath's expm to
+    REQUIRED in max-entry scale on a grid of s over the range where the kernel uses it (from
+    the series switch to s_max); else (None, why it was rejected)."""
     K = A.rows
     Af = float_rows(A)
     norm = float(np.linalg.norm(np.array(Af), 2))

@@ -80,9 +80,9 @@ def derive_t_min(spec) -> tuple[float, str | None]:
     t_spec = float(spec.t_min)
     Q0, D0 = spec.at_init()
     with mp.workdps(50):
-        A = mp.matrix(float_rows(-(Q0 + D0) * spec.target.inv()))
         D = mp.matrix(float_rows(D0))
         Sinf = mp.matrix(float_rows(spec.target))
+        A = -(mp.matrix(float_rows(Q0)) + D) * mp.inverse(Sinf)  # numeric: no symbolic inverse
         starts = [mp.zeros(spec.K, spec.K), mp.zeros(spec.K, spec.K)]
         for i in range(1, spec.K):
             for j in range(1, spec.K):

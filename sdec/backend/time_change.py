@@ -29,6 +29,7 @@ import sympy as sp
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from ..emit.torch_expr import fold_constants
+from ..checks.budget import SYMBOLIC_SECONDS, limited
 from ..language.ir import T_SYMBOL
 
 ACCEPT = 1e-14      # relative error at which a form is taken without looking further
@@ -58,7 +59,8 @@ class TimeChange:
         else:
             how = f"Gauss–Legendre quadrature of beta on [0, t], {self.panels} panel(s) of {GL_NODES} nodes"
         note = f"; max relative error {self.error:.2g} against {DIGITS}-digit mpmath on {self.points} points of [{self.t_lo:g}, T]"
-        tried = "".join(f"; {what} rejected (relative error {err:.2g})" for what, err in self.rejected)
+        tried = "".join(f"; {what}" if err != err else f"; {what} rejected (relative error {err:.2g})"
+                        for what, err in self.rejected)  # err NaN: a step that was not completed
         return how + note + tried
 
 
@@ -71,6 +73,15 @@ def stable_form(B: sp.Expr) -> sp.Expr:
     """B with exp(x) - 1 and log(1 + x) rewritten as expm1 and log1p where they appear."""
     B = sp.factor_terms(B)
     return optimize(B, [expm1_opt, log1p_opt]) if B.has(sp.exp, sp.log) else B
+
+
+def _budgeted_stable_form(B: sp.Expr):
+    """(stable_form(B), None), or (None, why) when the rewriting overruns its time budget."""
+    step = limited(SYMBOLIC_SECONDS, stable_form, B)
+    if step.finished:
+        return step.value, None
+    return None, (f"the expm1/log1p rewriting of B did not finish within the {SYMBOLIC_SECONDS:g} s budget "
+                  "for a symbolic step")
 
 
 def grid(t_lo: float, T: float) -> np.ndarray:
@@ -137,13 +148,16 @@ def choose(beta: sp.Expr, B: sp.Expr | None, t_lo: float, T: float) -> TimeChang
     ref = reference(beta, points)
     tried = []
     if B is not None:
-        forms = [stable_form(B)]
-        if forms[0] != B:
+        stable, why = _budgeted_stable_form(B)
+        if why is not None:
+            tried.append((why, math.nan, None, None, 0))
+        forms = [stable] if stable is not None else []
+        if stable != B:
             forms.append(B)
         for expr in forms:
             err = _error(_closed_values(expr, points), ref)
             if err <= ACCEPT:
-                return TimeChange(expr, None, None, 0, err, len(points), t_lo, tuple(tried))
+                return TimeChange(expr, None, None, 0, err, len(points), t_lo, tuple((d, e) for d, e, *_ in tried))
             tried.append((f"closed form {_short(expr)}", err, expr, None, 0))
     for panels in GL_PANELS:
         nodes, weights = quadrature_rule(panels)
@@ -152,7 +166,7 @@ def choose(beta: sp.Expr, B: sp.Expr | None, t_lo: float, T: float) -> TimeChang
             return TimeChange(None, nodes, weights, panels, err,
                               len(points), t_lo, tuple((d, e) for d, e, *_ in tried))
         tried.append((f"quadrature with {panels} panel(s)", err, None, (nodes, weights), panels))
-    best = min(tried, key=lambda item: item[1])
+    best = min((item for item in tried if item[1] == item[1]), key=lambda item: item[1])
     rest = tuple((d, e) for d, e, *_ in tried if d != best[0])
     rule = best[3] or (None, None)
     return TimeChange(best[2], rule[0], rule[1], best[4], best[1], len(points), t_lo, rest)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .algebra import check_aux_init, check_psd, check_skew, check_target
-from .convergence import check_convergence, reached
+from .convergence import check_convergence, direction_text
 from .mixing import MIX_TOL, check_mixing
 from .ranges import check_ranges
 from .proofs import Proof, Report, matrix_text
@@ -26,25 +26,26 @@ def run_checks(spec, mix_tol: float = MIX_TOL) -> Report:
     if _ok(beta):
         integral, B = check_integral(spec)
         proofs += integral
-    proofs += check_skew(spec)
-    proofs += check_psd(spec)
-    if _ok(target):
+    blocks = check_skew(spec) + check_psd(spec)
+    proofs += blocks
+    if _ok(target) and _ok(blocks):  # a non-skew Q or non-symmetric D is the whole story: no follow-on
         proofs += check_stationarity(spec)
     basics_ok = _ok(proofs)
-    mixing = None
+    mixing, reach = None, None
     if basics_ok:
-        proofs += check_convergence(spec)
+        more, reach = check_convergence(spec)
+        proofs += more
         if _ok(proofs):
             more, mixing = check_mixing(spec, B, mix_tol)
             proofs += more
-    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok, _ok(target)), B)
+    return Report(tuple(proofs), _facts(spec, B, mixing, basics_ok, _ok(target), reach), B)
 
 
 def _ok(proofs) -> bool:
     return all(p.ok for p in proofs)
 
 
-def _facts(spec, B, mixing, basics_ok, target_ok):
+def _facts(spec, B, mixing, basics_ok, target_ok, reach=None):
     facts = [
         ("name", spec.name), ("form", spec.form), ("variables", list(spec.variables)),
         ("data", spec.data), ("K", spec.K), ("T", str(spec.T)), ("t_min", str(spec.t_min)),
@@ -56,10 +57,10 @@ def _facts(spec, B, mixing, basics_ok, target_ok):
         ("learnable_parameters", spec.parameter_count),
         ("learnable_symbols", [s.name for s in spec.symbols]),
     ]
-    if basics_ok:
-        Q0, D0 = spec.at_init()
-        A0 = -(Q0 + D0) * spec.target.inv()
-        facts.append(("noise_reaches", [v for v, r in zip(spec.variables, reached(A0, D0)) if r]))
+    if basics_ok:  # reach is None when a learned D ≻ 0 reaches everything by construction
+        rows = reach.rows if reach is not None else (True,) * spec.K
+        facts.append(("noise_reaches", [v for v, r in zip(spec.variables, rows) if r]))
+        facts.append(("noise_misses", [direction_text(w, spec.variables) for w in reach.missed] if reach else []))
     if mixing is not None:
         facts.append(("mixing", mixing))
     return tuple(facts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from ..language.format import expr_text
 from .proofs import Proof, block_span, numeric
 
 
@@ -61,7 +62,7 @@ def check_psd(spec):
         return [Proof(title, "proved", f"by parameterization {how} (every parameter value)", span)]
     D = spec.D
     if not (D - D.T).applyfunc(sp.simplify).is_zero_matrix:
-        return [Proof(title, "failed", "D is not symmetric", span)]
+        return [_not_symmetric(spec, title, span)]
     if D.free_symbols:
         exact = _psd_symbolic(D)
         if exact:
@@ -84,3 +85,13 @@ def _psd_symbolic(D) -> bool:
     if any(D[i, j] != 0 for i in range(K) for j in range(K) if i != j):
         return False
     return all(D[i, i].is_nonnegative is True for i in range(K))
+
+
+def _not_symmetric(spec, title, span):
+    """Name the first pair of entries that differ, at the one written second."""
+    D, names, K = spec.D, spec.variables, spec.K
+    i, j = next((i, j) for i in range(K) for j in range(i + 1, K) if sp.simplify(D[i, j] - D[j, i]) != 0)
+    spans = [s for s in (spec.span_of(("D", i, j)), spec.span_of(("D", j, i))) if s is not None]
+    second = max(spans, key=lambda s: (s.line, s.column)) if spans else span
+    return Proof(title, "failed", f"D is not symmetric: D[{names[i]}, {names[j]}] = {expr_text(D[i, j])} but "
+                 f"D[{names[j]}, {names[i]}] = {expr_text(D[j, i])}", second)

@@ -1,21 +1,49 @@
-"""The time change: beta(t) > 0 on [0, T], and B(t) = ∫₀ᵗ beta in closed form."""
+"""The time change: beta(t) > 0 on [0, T], and B(t) = ∫₀ᵗ beta in closed form.
+
+Positivity is decided, not sampled: a float64 grid looks for a bad value first (cheap;
+every value it reports is confirmed by interval arithmetic before it becomes an error),
+then bisection with interval enclosures (sdec.checks.intervals) proves beta > 0 on
+[0, T] or finds a point where beta <= 0. Where bisection gets stuck (beta touches 0,
+or has a pole) the point is identified in closed form and beta is evaluated there
+exactly. Only when none of this decides, within fixed budgets, is the verdict a warning
+that says what was not proved.
+"""
 from __future__ import annotations
 
+import mpmath as mp
 import numpy as np
 import sympy as sp
-from sympy.calculus.util import continuous_domain
 
+from ..language.format import number_text
 from ..language.ir import T_SYMBOL
+from . import intervals
+from .budget import SYMBOLIC_SECONDS, limited
 from .proofs import Proof
 
 _s = sp.Symbol("s", nonnegative=True)
-GRID = 2001       # points of the float64 check of beta on [0, T]
+GRID = 2001       # points of the float64 look for bad values of beta on [0, T]
 LARGEST = 1e30    # beyond this beta is out of the kernels' range
-_SINGULAR = object()  # beta has a pole (or a gap) on [0, T]
+TITLE = "beta(t) > 0 on [0, T]"
 
 
-def integrated_beta(beta) -> sp.Expr | None:
-    """B(t) in closed form, or None when sympy finds none (the lowering then uses quadrature)."""
+def integrated_beta(beta, seconds: float | None = None):
+    """B(t) in closed form, or None when sympy finds none within `seconds` (the lowering
+    then uses quadrature). Use integral_outcome for the reason."""
+    return integral_outcome(beta, seconds)[0]
+
+
+def integral_outcome(beta, seconds: float | None = None):
+    """(B or None, why-not text or None); `seconds` defaults to SYMBOLIC_SECONDS."""
+    seconds = SYMBOLIC_SECONDS if seconds is None else seconds
+    step = limited(seconds, _integrate, beta)
+    if not step.finished:
+        return None, f"sympy's integrator ran out of its {seconds:g} s budget"
+    if step.value is None:
+        return None, "sympy finds none"
+    return step.value, None
+
+
+def _integrate(beta):
     if beta.is_polynomial(T_SYMBOL):
         return sp.expand(sp.integrate(beta, (T_SYMBOL, 0, T_SYMBOL)))
     try:
@@ -28,29 +56,32 @@ def integrated_beta(beta) -> sp.Expr | None:
 
 
 def check_beta(spec):
-    """A float64 grid first (cheap, never raises), then an exact minimum where sympy can give one."""
     span = spec.span_of("beta")
-    title = "beta(t) > 0 on [0, T]"
     beta, T = spec.beta, spec.T
+    T_text = number_text(T)
     grid = np.linspace(0.0, float(T), GRID)
     values = _grid_values(beta, grid)
-    bad = ~np.isfinite(values) | (values <= 0) | (values > LARGEST)
-    if bad.any():
-        i = int(np.argmax(bad))
-        return [Proof(title, "failed", _bad_value(values[i], grid[i], T), span)]
-    exact = _exact_minimum(beta, T)
-    if exact is _SINGULAR:
-        return [Proof(title, "failed", f"beta(t) is not finite everywhere on [0, {T}] "
-                      "(a pole or a gap between grid points)", span)]
-    if exact is not None:
-        if exact.is_positive:
-            return [Proof(title, "proved", f"exact minimum {exact} on [0, {T}]", span)]
-        return [Proof(title, "failed", f"beta(t) reaches {exact} on [0, {T}]; the time change must stay positive", span)]
-    return [Proof(title, "checked", f"numerically on a {GRID}-point grid (minimum {values.min():.6g}); not proved", span)]
+    bad = _grid_error(beta, T, grid, values)
+    if bad is not None:
+        return [Proof(TITLE, "failed", bad, span)]
+    try:
+        found = intervals.bisect_positive(beta, T)
+    except intervals.Unsupported as exc:
+        return [Proof(TITLE, "warning", f"not proved ({exc}): positive on a {GRID}-point grid only "
+                      f"(minimum {number_text(float(values.min()))})", span)]
+    if found.outcome == "positive":
+        return [Proof(TITLE, "proved", f"interval arithmetic on {found.pieces} piece(s) of [0, {T_text}]: "
+                      f"beta(t) ≥ {number_text(_floor6(found.lowest))}", span)]
+    if found.outcome == "undefined":
+        return [Proof(TITLE, "failed", f"beta(t) has no real value at t = {number_text(found.point)} "
+                      "(log or fractional power of a negative number)", span)]
+    if found.outcome == "nonpositive":
+        return [Proof(TITLE, "failed", _smallest(beta, T, found.point, float(T) / (GRID - 1)), span)]
+    return [_decide_stuck(beta, T, found, values, span)]
 
 
 def _grid_values(beta, grid):
-    f = sp.lambdify(T_SYMBOL, beta, "numpy")
+    f = sp.lambdify(T_SYMBOL, beta, "numpy")  # beta is an IR expression, never spec text
     with np.errstate(all="ignore"):
         try:
             values = np.broadcast_to(np.asarray(f(grid), dtype=complex), grid.shape)
@@ -59,36 +90,145 @@ def _grid_values(beta, grid):
     return np.where(np.abs(values.imag) > 0, np.nan, values.real)
 
 
-def _bad_value(value, t, T):
-    if not np.isfinite(value):
-        return f"beta(t) is not a finite real number at t = {t:.6g}"
-    if value > LARGEST:
-        return f"beta({t:.6g}) = {value:.3g} is out of range (more than 1e30)"
-    return f"beta({t:.6g}) = {value:.6g}; the time change must stay positive on [0, {T}]"
-
-
-def _exact_minimum(beta, T):
-    """The exact minimum of beta on [0, T], _SINGULAR if beta is not continuous there, or None.
-
-    Periodic functions are left to the grid: sympy's solver lists every critical point,
-    and cos(100000 t) has tens of thousands of them.
-    """
-    if beta.has(sp.sin, sp.cos, sp.tan):
-        return None
-    interval = sp.Interval(0, T)
+def _grid_error(beta, T, grid, values):
+    """An error message for a bad value on the grid, confirmed by interval arithmetic; else None."""
     try:
-        if not beta.is_polynomial(T_SYMBOL) and not interval.is_subset(
-                continuous_domain(beta, T_SYMBOL, interval)):
-            return _SINGULAR
-        low = sp.minimum(beta, T_SYMBOL, interval)
-    except Exception:  # minimum() and continuous_domain() are not total; the grid verdict stands
+        f = intervals.enclosure(beta)
+    except intervals.Unsupported:
+        f = None
+    for i in np.flatnonzero(~np.isfinite(values) | (values > LARGEST))[:1]:
+        t = grid[i]
+        exact = _point(f, t)
+        if exact is None:
+            return f"beta(t) is not a finite real number at t = {number_text(t)}"
+        low, high = exact
+        if high < mp.inf and low > LARGEST:
+            where = "overflows float64 (more than 1.8e308)" if not np.isfinite(values[i]) else "is out of range"
+            return f"beta({number_text(t)}) = {number_text(low)} {where}; beta must stay between 1e-30 and 1e30"
+        if high == mp.inf:
+            return f"beta(t) is not a finite real number at t = {number_text(t)}"
+    if (values <= 0).any():
+        i = int(np.nanargmin(np.where(np.isfinite(values), values, np.inf)))
+        exact = _point(f, grid[i])
+        if exact is None or exact[1] <= 0:  # confirmed (or no interval rule: trust the exact value below)
+            step = float(T) / (GRID - 1)
+            return _smallest(beta, T, grid[i], step, at_end=i in (0, GRID - 1))
+    return None
+
+
+def _point(f, t):
+    """(lower, upper) of the enclosure of beta at the float t, or None without a real value."""
+    if f is None:
         return None
-    return low if low.is_number else None
+    try:
+        v = f(intervals.iv.mpf(float(t)))
+    except (intervals.Undefined, ZeroDivisionError, ValueError):
+        return None
+    return mp.mpf(v.a), mp.mpf(v.b)
+
+
+def _smallest(beta, T, t0, step, at_end=False):
+    """Where beta is smallest near t0 (within one grid step), and its value there."""
+    if at_end:
+        t_exact = sp.Integer(0) if t0 == 0 else T
+        value = sp.N(beta.subs(T_SYMBOL, t_exact), 15)
+        where = number_text(t_exact)
+    else:
+        f = sp.lambdify(T_SYMBOL, beta, "mpmath")
+        lo, hi = max(0.0, t0 - step), min(float(T), t0 + step)
+        with mp.workdps(30):
+            t_min = _golden_min(f, mp.mpf(lo), mp.mpf(hi))
+            value, where = f(t_min), number_text(t_min)
+    return (f"beta(t) is smallest at t = {where}, where beta({where}) = {number_text(value)}; "
+            f"the time change must stay positive on [0, {number_text(T)}]")
+
+
+def _golden_min(f, a, b, steps=120):
+    g = (mp.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(steps):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def _decide_stuck(beta, T, found, values, span):
+    """Bisection stopped at found.point: beta touches 0 there, has a pole, or is too flat for
+    the interval bounds. Identify the point in closed form and evaluate beta there exactly;
+    for a polynomial, find the exact minimum. Otherwise a warning saying what is unproved."""
+    where = number_text(found.point) if found.point is not None else "?"
+    step = limited(SYMBOLIC_SECONDS, _exact_at_candidates, beta, T, found.point)
+    if step.finished and step.value is not None:
+        c, value = step.value
+        at = sp.sstr(c) + ("" if c.is_Rational else f" ≈ {number_text(c)}")
+        if value.has(sp.zoo, sp.oo, sp.nan, -sp.oo):
+            return Proof(TITLE, "failed", f"beta(t) is not finite at t = {at} (a pole on [0, {number_text(T)}])", span)
+        return Proof(TITLE, "failed", f"beta(t) = {sp.sstr(value)} exactly at t = {at}; the time change must "
+                     f"stay positive on [0, {number_text(T)}]", span)
+    if beta.is_polynomial(T_SYMBOL):
+        step = limited(SYMBOLIC_SECONDS, sp.minimum, beta, T_SYMBOL, sp.Interval(0, T))
+        if step.finished and step.value.is_number:
+            if step.value.is_positive:
+                return Proof(TITLE, "proved", f"exact minimum {number_text(step.value)} on [0, {number_text(T)}]", span)
+            return Proof(TITLE, "failed", f"beta(t) reaches {number_text(step.value)} on [0, {number_text(T)}]; "
+                         "the time change must stay positive", span)
+    return Proof(TITLE, "warning", f"not proved: interval arithmetic ({found.pieces} pieces) could not separate "
+                 f"beta(t) from 0 near t = {where}, and no exact value decides it there; beta is positive on a "
+                 f"{GRID}-point grid (minimum {number_text(float(np.nanmin(values)))})", span)
+
+
+def _exact_at_candidates(beta, T, point):
+    """(c, beta(c)) for a closed-form c near `point` in [0, T] where beta(c) <= 0 or is not
+    finite, exactly; None if no such c is found. c comes from the float point refined to a
+    root of beta' (or beta) and recognized (sympy's nsimplify, with pi as a constant), or the
+    float point itself recognized as p/q, p pi/q or p/(q pi) with small q."""
+    if point is None:
+        return None
+    candidates = []
+    with mp.workdps(50):
+        guess = mp.mpf(point)
+        for g in (sp.diff(beta, T_SYMBOL), beta):
+            try:
+                root = mp.findroot(sp.lambdify(T_SYMBOL, g, "mpmath"), guess)
+            except (ValueError, ZeroDivisionError, TypeError):
+                continue
+            if mp.im(root) == 0 and abs(root - guess) < 1e-6 * max(1, abs(guess)):
+                candidates.append(sp.nsimplify(sp.Float(mp.nstr(mp.re(root), 45), 45), [sp.pi]))
+    x = float(point)
+    candidates += [sp.Rational(x).limit_denominator(10 ** 6),            # p/q
+                   sp.Rational(x / np.pi).limit_denominator(10 ** 4) * sp.pi,  # p pi / q
+                   sp.Rational(x * np.pi).limit_denominator(10 ** 4) / sp.pi]  # p / (q pi)
+    for c in candidates:
+        if not c.is_number or c.is_negative or (c - T).is_positive or abs(float(c) - x) > 1e-8 * max(1, abs(x)):
+            continue
+        value = beta.subs(T_SYMBOL, c)
+        if value.has(sp.zoo, sp.oo, sp.nan, -sp.oo):
+            return c, value
+        value = sp.simplify(value)
+        if value.is_nonpositive:
+            return c, value
+    return None
+
+
+def _floor6(x: float) -> float:
+    """x rounded DOWN to 6 significant digits (a lower bound shown stays a lower bound)."""
+    if not np.isfinite(x) or x <= 0:
+        return x
+    scale = 10 ** (np.floor(np.log10(x)) - 5)
+    return float(np.floor(x / scale) * scale)
 
 
 def check_integral(spec):
-    B = integrated_beta(spec.beta)
+    title = "B(t) = ∫₀ᵗ beta"
+    B, why = integral_outcome(spec.beta)
     if B is None:
-        return [Proof("B(t) = ∫₀ᵗ beta", "info", "no closed form found; lowered by Gauss–Legendre quadrature",
+        return [Proof(title, "info", f"no closed form found ({why}); lowered by Gauss–Legendre quadrature",
                       spec.span_of("beta"))], None
-    return [Proof("B(t) = ∫₀ᵗ beta", "info", f"closed form B(t) = {B}", spec.span_of("beta"))], B
+    return [Proof(title, "info", f"closed form B(t) = {B}", spec.span_of("beta"))], B

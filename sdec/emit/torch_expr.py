@@ -7,36 +7,44 @@ generated code never calls torch on a Python number.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy as sp
-from sympy.printing.pytorch import TorchPrinter
 
 
-class KernelPrinter(TorchPrinter):
-    def __init__(self, names: dict):
-        super().__init__({"strict": True, "fully_qualified_modules": True})
-        self.names = names  # Symbol -> python identifier
+@functools.cache
+def _printer_class():
+    """KernelPrinter, built on first use: sympy.printing.pytorch imports torch (seconds),
+    which neither the checks nor the lowering need."""
+    from sympy.printing.pytorch import TorchPrinter
 
-    def _print_Symbol(self, expr):
-        if expr not in self.names:
-            raise ValueError(f"symbol {expr} has no name in the generated code")
-        return self.names[expr]
+    class KernelPrinter(TorchPrinter):
+        def __init__(self, names: dict):
+            super().__init__({"strict": True, "fully_qualified_modules": True})
+            self.names = names  # Symbol -> python identifier
 
-    def _print_Float(self, expr):
-        return _literal(float(expr))
+        def _print_Symbol(self, expr):
+            if expr not in self.names:
+                raise ValueError(f"symbol {expr} has no name in the generated code")
+            return self.names[expr]
 
-    def _print_Rational(self, expr):  # torch_expr turns them into Floats first
-        return _literal(_to_float(expr))
+        def _print_Float(self, expr):
+            return _literal(float(expr))
 
-    def _print_Integer(self, expr):
-        return _literal(_to_float(expr))
+        def _print_Rational(self, expr):  # torch_expr turns them into Floats first
+            return _literal(_to_float(expr))
 
-    def _print_expm1(self, expr):
-        return f"torch.expm1({self._print(expr.args[0])})"
+        def _print_Integer(self, expr):
+            return _literal(_to_float(expr))
 
-    def _print_log1p(self, expr):
-        return f"torch.log1p({self._print(expr.args[0])})"
+        def _print_expm1(self, expr):
+            return f"torch.expm1({self._print(expr.args[0])})"
+
+        def _print_log1p(self, expr):
+            return f"torch.log1p({self._print(expr.args[0])})"
+
+    return KernelPrinter
 
 
 def _to_float(r) -> float:
@@ -77,4 +85,4 @@ def torch_expr(expr, names: dict) -> str:
         expr = sp.Integer(expr)
     if not isinstance(expr, sp.Basic):
         raise TypeError(f"expected a sympy expression, got {type(expr).__name__}")
-    return KernelPrinter(names).doprint(_rationals_as_floats(fold_constants(expr)))
+    return _printer_class()(names).doprint(_rationals_as_floats(fold_constants(expr)))

@@ -12,11 +12,13 @@ from .diagnostics import Diagnostic, Span, error, warning
 from .equations import EquationsForm
 from .exact import FAILED, FUNCTIONS, EvalError, Scope, evaluate, is_matrix, shape_text
 from .explicit import ExplicitForm
+from .format import expr_text, number_text
 from .ir import DEFAULT_T_MIN, T_SYMBOL, Param, Spec
 from .recipe import RecipeForm
 
 MAX_STATE = 8
-RESERVED = {"t", "pi", "I", "beta", "random", "T", "t_min", "Q", "D", "drift", "diffusion"} | set(FUNCTIONS)
+KEYWORDS = {"sde", "state", "const", "param", "init", "target", "normal", "learn", "on", "mask", "dt"}
+RESERVED = KEYWORDS | {"t", "pi", "I", "beta", "random", "T", "t_min", "Q", "D", "drift", "diffusion"} | set(FUNCTIONS)
 _TARGETS = ("T", "t_min", "Q", "D", "drift", "diffusion")  # what '=' can assign
 
 
@@ -45,10 +47,19 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
             self.spans.append((key, span))
 
     def top(self) -> Span:
+        """Where an error about a missing statement points: the 'sde' line, else the end of
+        the last statement (never a comment or a blank line)."""
+        named = self.of(S.SdeStmt)
+        if named:
+            return named[0].span
+        if self.stmts:
+            last = self.stmts[-1].span
+            return Span.point(self.filename, last.end_line, last.end_column)
         return Span.point(self.filename, 1, 1)
 
-    def value(self, node, scope, expect=None):
-        """Evaluate, turning EvalError into a diagnostic; None on failure."""
+    def value(self, node, scope, expect=None, uses="state variables appear only in the drift of an equation ('dx = ... dt')"):
+        """Evaluate, turning EvalError into a diagnostic; None on failure. `uses` is what the
+        message about a state variable used where it cannot be says next."""
         try:
             result = evaluate(node, scope)
         except EvalError as exc:
@@ -57,6 +68,8 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
                 if any(message == f"unknown name '{s.name.name}'" for s in self.of(S.ParamStmt)):
                     message = (f"{message[len('unknown name '):]} is a learnable parameter; parameters can be used "
                                "in Q, D, drift, diffusion and the equations only")
+                elif getattr(self, "variables", None) and any(message == f"unknown name '{v}'" for v in self.variables):
+                    message = f"{message[len('unknown name '):]} is a state variable; {uses}"
                 self.err(exc.span or getattr(node, "span", None), message, exc.hint)
             return None
         if expect == "scalar" and is_matrix(result):
@@ -102,10 +115,14 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
 
     def name(self) -> str:
         stmt = self.single(S.SdeStmt, "the spec name ('sde NAME')")
-        if stmt is None:
-            self.err(self.top(), "missing the spec name", "start the file with 'sde NAME'")
+        if stmt is None:  # point at the first statement, where 'sde NAME' belongs
+            first = self.stmts[0].span if self.stmts else self.top()
+            self.err(Span.point(self.filename, first.line, first.column), "missing the spec name",
+                     "start the file with 'sde NAME'")
             return "unnamed"
         self.where("name", stmt.span)
+        if stmt.name.name in RESERVED:
+            self.err(stmt.name.span, f"'{stmt.name.name}' is reserved and cannot name the spec")
         return stmt.name.name
 
     def state(self) -> tuple:
@@ -163,7 +180,7 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
                 self.err(stmt.init.span, "a parameter's initial value must be a number")
                 continue
             if positive and not init.is_positive:
-                self.err(stmt.init.span, f"parameter '{stmt.name.name}' is declared > 0 but starts at {init}")
+                self.err(stmt.init.span, f"parameter '{stmt.name.name}' is declared > 0 but starts at {number_text(init)}")
                 continue
             param = Param(stmt.name.name, positive, init, stmt.span)
             self.param_list.append(param)
@@ -187,7 +204,8 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
         if stmt.arg.name != "t":
             self.err(stmt.arg.span, "write the time change as beta(t)")
             return None
-        value = self.value(stmt.body, Scope(constants=constants, time=True, size=self.K), expect="scalar")
+        value = self.value(stmt.body, Scope(constants=constants, time=True, size=self.K), expect="scalar",
+                           uses="beta(t) may use only t and constants")
         if value is not None and value.free_symbols - {T_SYMBOL}:
             self.err(stmt.body.span, "beta(t) may depend only on t and constants")
             return None
@@ -211,12 +229,12 @@ class Builder(RecipeForm, ExplicitForm, EquationsForm):
             self.where(key, stmt.value.span)
             value = self.value(stmt.value, Scope(constants=self.constants, size=self.K), expect="scalar")
             if value is not None and not (value.is_number and value.is_positive):
-                self.err(stmt.value.span, f"{key} must be a positive number, got {value}")
+                self.err(stmt.value.span, f"{key} must be a positive number, got {number_text(value) if value.is_number else expr_text(value)}")
                 value = None
             values.append(value)
         T, t_min = values
         if T is not None and t_min is not None and not (t_min < T) == True:  # noqa: E712 (sympy relational)
-            self.err(self.span_of("t_min") or self.span_of("T") or self.top(), f"t_min = {t_min} must be smaller than T = {T}")
+            self.err(self.span_of("t_min") or self.span_of("T") or self.top(), f"t_min = {number_text(t_min)} must be smaller than T = {number_text(T)}")
         return T, t_min
 
     def span_of(self, key):

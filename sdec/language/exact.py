@@ -11,6 +11,7 @@ import re
 import sympy as sp
 
 from . import syntax as S
+from .linalg import field_matrices
 from .diagnostics import Span
 from .ir import T_SYMBOL
 
@@ -282,10 +283,14 @@ def _inv(node, args):
     value = args[0]
     if not is_matrix(value) or value.rows != value.cols:
         raise EvalError(node.span, "inv() needs a square matrix")
-    det = sp.simplify(value.det())
-    if det == 0:
+    try:
+        (field,) = field_matrices(value)
+        singular = field.det() == field.domain.zero
+    except (ValueError, TypeError, NotImplementedError, sp.PolynomialError):  # no common field: sympy's generic route
+        field, singular = None, sp.simplify(value.det()) == 0
+    if singular:
         raise EvalError(node.span, "inv() of a singular matrix")
-    return sp.ImmutableMatrix(value.inv())
+    return sp.ImmutableMatrix(field.inv().to_Matrix() if field is not None else value.inv())
 
 
 def _transpose(node, args):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .exact import is_matrix, shape_text
+from .format import expr_text
 from .ir import T_SYMBOL
 
 
@@ -48,9 +49,13 @@ class ExplicitForm:
             return None
         GGT = G * G.T
         D = sp.ImmutableMatrix((GGT / (2 * beta)).applyfunc(sp.simplify))
-        if any(T_SYMBOL in d.free_symbols for d in D):
-            self.err(self.span_of("diffusion") or self.span_of(("eq", self.variables[0])),
-                     "G Gᵀ(t) is not 2 beta(t) times a constant matrix; the time change must be shared by drift and noise")
+        bad = [(i, j) for i in range(self.K) for j in range(self.K) if T_SYMBOL in D[i, j].free_symbols]
+        if bad:
+            i, j = bad[0]
+            self.err(self.span_of("diffusion") or self.span_of(("eq", self.variables[i])),
+                     f"G Gᵀ(t) is not 2 beta(t) times a constant matrix: entry [{self.variables[i]}, "
+                     f"{self.variables[j]}] of G Gᵀ(t) / (2 beta(t)) is {expr_text(D[i, j])}, which depends on t; "
+                     "the time change must be shared by drift and noise")
             return None
         Q = sp.ImmutableMatrix((-A * target - D).applyfunc(sp.simplify))
         return form, Q, D, (), sp.ImmutableMatrix(F), sp.ImmutableMatrix(G), wiener

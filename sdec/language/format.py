@@ -5,6 +5,9 @@ literals, learnable blocks as ``learn`` statements. parse(format_spec(spec)) == 
 """
 from __future__ import annotations
 
+import math
+from decimal import Context, Decimal, InvalidOperation
+
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
@@ -31,6 +34,27 @@ class SdePrinter(StrPrinter):
 
 def expr_text(expr) -> str:
     return SdePrinter({"order": None}).doprint(sp.Integer(expr) if isinstance(expr, int) else expr)
+
+
+def number_text(value, digits: int = 6) -> str:
+    """A number as a message shows it: exact when short (0, -1, 1/3, 50001/100000), else
+    `digits` significant digits in the usual notation (1e-300, 0.0314159, -4.7e+10), never
+    a 300-digit fraction. Takes sympy numbers, ints, floats and mpmath numbers."""
+    if isinstance(value, sp.Basic):
+        if value.is_Rational and len(str(value)) <= 12:
+            return str(value)
+        text = str(sp.N(value, digits + 5))
+    elif isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    else:
+        text = str(value)
+    try:
+        d = Context(prec=digits).plus(Decimal(text)).normalize()
+    except InvalidOperation:
+        return text
+    if not d.is_finite():
+        return text
+    return format(d, "f") if -6 <= d.adjusted() < digits else format(d, "e")
 
 
 def matrix_text(M) -> str:
@@ -104,4 +128,4 @@ def _equation_lines(spec):
     return lines
 
 
-__all__ = ["format_spec", "expr_text"]
+__all__ = ["format_spec", "expr_text", "number_text"]

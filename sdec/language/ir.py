@@ -10,6 +10,7 @@ import attrs
 import sympy as sp
 
 from .diagnostics import Span
+from .linalg import exact_inverse
 
 T_SYMBOL = sp.Symbol("t", nonnegative=True)  # the time variable of beta(t), drift, diffusion
 DEFAULT_T_MIN = sp.Rational(1, 1000)          # t_min when the spec does not set it
@@ -110,7 +111,7 @@ class Spec:
     @property
     def A(self) -> sp.ImmutableMatrix:
         """The constant matrix with F(t) = beta(t) A: A = -(Q + D) Σ∞⁻¹."""
-        return sp.ImmutableMatrix(-(self.Q + self.D) * self.target.inv())
+        return sp.ImmutableMatrix(-(self.Q + self.D) * exact_inverse(self.target))
 
     @property
     def F(self) -> sp.ImmutableMatrix:

@@ -1,0 +1,71 @@
+"""The time budget of symbolic steps (sdec.checks.budget) and the verdicts when it runs out."""
+import threading
+
+import pytest
+import sympy as sp
+
+import sdec
+from sdec.checks import budget, convergence, schedule, stationarity
+from sdec.checks.budget import limited
+from sdec.language.ir import T_SYMBOL as t
+
+HEAD = ("sde b\nstate x, v\ninit v ~ normal(0, 0.01)\nbeta(t) = {}\nT = 1\ntarget normal(0, I)\n"
+        "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
+HARD = 1 / (1 + t**2 + t**5 + t**11) ** 3  # sympy integrates this for minutes
+
+
+def test_a_step_that_finishes_returns_its_value():
+    step = limited(5.0, sp.expand, (t + 1) ** 2)
+    assert step.finished and step.value == t**2 + 2 * t + 1 and step.limited
+
+
+def test_a_step_that_runs_out_is_stopped_and_says_so():
+    s = sp.Symbol("s")
+    step = limited(0.05, sp.integrate, HARD.subs(t, s), (s, 0, t))
+    assert not step.finished and step.value is None and step.budget == 0.05
+
+
+def test_errors_of_the_step_itself_propagate():
+    with pytest.raises(ZeroDivisionError):
+        limited(5.0, lambda: 1 / 0)
+
+
+def test_an_inner_budget_never_outlasts_the_outer_one():
+    s = sp.Symbol("s")
+    inner = []
+    outer = limited(0.05, lambda: inner.append(limited(60.0, sp.integrate, HARD.subs(t, s), (s, 0, t))))
+    assert not outer.finished or (inner and not inner[0].finished)
+
+
+def test_outside_the_main_thread_the_step_runs_unlimited():
+    out = []
+    worker = threading.Thread(target=lambda: out.append(limited(0.001, sp.expand, (t + 1) ** 3)))
+    worker.start()
+    worker.join()
+    assert out[0].finished and not out[0].limited and out[0].value == sp.expand((t + 1) ** 3)
+
+
+def test_integration_out_of_time_falls_back_to_quadrature_and_says_why(monkeypatch):
+    monkeypatch.setattr(schedule, "SYMBOLIC_SECONDS", 1e-6)
+    spec = sdec.parse(HEAD.format("1/(1 + t^2 + t^5 + t^11)^3"))
+    detail = next(p.detail for p in spec.report.proofs if p.name.startswith("B(t)"))
+    assert detail.startswith("no closed form found (sympy's integrator ran out of its 1e-06 s budget)")
+    assert spec.report.B is None
+
+
+def test_kalman_rank_out_of_time_is_checked_at_40_digits(monkeypatch):
+    monkeypatch.setattr(convergence, "SYMBOLIC_SECONDS", 1e-6)
+    spec = sdec.parse(HEAD.format("1").replace("normal(0, I)", "normal(0, I + sqrt(2)/10*ones(2, 2))"))
+    rank = next(p for p in spec.report.proofs if p.name.startswith("noise reaches"))
+    assert rank.verdict == "checked" and "at 40 digits: the exact rank ran out of its time budget" in rank.detail
+    bad = sdec.analyze(HEAD.format("1").replace("Q = [[0, -1], [1, 0]]", "Q = [[0, 0], [0, 0]]"), "b.sde")
+    message = next(d.message for d in bad.diagnostics if "rank" in d.message)
+    assert message.startswith("rank 1 < K = 2 (at 40 digits") and "never reaches the variable x" in message
+
+
+def test_stationarity_out_of_time_is_a_warning_saying_what_is_not_proved(monkeypatch):
+    monkeypatch.setattr(stationarity, "SYMBOLIC_SECONDS", 1e-6)
+    result = sdec.analyze(HEAD.format("1"), "b.sde")
+    proof = next(p for p in result.spec.report.proofs if p.name.startswith("N(0, Σ∞) is stationary"))
+    assert proof.verdict == "warning" and proof.detail.startswith("not proved: simplifying the residual")
+    assert budget.SYMBOLIC_SECONDS == 2.0  # the module's own default is untouched
