@@ -171,6 +171,25 @@ def compiled(name):
     return sdec.compile(str(SPECS / f"{name}.sde"))
 
 
+BASELINE = None  # text of an earlier kernel_base.py (--baseline-kernel), measured in-process
+
+
+def baseline(name):
+    """The spec compiled with today's generator but the kernel base of BASELINE: the earlier
+    numerics in the same process, so before and after share the machine's load."""
+    import sdec
+    from sdec.backend.lower import lower
+    from sdec.emit.module import base_source, generate_source
+    source = generate_source(lower(sdec.parse_file(str(SPECS / f"{name}.sde"))))
+    current = base_source().strip("\n")
+    if current not in source:
+        raise RuntimeError("generated source does not carry kernel_base.py verbatim")
+    old = "\n".join(ln for ln in BASELINE.splitlines() if ln.strip() not in ("import math", "import torch"))
+    namespace = {"__name__": f"baseline_{name}"}
+    exec(compile(source.replace(current, old), f"<baseline {name}>", "exec"), namespace)  # noqa: S102
+    return namespace["Diffusion"]()
+
+
 def inputs(proc, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((B,) + SHAPE, generator=g)
@@ -193,6 +212,9 @@ def perturb_table(reps):
         fns = {"floor": floor_fn(proc.K, x, a, b),
                "sdec": lambda p=proc: p.perturb(x, t).y,
                "mdm": mdm_generic(proc, x, t)}
+        if BASELINE is not None:
+            old = baseline(name)
+            fns["before"] = lambda p=old: p.perturb(x, t).y
         if name == "vpsde":
             fns["vp_hand"] = vp_marginal_prob(x, t)
         if name == "cld":
@@ -230,8 +252,18 @@ def backward_table(reps, name="learned3"):
         y, score = mdm()
         torch.autograd.backward([y, score], [gy, gs])
 
-    med = interleaved({"floor": floor_fn(proc.K, x, a, b), "sdec": sdec_fb, "mdm": mdm_fb}, reps)
-    return {"spec": name, "floor_ms": 1e3 * med["floor"], "sdec_ratio": med["sdec/floor"],
+    fns = {"floor": floor_fn(proc.K, x, a, b), "sdec": sdec_fb, "mdm": mdm_fb}
+    if BASELINE is not None:
+        old = baseline(name)
+
+        def before_fb():
+            old.zero_grad(set_to_none=True)
+            p = old.perturb(x, t)
+            torch.autograd.backward([p.y, p.score], [gy, gs])
+        fns["before"] = before_fb
+    med = interleaved(fns, reps)
+    extra = {} if BASELINE is None else {"before_ratio": med["before/floor"], "before_cpu_ratio": med["cpu:before/floor"]}
+    return {"spec": name, **extra, "floor_ms": 1e3 * med["floor"], "sdec_ratio": med["sdec/floor"],
             "mdm_ratio": med["mdm/floor"], "sdec_cpu_ratio": med["cpu:sdec/floor"],
             "mdm_cpu_ratio": med["cpu:mdm/floor"], "sdec_ms": 1e3 * med["sdec"], "load": load()}
 
@@ -285,8 +317,11 @@ def elbo_table(reps):
     importance times, backward, and an SGD step on the process's parameters (if any)."""
     fns, procs = {}, {}
     x = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for name in NAMES:
-        proc = procs[name] = compiled(name)
+    runs = [(name, name) for name in NAMES]
+    if BASELINE is not None:
+        runs += [(f"{name} before", name) for name in ("vpsde", "learned3")]
+    for key, name in runs:
+        proc = procs[key] = compiled(name) if key == name else baseline(name)
         params = [p for p in proc.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-4) if params else None
         gen = torch.Generator().manual_seed(1)
@@ -298,7 +333,7 @@ def elbo_table(reps):
                 opt.zero_grad(set_to_none=True)
                 terms.total.mean().backward()
                 opt.step()
-        fns[name] = step
+        fns[key] = step
     med = interleaved(fns, reps)
     return {k: {"ms": 1e3 * med[k], "ratio_to_vpsde": med[f"{k}/vpsde"], "cpu_ms": 1e3 * med[f"cpu:{k}"],
                 "cpu_ratio_to_vpsde": med[f"cpu:{k}/vpsde"]} for k in fns} | {"load": load()}
@@ -375,19 +410,20 @@ def markdown(res):
     out.append("")
     out.append("Ratios: wall time, and in brackets thread CPU time (paired interleaved medians).")
     out.append("")
-    out.append("| forward noising (`perturb`), ratio to the floor | sdec | MDM generic kernel | "
+    out.append("| forward noising (`perturb`), ratio to the floor | sdec | sdec before (baseline kernel) | MDM generic kernel | "
                "hand-written VP | CLD-SGM closed form | goal | floor (ms) | K x K work (ms) |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     goal = {"vpsde": "≤ 1.15x"}
     for name, r in p.items():
         def both(k):
             return f"{r[k + '_ratio']:.2f}x ({r[k + '_cpu_ratio']:.2f}x)" if k + "_ratio" in r else "–"
-        out.append(f"| {name} | {both('sdec')} | {both('mdm')} | {both('vp_hand')} | {both('cld_hand')} | "
+        out.append(f"| {name} | {both('sdec')} | {both('before')} | {both('mdm')} | {both('vp_hand')} | {both('cld_hand')} | "
                    f"{goal.get(name, '≤ 1.2x')} | {r['floor_ms']:.2f} | {r['kk_ms']:.2f} |")
     if "backward" in res:
         bw = res["backward"]
+        before = f"{bw['before_ratio']:.2f}x ({bw['before_cpu_ratio']:.2f}x)" if "before_ratio" in bw else "–"
         out.append(f"| {bw['spec']} forward + backward into Q, D | {bw['sdec_ratio']:.2f}x ({bw['sdec_cpu_ratio']:.2f}x) | "
-                   f"{bw['mdm_ratio']:.2f}x ({bw['mdm_cpu_ratio']:.2f}x) | – | – | ≤ 1.8x | {bw['floor_ms']:.2f} | |")
+                   f"{before} | {bw['mdm_ratio']:.2f}x ({bw['mdm_cpu_ratio']:.2f}x) | – | – | ≤ 1.8x | {bw['floor_ms']:.2f} | |")
     if "compile" in res:
         out.append("")
         out.append("| compile time | parse | proofs | lowering | emit | import | total, warm | cold `sdec compile` |")
@@ -423,8 +459,13 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: backward,compile,elbo,train")
     ap.add_argument("--out", default=str(RESULTS / "kernels"), help="results path without suffix")
     ap.add_argument("--label", default="", help="a note stored with the results (e.g. which code ran)")
+    ap.add_argument("--baseline-kernel", default=None,
+                    help="an earlier sdec/emit/kernel_base.py (e.g. from git show), measured beside today's in the same process")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global BASELINE
+    if args.baseline_kernel:
+        BASELINE = pathlib.Path(args.baseline_kernel).read_text(encoding="utf-8")
     skip = set(filter(None, args.skip.split(",")))
     reps = 8 if args.quick else args.reps
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
