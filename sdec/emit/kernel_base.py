@@ -739,11 +739,10 @@ class DiffusionBase(torch.nn.Module):
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps)
         diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
-        # diffᵀ G Gᵀ(t) diff = 2 beta(t) Σ_ij D_ij <diff_i, diff_j>: one Gram matrix per example
+        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j>: one K x K Gram matrix per
+        # example (a reduction over the data) instead of a batched K x K apply to diff
         gram = torch.matmul(diff, diff.mT)
-        beta = self._beta(t.to(torch.float64)).to(x.dtype)
-        quad = (gram * self._A_D()[1].to(x.dtype)).sum((1, 2))
-        score = -weight * beta * quad
+        score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
         B = self._B_at([t_min, self.T])
