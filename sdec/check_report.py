@@ -1,7 +1,7 @@
 """Rendering of `sdec check` results as text and as JSON."""
 from __future__ import annotations
 
-from .language.format import expr_text
+from .language.format import expr_text, number_text
 
 _MARK = {"proved": "proved ", "checked": "checked", "warning": "WARNING",
          "failed": "FAILED ", "info": "info   "}
@@ -71,7 +71,7 @@ def _spec_lines(spec) -> list:
         out += matrix_lines(spec.aux_init, list(v[1:]))
     B = r.fact("B")
     out.append(f"time: beta(t) = {expr_text(spec.beta)};  B(t) = {B if B else '(quadrature)'};  "
-               f"T = {expr_text(spec.T)};  t_min = {expr_text(spec.t_min)}")
+               f"T = {number_text(spec.T)};  t_min = {number_text(spec.t_min)}")
     for title, M in (("Q (skew part)", spec.Q), ("D (noise)", spec.D), ("Σ∞ (target covariance)", spec.target),
                      ("F(t) = -beta(t) (Q + D) Σ∞⁻¹", None), ("G Gᵀ(t) = 2 beta(t) D", spec.GGT)):
         if M is None:

@@ -69,3 +69,16 @@ def test_stationarity_out_of_time_is_a_warning_saying_what_is_not_proved(monkeyp
     proof = next(p for p in result.spec.report.proofs if p.name.startswith("N(0, Σ∞) is stationary"))
     assert proof.verdict == "warning" and proof.detail.startswith("not proved: simplifying the residual")
     assert budget.SYMBOLIC_SECONDS == 2.0  # the module's own default is untouched
+
+
+@pytest.mark.parametrize("process", [
+    "drift = beta(t) * [[0, 1], [-1, -1]]\ndiffusion = sqrt(2 * beta(t)) * [[0], [1]]\n",
+    "dx = beta(t) * v dt\ndv = beta(t) * (-x - v) dt + sqrt(2 * beta(t)) dW\n",
+])
+def test_explicit_forms_never_expand_beta(monkeypatch, process):
+    # (1 + t/1000)^1000 multiplied out has 1001 terms with ~3000-digit rationals: reading the drift
+    # and noise as beta(t) times constants must not expand it (it hung for minutes)
+    monkeypatch.setattr(schedule, "SYMBOLIC_SECONDS", 0.2)  # B(t) may fall back to quadrature here
+    text = HEAD.format("(1 + t/1000)^1000 - t/2").split("Q = ")[0] + process
+    spec = sdec.parse(text, "p.sde")
+    assert spec.Q == sp.Matrix([[0, -1], [1, 0]]) and spec.D == sp.diag(0, 1)

@@ -444,3 +444,10 @@ def test_non_symmetric_d_names_the_entries_at_the_statement_that_set_the_second(
     assert exc.message == "D is not symmetric: D[x, v] = 1 but D[v, x] = 2" and exc.line == 10
     exc = error_of(HEAD + "Q = [[0, -1], [1, 0]]\nD = [[1, 1/2],\n     [1/3, 1]]\n")
     assert exc.message == "D is not symmetric: D[x, v] = 1/2 but D[v, x] = 1/3" and (exc.line, exc.column) == (9, 7)
+
+
+def test_report_prints_small_times_readably():
+    text = HEAD.replace("T = 1", "T = 1e-25\nt_min = 1e-26") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n"
+    out = check_text(sdec.analyze(text, "s.sde"))
+    assert "T = 1e-25;  t_min = 1e-26" in out and "mixed by T = 1e-25 " in out
+    assert "0000000000" not in out

@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 import sympy as sp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import sdec
 from sdec.checks.stationarity import residual
@@ -168,3 +169,51 @@ def test_noise_not_reaching_a_variable_is_rejected(case):
     assert exc.message.startswith(f"rank {rank} < K = {len(names)} (exact): the noise never reaches ")
     assert re.search(rf"\b{names[k]}\b", exc.message.split("never reaches ")[1])
     assert (exc.line, exc.column) == (text.count("\n"), 5)
+
+
+# ---- fmt output always checks again: chained constants near the depth limit ------------------
+
+STEPS = st.sampled_from(["sqrt({prev} + {k})", "({prev} + {k}) / {k}", "exp({prev} / {k}) - 1", "{prev} * {prev} + {k}",
+                         "log({prev} + {k})", "sqrt({prev}) * {k}", "(1 + {prev})^2 / (2 + {prev})"])
+
+
+@st.composite
+def chained_constants(draw):
+    n = draw(st.integers(1, 60))
+    lines = ["sde chain", "state x", "const c0 = 1"]
+    for k in range(1, n + 1):
+        lines.append("const c%d = %s" % (k, draw(STEPS).format(prev=f"c{k - 1}", k=k)))
+    lines += [f"beta(t) = 1 + t * exp(-c{n} * c{n})", "T = 1", "target normal(0, [[c1 * c1]])", "D = [[c1 * c1]]"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow  # chains of 60 nested radicals take sympy seconds to build
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chained_constants())
+def test_fmt_output_parses_and_checks_whenever_the_input_does(text):
+    first = sdec.analyze(text, "chain.sde")
+    assume(first.spec is not None)  # e.g. a constant past the number limits is rejected in both
+    again = sdec.analyze(format_spec(first.spec), "chain_fmt.sde")
+    assert [d.message for d in again.diagnostics if d.severity == "error"] == \
+        [d.message for d in first.diagnostics if d.severity == "error"]
+    assert again.spec == first.spec
+
+
+def test_chained_constants_are_printed_by_name():
+    text = ("sde chain\nstate x\nconst a = sqrt(2)\nconst b = sqrt(a + 1)\nconst m = [[b, 0], [0, a]]\n"
+            "beta(t) = 1 + b * t\nT = 1\ntarget normal(0, [[a + 1]])\nD = [[b]]\n")
+    spec = sdec.parse(text, "chain.sde")
+    formatted = format_spec(spec)
+    for line in ("const b = sqrt(1 + a)", "const m = [[b, 0],", "beta(t) = t*b + 1", "D = [[b]]"):
+        assert line in formatted, formatted
+    assert sdec.parse(formatted, "fmt.sde") == spec
+
+
+@pytest.mark.slow  # 60 nested radicals take sympy about 10 s to build, twice
+def test_sixty_chained_square_roots_format_to_text_that_checks():
+    lines = ["sde chain", "state x", "const c0 = 1"] + [f"const c{i} = sqrt(c{i - 1} + {i})" for i in range(1, 61)]
+    text = "\n".join(lines + ["beta(t) = c60", "T = 1", "target normal(0, I)", "D = I"]) + "\n"
+    spec = sdec.parse(text, "chain.sde")
+    formatted = format_spec(spec)
+    assert "const c60 = sqrt(c59 + 60)" in formatted and "beta(t) = c60" in formatted
+    assert sdec.parse(formatted, "fmt.sde") == spec

@@ -17,7 +17,7 @@ import sympy as sp
 from sympy.polys.matrices import DomainMatrix
 
 from ..language.format import number_text
-from ..language.linalg import field_matrices
+from ..language.linalg import field_matrices, remember_inverse
 from .budget import SYMBOLIC_SECONDS, limited
 from .proofs import Proof, block_span, numeric
 
@@ -47,7 +47,9 @@ def _exact_reach(Q0, D0, target):
         M, D, S = field_matrices(sp.Matrix(Q0 + D0), sp.Matrix(D0), sp.Matrix(target))
     except (ValueError, TypeError, NotImplementedError, sp.PolynomialError):
         return None
-    A = -M * S.inv()
+    S_inv = S.inv()
+    remember_inverse(target, S_inv.to_Matrix())  # F = beta A for the report, without a second field
+    A = -M * S_inv
     blocks, power = [D], D
     for _ in range(A.shape[0] - 1):
         power = A * power

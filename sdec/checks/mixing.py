@@ -10,6 +10,7 @@ from __future__ import annotations
 import mpmath as mp
 import sympy as sp
 
+from ..language.format import number_text
 from ..language.ir import T_SYMBOL
 from .proofs import Proof
 
@@ -38,6 +39,8 @@ def mixing_numbers(spec, B_closed):
                 S0[i, j] = mp.mpf(str(sp.N(spec.aux_init[i - 1, j - 1], 40)))
         ST = S + Phi * (S0 - S) * Phi.T
         Sinv = mp.inverse(S)
+        if mp.det(ST) <= 0:  # Σ_T ≈ the singular hybrid Σ0 when T is tiny: no finite KL at 30 digits
+            raise ValueError("Σ_T is singular at 30 digits (T is too short for the noise to spread)")
         kl0 = (sum((Sinv * ST)[i, i] for i in range(K)) - K + mp.log(mp.det(S)) - mp.log(mp.det(ST))) / 2
         col = Phi[:, 0]
         mean = (col.T * Sinv * col)[0, 0] / 2
@@ -47,7 +50,7 @@ def mixing_numbers(spec, B_closed):
 
 
 def check_mixing(spec, B_closed, tol=MIX_TOL):
-    title = f"mixed by T = {spec.T} (KL to target per coordinate ≤ {tol})"
+    title = f"mixed by T = {number_text(spec.T)} (KL to target per coordinate ≤ {number_text(tol)})"
     try:
         n = mixing_numbers(spec, B_closed)
     except (ZeroDivisionError, ValueError) as exc:  # singular Σ_T etc.

@@ -42,7 +42,7 @@ class EquationsForm:
             return None, None, ()
         F = sp.ImmutableMatrix([by_var[v] for v in self.variables])
         # canonical columns: sorted names, and a Brownian motion that enters nowhere is dropped
-        wiener = sorted({w for (_, w), c in noise_terms.items() if sp.simplify(c) != 0})
+        wiener = sorted({w for (_, w), c in noise_terms.items() if not _is_zero(c)})
         if not wiener:
             if not any(s.noises for s in self.of(S.EquationStmt)):
                 self.err(self.top(), "no equation has a noise term ('+ ... dW'); nothing diffuses")
@@ -70,9 +70,19 @@ class EquationsForm:
             return None
         symbols = list(state.values())
         row = [sp.diff(expr, s) for s in symbols]
-        rest = sp.expand(expr - sum(c * s for c, s in zip(row, symbols)))
-        if rest != 0 or any(c.free_symbols & set(symbols) for c in row):
+        # linear: every coefficient is free of the state (affine) and the drift is 0 at state 0;
+        # no expand() of the whole drift, which would multiply out beta(t) = (1 + t/1000)^1000
+        rest = expr.subs({s: 0 for s in symbols})
+        if not _is_zero(rest) or any(c.free_symbols & set(symbols) for c in row):
             self.err(stmt.drift.span, f"the drift of {stmt.target.name} is not linear in the state "
                      f"(sdec compiles linear diffusions: dy = F(t) y dt + G(t) dW)")
             return None
         return row
+
+
+def _is_zero(c) -> bool:
+    """c is identically 0: structurally, or (a constant) simplified. Assumption queries and
+    simplification of expressions in t are avoided: they expand beta(t) = (1 + t/1000)^1000."""
+    if c == 0:
+        return True
+    return not c.free_symbols and sp.simplify(c) == 0

@@ -31,9 +31,20 @@ class SdePrinter(StrPrinter):
     def emptyPrinter(self, expr):
         raise TypeError(f"cannot print {type(expr).__name__} as .sde syntax")
 
+    def _print(self, expr, **kwargs):
+        name = None
+        if self.named and isinstance(expr, sp.Basic):
+            name = self.named.get(expr)
+        return name if name is not None else super()._print(expr, **kwargs)
 
-def expr_text(expr) -> str:
-    return SdePrinter({"order": None}).doprint(sp.Integer(expr) if isinstance(expr, int) else expr)
+    named: dict | None = None  # value -> constant name: print the name instead of the value
+
+
+def expr_text(expr, named=None) -> str:
+    """An IR expression as .sde text; `named` maps values to constant names to print instead."""
+    printer = SdePrinter({"order": None})
+    printer.named = named
+    return printer.doprint(sp.Integer(expr) if isinstance(expr, int) else expr)
 
 
 def number_text(value, digits: int = 6) -> str:
@@ -57,72 +68,83 @@ def number_text(value, digits: int = 6) -> str:
     return format(d, "f") if -6 <= d.adjusted() < digits else format(d, "e")
 
 
-def matrix_text(M) -> str:
+def matrix_text(M, named=None) -> str:
     if M.rows == 1 and M.cols == 1:
-        return f"[[{expr_text(M[0, 0])}]]"
-    rows = ["[" + ", ".join(expr_text(M[i, j]) for j in range(M.cols)) + "]" for i in range(M.rows)]
+        return f"[[{expr_text(M[0, 0], named)}]]"
+    rows = ["[" + ", ".join(expr_text(M[i, j], named) for j in range(M.cols)) + "]" for i in range(M.rows)]
     return "[" + ",\n     ".join(rows) + "]"
 
 
 def format_spec(spec) -> str:
+    """The spec as canonical .sde text. A scalar constant whose value is an expression (not
+    a plain number) is printed by name wherever its value occurs later, in the constants
+    after it and in the rest of the spec: the text then nests no deeper than the spec did
+    (60 chained 'const cI = sqrt(c(I-1) + I)' stay 60 short lines, not one expression 120
+    levels deep), and parses back to the same values."""
+    named = {}
     out = [f"sde {spec.name}", "state " + ", ".join(spec.variables)]
-    out += [f"const {name} = {expr_text(value) if not isinstance(value, sp.MatrixBase) else matrix_text(value)}"
-            for name, value in spec.constants]
-    out += [f"param {p.name}{' > 0' if p.positive else ''} = {expr_text(p.init)}" for p in spec.params]
-    out += _init_lines(spec)
-    out.append(f"beta(t) = {expr_text(spec.beta)}")
-    out.append(f"T = {expr_text(spec.T)}")
-    out.append(f"t_min = {expr_text(spec.t_min)}")
-    out.append(f"target normal(0, {matrix_text(spec.target)})")
-    out += {"recipe": _recipe_lines, "matrices": _matrix_lines, "equations": _equation_lines}[spec.form](spec)
+    for name, value in spec.constants:
+        if isinstance(value, sp.MatrixBase):
+            out.append(f"const {name} = {matrix_text(value, named)}")
+            continue
+        out.append(f"const {name} = {expr_text(value, named)}")
+        if value.args and not value.is_Rational and value not in named:
+            named[value] = name
+    out += [f"param {p.name}{' > 0' if p.positive else ''} = {expr_text(p.init, named)}" for p in spec.params]
+    out += _init_lines(spec, named)
+    out.append(f"beta(t) = {expr_text(spec.beta, named)}")
+    out.append(f"T = {expr_text(spec.T, named)}")
+    out.append(f"t_min = {expr_text(spec.t_min, named)}")
+    out.append(f"target normal(0, {matrix_text(spec.target, named)})")
+    out += {"recipe": _recipe_lines, "matrices": _matrix_lines, "equations": _equation_lines}[spec.form](spec, named)
     return "\n".join(out) + "\n"
 
 
-def _init_lines(spec):
+def _init_lines(spec, named):
     aux, S = spec.auxiliaries, spec.aux_init
     if not aux:
         return []
     if all(S[i, j] == 0 for i in range(S.rows) for j in range(S.cols) if i != j):
-        return [f"init {v} ~ normal(0, {expr_text(S[i, i])})" for i, v in enumerate(aux)]
-    return [f"init ({', '.join(aux)}) ~ normal(0, {matrix_text(S)})"]
+        return [f"init {v} ~ normal(0, {expr_text(S[i, i], named)})" for i, v in enumerate(aux)]
+    return [f"init ({', '.join(aux)}) ~ normal(0, {matrix_text(S, named)})"]
 
 
-def _recipe_lines(spec):
+def _recipe_lines(spec, named):
     learned = {b.block: b for b in spec.learned}
     lines = []
     for name, value in (("Q", spec.Q), ("D", spec.D)):
         if name in learned:
-            lines.append(_learn_line(learned[name], spec.K))
+            lines.append(_learn_line(learned[name], spec.K, named))
         else:
-            lines.append(f"{name} = {matrix_text(value)}")
+            lines.append(f"{name} = {matrix_text(value, named)}")
     return lines
 
 
-def _learn_line(block, K):
+def _learn_line(block, K, named):
     kind = block.kind + (f"({block.rank})" if block.rank is not None else "")
     parts = [f"learn {block.block}: {kind}"]
     if len(block.over) != K:
         parts.append(f"on ({', '.join(block.over)})")
     if block.mask is not None:
-        parts.append(f"mask {matrix_text(block.mask)}")
+        parts.append(f"mask {matrix_text(block.mask, named)}")
     if block.random is not None:
         std, seed = block.random
-        parts.append(f"init random({expr_text(std)}, {seed})")
+        parts.append(f"init random({expr_text(std, named)}, {seed})")
     else:
-        parts.append(f"init {matrix_text(block.init)}")
+        parts.append(f"init {matrix_text(block.init, named)}")
     return " ".join(parts)
 
 
-def _matrix_lines(spec):
-    return [f"drift = {matrix_text(spec.drift)}", f"diffusion = {matrix_text(spec.diffusion)}"]
+def _matrix_lines(spec, named):
+    return [f"drift = {matrix_text(spec.drift, named)}", f"diffusion = {matrix_text(spec.diffusion, named)}"]
 
 
-def _equation_lines(spec):
+def _equation_lines(spec, named):
     lines = []
     for i, v in enumerate(spec.variables):
-        terms = [f"({expr_text(spec.drift[i, j])})*{u}" for j, u in enumerate(spec.variables) if spec.drift[i, j] != 0]
+        terms = [f"({expr_text(spec.drift[i, j], named)})*{u}" for j, u in enumerate(spec.variables) if spec.drift[i, j] != 0]
         drift = " + ".join(terms) if terms else "0"
-        noise = "".join(f" + ({expr_text(spec.diffusion[i, k])}) dW_{w}"
+        noise = "".join(f" + ({expr_text(spec.diffusion[i, k], named)}) dW_{w}"
                         for k, w in enumerate(spec.wiener) if spec.diffusion[i, k] != 0)
         lines.append(f"d{v} = {drift} dt{noise}")
     return lines

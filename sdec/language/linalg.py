@@ -27,7 +27,20 @@ def field_matrices(*matrices):
     return out
 
 
+_INVERSES: dict = {}  # M -> M⁻¹ for the last few matrices (building a field of several roots takes a second)
+
+
 def exact_inverse(M) -> sp.ImmutableMatrix:
     """M⁻¹, exactly (M square and invertible)."""
-    (dm,) = field_matrices(M)
-    return sp.ImmutableMatrix(dm.inv().to_Matrix())
+    M = sp.ImmutableMatrix(M)
+    if M not in _INVERSES:
+        (dm,) = field_matrices(M)
+        remember_inverse(M, dm.inv().to_Matrix())
+    return _INVERSES[M]
+
+
+def remember_inverse(M, inverse) -> None:
+    """Keep M⁻¹ computed elsewhere (e.g. inside a larger field computation) for exact_inverse."""
+    if len(_INVERSES) >= 16:
+        _INVERSES.pop(next(iter(_INVERSES)))
+    _INVERSES[sp.ImmutableMatrix(M)] = sp.ImmutableMatrix(inverse)
