@@ -55,7 +55,7 @@ class VPDensity:
         edges[0], edges[-1] = t_min, T
         mid = 0.5 * (edges[1:] + edges[:-1])
         with torch.no_grad():
-            dens = proc._beta(mid) / (-torch.expm1(-proc._B(mid)))
+            dens = proc.beta(mid) / (-torch.expm1(-proc.B(mid)))
         mass = dens * (edges[1:] - edges[:-1])
         self.edges, self.probs = edges, mass / mass.sum()
         self.density = self.probs / (edges[1:] - edges[:-1])

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -334,14 +335,14 @@ def main(argv=None):
     os.makedirs(args.runs_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     previous = read_json(args.out + ".json") or {}
-    state = {"command": "python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    state = {"command": "python bench/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
              "started": previous.get("started")
              or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "machine": machine(), "startup_seconds": previous.get("eval_startup_seconds"),
              "previous_runs": previous.get("runs") or {}}
-    state["command"] = state["command"].strip()
-    if args.report_only and previous.get("command"):
-        state["command"] = previous["command"]  # the table's command, not this rewrite's
+    # The table's command is the one that trains what it shows: a rewrite names
+    # the same runs, so its own arguments without --report-only.
+    state["command"] = state["command"].replace(" --report-only", "").strip()
     if args.report_only:
         done = all(recorded(state, spec, seed)
                    or os.path.exists(os.path.join(args.runs_dir, run_name(spec, seed, args.steps), "results.json"))

@@ -2,6 +2,8 @@
 generated in every form (recipe, matrices, equations, learned), and damaged ones."""
 import pathlib
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 
 import sdec
@@ -43,25 +45,11 @@ def test_generated_specs_are_located(g):
     assert unlocated(g.text) == []
 
 
-@FAST
-@given(damaged_q())
-def test_damaged_q_is_located(case):
-    assert unlocated(case[0]) == []
-
-
-@FAST
-@given(damaged_d())
-def test_damaged_d_is_located(case):
-    assert unlocated(case[0]) == []
-
-
-@FAST
-@given(damaged_drift())
-def test_damaged_drift_is_located(case):
-    assert unlocated(case[1]) == []
-
-
-@FAST
-@given(isolated_variable())
-def test_isolated_variable_is_located(case):
-    assert unlocated(case[0]) == []
+@pytest.mark.parametrize("strategy, text_at", [(damaged_q, 0), (damaged_d, 0), (damaged_drift, 1),
+                                              (isolated_variable, 0)])
+def test_damaged_specs_are_located(strategy, text_at):
+    @FAST
+    @given(strategy())
+    def check(case):
+        assert unlocated(case[text_at]) == []
+    check()

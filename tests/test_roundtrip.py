@@ -173,13 +173,13 @@ def test_noise_not_reaching_a_variable_is_rejected(case):
 
 # ---- fmt output always checks again: chained constants near the depth limit ------------------
 
-STEPS = st.sampled_from(["sqrt({prev} + {k})", "({prev} + {k}) / {k}", "exp({prev} / {k}) - 1", "{prev} * {prev} + {k}",
-                         "log({prev} + {k})", "sqrt({prev}) * {k}", "(1 + {prev})^2 / (2 + {prev})"])
+# each step uses the previous constant once (twice would double the value's size per step)
+STEPS = st.sampled_from(["sqrt({prev} + {k})", "({prev} + {k}) / {k}", "sin({prev}) + {k}", "{k} * sqrt({prev})"])
 
 
 @st.composite
 def chained_constants(draw):
-    n = draw(st.integers(1, 60))
+    n = draw(st.integers(1, 12))  # 60-long chains take sympy minutes to build: see the sixty-chain test
     lines = ["sde chain", "state x", "const c0 = 1"]
     for k in range(1, n + 1):
         lines.append("const c%d = %s" % (k, draw(STEPS).format(prev=f"c{k - 1}", k=k)))
@@ -187,8 +187,7 @@ def chained_constants(draw):
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.slow  # chains of 60 nested radicals take sympy seconds to build
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chained_constants())
 def test_fmt_output_parses_and_checks_whenever_the_input_does(text):
     first = sdec.analyze(text, "chain.sde")
