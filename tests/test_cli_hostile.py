@@ -151,6 +151,16 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, command, target):
     assert one_line(err) == f"sdec {command}: interrupted"
 
 
+def test_the_command_line_reaches_main_before_importing_sympy_lark_or_torch():
+    """The `sdec` script imports sdec.cli and then calls main, whose handler turns Ctrl-C
+    into one line; whatever it imports first is a window where Ctrl-C prints a traceback."""
+    probe = "import sys, sdec.cli; print(sorted(m for m in ('sympy', 'lark', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=sdec_process_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_sigint_during_verify_exits_130_with_one_line():
     proc = subprocess.Popen([sys.executable, "-m", "sdec", "verify", "specs/learned3.sde", "--samples", "200000"],
                             cwd=REPO, env=sdec_process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
