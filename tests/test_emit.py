@@ -222,7 +222,7 @@ LOWERINGS = {  # what each shipped spec lowers to, line by line of the report
             "B(t)": "closed form 4*t; max relative error", "Φ(t)": "closed form expm(B(t) A)",
             "Q, D": "Q fixed, D fixed", "learnable parameters": "0", "noise enters directly": "v"},
     "learned3": {"head": "sde learned3: K = 3, state (x, v, w), T = 1, t_min = 0.001",
-                 "B(t)": "closed form t*(99*t + 2)/20; max relative error", "Φ(t)": "torch.linalg.matrix_exp(B(t) A)",
+                 "B(t)": "closed form t*(99*t + 2)/20; max relative error", "Φ(t)": "expm(B(t) A) by scaling and squaring of its Taylor series",
                  "Q, D": "D learned psd over (x, v, w), Q learned skew over (x, v, w)",
                  "learnable parameters": "9", "noise enters directly": "x, v, w"},
 }

@@ -6,8 +6,8 @@ Choices made here, all reported by ``lowering_report``:
   [t_min, T] (sdec.backend.time_change).
 - Φ(s): closed form when A has only rational real eigenvalues (VP, CLD: polynomial times
   exponentials) and its float64 values match mpmath's expm on a grid of s up to B(T);
-  else torch.linalg.matrix_exp. Near s = 0 the kernel base uses exact Taylor series for Φ
-  and Σ (structural zeros stay exact).
+  else scaling and squaring of its Taylor series. Near s = 0 the kernel base uses exact
+  Taylor series for Φ and Σ (structural zeros stay exact); for K = 1 Σ has a closed form.
 - Σ(s): Taylor series for small s·‖A‖, stationary identity Σ∞ + Φ(Σ0 - Σ∞)Φᵀ above.
 - t_min: the spec's, unless the float64 kernel is inaccurate there (sdec.backend.t_min).
 - learnable parameters: raw tensors and their initial values (sdec.backend.learned).
@@ -212,11 +212,14 @@ def lowering_report(plan: KernelPlan) -> str:
     if plan.phi_closed is not None:
         lines.append(f"  Φ(t)   : closed form expm(B(t) A) from sympy (real rational eigenvalues); {plan.phi_note}")
     else:
-        lines.append("  Φ(t)   : torch.linalg.matrix_exp(B(t) A)" + (f" ({plan.phi_note})" if plan.phi_note else
-                                                                   " (no closed form used)"))
-    lines.append(f"  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖₂ ≤ {SERIES_TAU:g} "
-                 "(structural zeros stay exact)")
-    lines.append("  Σ(t)   : stationary identity Σ∞ + Φ (Σ0 - Σ∞) Φᵀ above the series range")
+        lines.append("  Φ(t)   : expm(B(t) A) by scaling and squaring of its Taylor series" + (f" ({plan.phi_note})" if plan.phi_note else
+                                                                                       " (no closed form used)"))
+    if plan.K == 1:
+        lines.append("  Σ(t)   : closed form -Σ∞ expm1(2 a B(t)) + Σ0 e^(2 a B(t)), a = A (K = 1; no cancellation near 0)")
+    else:
+        lines.append(f"  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖₂ ≤ {SERIES_TAU:g} "
+                     "(structural zeros stay exact)")
+        lines.append("  Σ(t)   : stationary identity Σ∞ + Φ (Σ0 - Σ∞) Φᵀ above the series range")
     lines.append("  ELBO   : score_norm by Gauss–Legendre in log t; divergence and truncation exact; importance "
                  "time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant, 512 geometric bins)")
     lines.append("  Q, D   : " + ", ".join(

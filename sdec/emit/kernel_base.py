@@ -18,7 +18,7 @@ evaluation branches, chosen per element of s:
   entries of Σ at small t (CLD Σ_xx ~ s³, third-order processes ~ s⁵) keep full relative
   accuracy.  With ||N_k|| <= (2||A||)^k the tail after _SERIES_TERMS terms is below
   (2 tau)^n / n! ~ 2e-24 relative; rounding is below e^{2 tau} eps ~ 1e-13.
-* large s: Φ from ``_phi_closed`` (or ``torch.linalg.matrix_exp``) and the stationary
+* large s: Φ from ``_phi_closed`` (or scaling and squaring of the series, ``_expm``) and the stationary
   identity Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, which cancels catastrophically while Φ ≈ I but is
   accurate once s ||A|| is of order one.
 tau = 3 is the measured crossover: against a 50-digit Van Loan reference (CLD, ALDA,
@@ -31,12 +31,19 @@ direction of variance ~s⁵ next to entries ~s² (v0 enters x at order s), so ev
 correctly rounded Σ is off by 5e-6 in its own scale at t = 1e-3 and is indefinite at 1e-5.
 
 Each branch is evaluated only on its own elements, so gradients never touch the other
-branch.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
+branch.  K = 1 has a closed form at every s (``_scalar``).
+
+Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
+per-entry multiply-adds that skip the zero triangles, the Cholesky factors and triangular
+inverses of the batch are computed entry by entry across it, and ``perturb`` computes the
+mean and the score only when they are read.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
 
 Caching.  Quantities that do not depend on the batch (A, D, the series coefficients, the
 score-norm integral, the importance-sampling table) are cached while no gradient into the
 module's parameters is needed; when one is (grad enabled and a parameter requires grad)
-they are rebuilt on every call.  The cache holds a copy of every parameter and buffer
+they are rebuilt on every call, except that one ``elbo`` call builds each of them (and the
+Cholesky factors of its batch) once and shares them between the perturbation, the score and
+the score norm.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -60,6 +67,7 @@ _QUAD_NODES = 8
 _TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
 _TABLE_NODES = 4       # Gauss-Legendre nodes per bin for the bin masses
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
+_UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
 
 
 class CholeskyError(RuntimeError):
@@ -67,12 +75,27 @@ class CholeskyError(RuntimeError):
 
 
 class Perturbed:
-    """y_t ~ q(y_t | x): y = mean + chol @ eps, score = -chol⁻ᵀ eps (the target score)."""
+    """y_t ~ q(y_t | x): y = mean + chol @ eps, score = -chol⁻ᵀ eps (the target score).
 
-    __slots__ = ("y", "eps", "mean", "chol", "score")
+    ``mean`` and ``score`` may be given as zero-argument callables: they are then computed on
+    first access (a training loss that needs only y and eps never pays for them)."""
+
+    __slots__ = ("y", "eps", "chol", "_mean", "_score")
 
     def __init__(self, y, eps, mean, chol, score):
-        self.y, self.eps, self.mean, self.chol, self.score = y, eps, mean, chol, score
+        self.y, self.eps, self.chol, self._mean, self._score = y, eps, chol, mean, score
+
+    @property
+    def mean(self):
+        if callable(self._mean):
+            self._mean = self._mean()
+        return self._mean
+
+    @property
+    def score(self):
+        if callable(self._score):
+            self._score = self._score()
+        return self._score
 
 
 class ELBOTerms:
@@ -105,10 +128,135 @@ if "_SDEC_SHARED" in globals():
     CholeskyError, Perturbed, ELBOTerms = _SDEC_SHARED  # noqa: F821 - preset by the loader
 
 
-def _apply(mat, y):
-    """Apply (B, K, K) or (K, K) matrices to states (B, K, *data_shape), per coordinate."""
-    flat = y.reshape(y.shape[0], y.shape[1], -1)
-    return torch.matmul(mat, flat).reshape(y.shape)
+def _col(c, like):
+    """A per-example (B,) or scalar coefficient shaped to broadcast against like (B, *data)."""
+    return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
+
+
+def _apply(mat, y, tri=None, col=None, x=None):
+    """mat @ y per coordinate, for (B, K, K) or (K, K) mat and states y (B, K, *data_shape),
+    plus col[..., i] * x in row i when col (B, K) and x (B, *data_shape) are given (the hybrid
+    mean Φ[:, :, 0] x).  tri = "lower" / "upper" skips the zero triangle of mat.
+
+    For K <= _UNROLL_K every row is explicit per-entry multiply-adds (one pass over the data per
+    nonzero entry, written in place when no graph is needed): a batched torch.matmul with so
+    small a K costs several times more than these passes.  Larger K use torch.matmul."""
+    K = y.shape[1]
+    if K > _UNROLL_K:
+        out = torch.matmul(mat, y.reshape(y.shape[0], K, -1)).reshape(y.shape)
+        return out if col is None else out + _col(col, y) * x[:, None]
+    parts = [v for v in (mat, y, col, x) if v is not None]
+    if torch.is_grad_enabled() and any(v.requires_grad for v in parts):
+        return _SmallApply.apply(mat, y, col, x, tri)
+    return _apply_unrolled(mat, y, tri, col, x)
+
+
+def _apply_unrolled(mat, y, tri, col, x):
+    """The no-graph body of _apply for K <= _UNROLL_K: rows written in place."""
+    K = y.shape[1]
+    dtype = mat.dtype
+    for v in (y, col, x):
+        if v is not None:
+            dtype = torch.promote_types(dtype, v.dtype)
+    out = torch.empty(y.shape, dtype=dtype, device=y.device)
+    for i in range(K):
+        o, first = out[:, i], True
+        if col is not None:
+            torch.mul(x, _col(col[..., i], x), out=o)
+            first = False
+        for j in range(i + 1) if tri == "lower" else range(i, K) if tri == "upper" else range(K):
+            c = _col(mat[..., i, j], o)
+            if first:
+                torch.mul(y[:, j], c, out=o)
+                first = False
+            else:
+                o.addcmul_(y[:, j], c)
+    return out
+
+
+class _SmallApply(torch.autograd.Function):
+    """_apply with a graph (K <= _UNROLL_K): the forward is the in-place unrolled one; the
+    backward reduces each input's gradient in one batched product, where autograd through
+    the per-entry ops would add a full-size multiply and a reduction for every entry:
+    d mat = g yᵀ per example (its zero triangle dropped), d col = g xᵀ, d y = matᵀ g,
+    d x = Σ_i col_i g_i."""
+
+    @staticmethod
+    def forward(ctx, mat, y, col, x, tri):
+        ctx.tri = tri
+        ctx.save_for_backward(mat, y, col, x)
+        return _apply_unrolled(mat, y, tri, col, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        mat, y, col, x = ctx.saved_tensors
+        tri = ctx.tri
+        n, K = g.shape[0], g.shape[1]
+        gf = g.reshape(n, K, -1)
+        d_mat = d_y = d_col = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT
+            d_mat = d_mat.tril() if tri == "lower" else d_mat.triu() if tri == "upper" else d_mat
+            d_mat = (d_mat if mat.dim() == 3 else d_mat.sum(0)).to(mat.dtype)
+        if ctx.needs_input_grad[1]:
+            flip = {"lower": "upper", "upper": "lower"}.get(tri)
+            d_y = _apply(mat.mT.to(g.dtype), g, flip).to(y.dtype)
+        if ctx.needs_input_grad[2]:
+            d_col = (gf @ x.reshape(n, -1, 1).to(g.dtype)).squeeze(-1).to(col.dtype)
+        if ctx.needs_input_grad[3]:
+            d_x = (_col(col.to(g.dtype), g) * g).sum(1).to(x.dtype)
+        return d_mat, d_y, d_col, d_x, None
+
+
+def _cholesky_small(S):
+    """Cholesky factors of (n, K, K) symmetric matrices for K <= _UNROLL_K, entry by entry and
+    vectorised over n: the recurrences of LAPACK's unblocked potf2, without a per-matrix
+    call (or its per-matrix backward).  Returns (L, ok), ok False where a pivot is not > 0."""
+    K = S.shape[-1]
+    E = _entries(S)
+    L = [[None] * K for _ in range(K)]
+    ok = None
+    for j in range(K):
+        d = E[j][j]
+        for k in range(j):
+            d = d - L[j][k] * L[j][k]
+        ok = d > 0 if ok is None else ok & (d > 0)
+        L[j][j] = torch.sqrt(d)
+        for i in range(j + 1, K):
+            v = E[i][j]
+            for k in range(j):
+                v = v - L[i][k] * L[j][k]
+            L[i][j] = v * (1.0 / L[j][j])
+    return _stack_lower(L, S), ok
+
+
+def _tri_inverse_small(L):
+    """L⁻¹ of (n, K, K) lower-triangular L with a positive diagonal (K <= _UNROLL_K), by
+    forward substitution entry by entry, vectorised over n."""
+    K = L.shape[-1]
+    E = _entries(L)
+    M = [[None] * K for _ in range(K)]
+    for j in range(K):
+        M[j][j] = 1.0 / E[j][j]
+        for i in range(j + 1, K):
+            v = E[i][j] * M[j][j]
+            for k in range(j + 1, i):
+                v = v + E[i][k] * M[k][j]
+            M[i][j] = -v / E[i][i]
+    return _stack_lower(M, L)
+
+
+def _entries(mat):
+    """mat[..., i, j] as nested lists, by two levels of unbind (one backward node each, where
+    K² separate selects would each allocate a full-size gradient)."""
+    return [row.unbind(-1) for row in mat.unbind(-2)]
+
+
+def _stack_lower(entries, like):
+    K = len(entries)
+    zero = like.new_zeros(like.shape[:-2])
+    return torch.stack([torch.stack([entries[i][j] if j <= i else zero for j in range(K)], -1)
+                        for i in range(K)], -2)
 
 
 def _taylor_weights(s, n):
@@ -118,17 +266,29 @@ def _taylor_weights(s, n):
     return torch.cumprod(steps, dim=1)
 
 
+def _power_stack(M, n):
+    """M^0 .. M^{n-1}, (n, m, m), by doubling: ceil(log2 n) batched products, not n - 1
+    sequential ones.  An entry that is structurally zero (no path of that length in the
+    graph of M) is a sum of products with an exact-zero factor, so it stays exactly zero."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    P = torch.stack([eye, M])
+    while P.shape[0] < n:
+        P = torch.cat([P, torch.matmul(P[-1] @ M, P)])
+    return P[:n]
+
+
 def _series_coefficients(A, D, S0, n):
-    """A^k and N_k (k < n): Φ = Σ s^k/k! A^k, Σ = Σ s^k/k! N_k."""
-    powers, moments = [torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)], [S0]
+    """A^k and N_k (k < n): Φ = Σ s^k/k! A^k, Σ = Σ s^k/k! N_k.  N_{k+1} = A N_k + N_k Aᵀ is
+    the linear map kron(A, I) + kron(I, A) on row-major vec(N_k), so N_k = that map^(k-1)
+    applied to N_1, and both stacks come from _power_stack."""
+    K = A.shape[-1]
+    eye = torch.eye(K, dtype=A.dtype, device=A.device)
     AS0 = A @ S0
-    nxt = AS0 + AS0.mT + 2.0 * D
-    for _ in range(1, n):
-        powers.append(A @ powers[-1])
-        moments.append(nxt)
-        AN = A @ nxt
-        nxt = AN + AN.mT
-    return torch.stack(powers), torch.stack(moments)
+    N1 = AS0 + AS0.mT + 2.0 * D
+    lyap = torch.kron(A, eye) + torch.kron(eye, A)
+    later = (_power_stack(lyap, n - 1) @ N1.reshape(K * K, 1)).reshape(n - 1, K, K)
+    moments = torch.cat([S0[None], 0.5 * (later + later.mT)])
+    return _power_stack(A, n), moments
 
 
 def _gauss_legendre(n, device):
@@ -162,6 +322,7 @@ class DiffusionBase(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self._cache = {}
+        self._call_memo = None   # a dict while one elbo() call runs (see _cached)
 
     # ----------------------------------------------------------------- hooks
     def _beta(self, t):
@@ -213,10 +374,17 @@ class DiffusionBase(torch.nn.Module):
         return True
 
     def _cached(self, key, build, graph=True):
-        """build() once per module state (compared by value, see the module doc); rebuilt
-        on every call while a graph into the parameters is needed (graph=True)."""
+        """build() once per module state (compared by value, see the module doc).  While a
+        graph into the parameters is needed (graph=True) it is rebuilt on every call, except
+        within one elbo() call, which builds each value once (the parameters cannot change
+        inside the call) and shares it between the perturbation, the score and the score norm."""
         if graph and self._needs_graph():
-            return build()
+            memo = getattr(self, "_call_memo", None)
+            if memo is None:
+                return build()
+            if key not in memo:
+                memo[key] = build()
+            return memo[key]
         if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
             self._cache = {"_state": self._snapshot()}
         if key not in self._cache:
@@ -332,27 +500,54 @@ class DiffusionBase(torch.nn.Module):
         Phi = torch.einsum("mk,kij->mij", w, c["powers"])
         return Phi, torch.einsum("mk,kij->mij", w, c["moments"])
 
+    def _expm(self, s, c):
+        """expm(s A) by scaling and squaring the series: Φ(s / 2^j) from the Taylor series
+        (s / 2^j ||A||₂ <= tau, the truncation bound of the series branch), squared j times,
+        with one j for the batch (the largest s sets it).  Uses the cached powers of A, so a
+        batch costs one einsum and j batched K x K products, with a cheap backward."""
+        top = float(s.detach().abs().max()) / c["radius"] if s.numel() else 0.0
+        j = max(0, math.ceil(math.log2(top))) if top > 1.0 else 0
+        P = torch.einsum("mk,kij->mij", _taylor_weights(s / 2.0 ** j, _SERIES_TERMS), c["powers"])
+        for _ in range(j):
+            P = P @ P
+        return P
+
     def _stationary(self, s, c):
         Phi = self._phi_closed(s)
         if Phi is None:
-            Phi = torch.linalg.matrix_exp(s[:, None, None] * c["A"])
+            Phi = self._expm(s, c)
         Phi = Phi.to(torch.float64)
         Sig = c["sinf"] + Phi @ (c["S0"] - c["sinf"]) @ Phi.mT
         return Phi, 0.5 * (Sig + Sig.mT)
 
+    def _scalar(self, s, hybrid):
+        """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) + Σ0 e^{2as} (no cancellation:
+        a <= 0, so both terms are >= 0 and expm1 keeps Σ's relative accuracy at small s)."""
+        a = self._A_D()[0][0, 0]
+        sinf, S0 = self.stationary_cov[0, 0], self._sigma0(hybrid)[0, 0]
+        Phi = torch.exp(a * s)
+        Sig = -sinf * torch.expm1(2.0 * a * s) + S0 * (Phi * Phi)
+        return Phi[:, None, None], Sig[:, None, None]
+
     def _phi_sigma(self, s, hybrid):
         """Φ(s), Σ(s) for flat float64 s, each branch on its own elements only."""
+        if self.K == 1:
+            return self._scalar(s, hybrid)
         c = self._coeffs(hybrid)
         K, n = self.K, s.shape[0]
         small = s.detach().abs() <= c["radius"]
+        n_small = int(small.sum())
+        if n_small == n:
+            return self._series(s, c)
+        if n_small == 0:
+            return self._stationary(s, c)
         Phi = s.new_zeros(n, K, K)
         Sig = s.new_zeros(n, K, K)
         for mask, branch in ((small, self._series), (~small, self._stationary)):
             idx = mask.nonzero().reshape(-1)
-            if idx.numel() > 0:
-                P, S = branch(s[idx], c)
-                Phi = Phi.index_copy(0, idx, P)
-                Sig = Sig.index_copy(0, idx, S)
+            P, S = branch(s[idx], c)
+            Phi = Phi.index_copy(0, idx, P)
+            Sig = Sig.index_copy(0, idx, S)
         return Phi, Sig
 
     def transition(self, t, hybrid=True):
@@ -363,9 +558,14 @@ class DiffusionBase(torch.nn.Module):
         return Phi.reshape(*shape, K, K).to(dtype), Sig.reshape(*shape, K, K).to(dtype)
 
     def _cholesky(self, Sig, t64):
-        L, info = torch.linalg.cholesky_ex(Sig)
-        if bool((info > 0).any()):
-            i = int((info > 0).nonzero()[0, 0])
+        if self.K <= _UNROLL_K:
+            L, ok = _cholesky_small(Sig)
+            bad = ~ok
+        else:
+            L, info = torch.linalg.cholesky_ex(Sig)
+            bad = info > 0
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
             lam = float(torch.linalg.eigvalsh(Sig[i].detach())[0])
             raise CholeskyError(
                 f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g}; smallest "
@@ -373,13 +573,29 @@ class DiffusionBase(torch.nn.Module):
                 f"t_min (currently {self.t_min}).")
         return L
 
-    def _kernel_factors(self, t64, hybrid):
-        """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t."""
+    def _kernel_factors(self, t, hybrid):
+        """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t (any float dtype).  Within one elbo()
+        call the factors of one t tensor are computed once, for the perturbation and the score."""
+        memo = getattr(self, "_call_memo", None)
+        if memo is not None:
+            key = ("factors", id(t), hybrid)
+            hit = memo.get(key)
+            if hit is not None and hit[0] is t and hit[1] == t._version:
+                return hit[2]
+        t64 = t.to(torch.float64)
         Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
         L = self._cholesky(Sig, t64)
-        eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        return Phi, L, Linv.mT
+        if self.K == 1:
+            LinvT = 1.0 / L
+        elif self.K <= _UNROLL_K:
+            LinvT = _tri_inverse_small(L).mT
+        else:
+            eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
+            LinvT = torch.linalg.solve_triangular(L, eye, upper=False).mT
+        out = (Phi, L, LinvT)
+        if memo is not None:
+            memo[key] = (t, t._version, out)
+        return out
 
     def _batch_time(self, t, n, like):
         if not torch.is_tensor(t):
@@ -388,27 +604,28 @@ class DiffusionBase(torch.nn.Module):
 
     def perturb(self, x, t, hybrid=True, eps=None, generator=None):
         """Sample y_t given x (hybrid) or given y0 (hybrid=False); t has shape (B,)."""
-        n = x.shape[0]
+        n, K = x.shape[0], self.K
         t = self._batch_time(t, n, x)
-        Phi, L, LinvT = (m.to(x.dtype) for m in
-                         self._kernel_factors(t.to(torch.float64), hybrid))
-        if hybrid:
-            shape = (n, self.K) + tuple(x.shape[1:])
-            mean = Phi[:, :, 0].reshape((n, self.K) + (1,) * (x.dim() - 1)) * x[:, None]
-        else:
-            shape = tuple(x.shape)
-            mean = _apply(Phi, x)
+        Phi, L, LinvT = (m.to(x.dtype) for m in self._kernel_factors(t, hybrid))
+        shape = (n, K) + tuple(x.shape[1:]) if hybrid else tuple(x.shape)
         if eps is None:
             eps = torch.randn(shape, generator=generator, dtype=x.dtype,
                               device=x.device)
-        return Perturbed(mean + _apply(L, eps), eps, mean, L, -_apply(LinvT, eps))
+        if hybrid:
+            col = Phi[:, :, 0]
+            y = _apply(L, eps, "lower", col, x)  # Φ[:, :, 0] x + L eps in one set of passes
+            mean = lambda: _col(col, x[:, None]) * x[:, None]  # noqa: E731 - lazy
+        else:
+            mean = _apply(Phi, x)
+            y = mean + _apply(L, eps, "lower")
+        return Perturbed(y, eps, mean, L, lambda: _apply(-LinvT, eps, "upper"))
 
     def score_from_eps(self, eps_fn, hybrid=True):
         """score_fn(y, t) = -L_t⁻ᵀ eps_fn(y, t) for a noise-prediction network."""
         def score_fn(y, t):
             t = self._batch_time(t, y.shape[0], y)
-            LinvT = self._kernel_factors(t.to(torch.float64), hybrid)[2].to(y.dtype)
-            return -_apply(LinvT, eps_fn(y, t))
+            LinvT = self._kernel_factors(t, hybrid)[2].to(y.dtype)
+            return _apply(-LinvT, eps_fn(y, t), "upper")
         return score_fn
 
     # ---------------------------------------------------------- prior and aux
@@ -467,6 +684,9 @@ class DiffusionBase(torch.nn.Module):
         Sig = self._phi_sigma(self._B(t64), True)[1]
         GG = 2.0 * self._beta(t64)[:, None, None] * self._A_D()[1]
         L = self._cholesky(Sig, t64)
+        if self.K <= _UNROLL_K:  # tr(Σ⁻¹ GG) = Σ_ij (L⁻ᵀ L⁻¹)_ij GG_ij, both symmetric
+            M = _tri_inverse_small(L)
+            return ((M.mT @ M) * GG).sum((-2, -1))
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def _score_norm_per_dim(self, t_min):
@@ -497,7 +717,21 @@ class DiffusionBase(torch.nn.Module):
         return t, 1.0 / self.time_density(t, t_min=t_min)
 
     def elbo(self, x, score_fn, t=None, time_sampler="uniform", t_min=None, generator=None):
-        """Per-example ELBO terms (hybrid kernel), one time sample per example."""
+        """Per-example ELBO terms (hybrid kernel), one time sample per example.
+
+        Every K x K quantity (A, D, the series coefficients, the Cholesky factors of the
+        batch's times, the score-norm integral) is built once per call and shared by the
+        perturbation, ``score_fn`` (when it comes from ``score_from_eps``) and the terms."""
+        outer = getattr(self, "_call_memo", None)
+        if outer is None:
+            self._call_memo = {}
+        try:
+            return self._elbo(x, score_fn, t, time_sampler, t_min, generator)
+        finally:
+            if outer is None:
+                self._call_memo = None
+
+    def _elbo(self, x, score_fn, t, time_sampler, t_min, generator):
         t_min = float(self.t_min if t_min is None else t_min)
         n, d = x.shape[0], x[0].numel()
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
@@ -505,8 +739,10 @@ class DiffusionBase(torch.nn.Module):
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps)
         diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
-        GG = self.noise_cov(t)
-        score = -0.5 * weight * (diff * torch.matmul(GG, diff)).sum((1, 2))
+        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j>: one K x K Gram matrix per
+        # example (a reduction over the data) instead of a batched K x K apply to diff
+        gram = torch.matmul(diff, diff.mT)
+        score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
         B = self._B_at([t_min, self.T])

@@ -1,0 +1,205 @@
+"""The fast paths of the kernel base (issue 8) against the plain computations they replace.
+
+Per-entry K x K applies against torch.matmul; the doubling series coefficients against the
+sequential recurrence; scaling and squaring against torch.linalg.matrix_exp; the entrywise
+Cholesky against LAPACK; the K = 1 closed form against mpmath; the lazy score of perturb;
+and the per-call sharing inside elbo (built once, never leaking to the next call).
+"""
+import os
+
+import mpmath as mp
+import pytest
+import torch
+
+import sdec
+from sdec.emit import kernel_base as kb
+
+F64 = torch.float64
+SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
+
+
+def compiled(name):
+    return sdec.compile(os.path.join(SPECS, f"{name}.sde"))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("tri", [None, "lower", "upper"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_per_entry_apply_equals_matmul(K, tri, grad):
+    n = 6
+    mat = torch.randn(n, K, K, generator=gen(0), dtype=F64)
+    if tri == "lower":
+        mat = mat.tril()
+    elif tri == "upper":
+        mat = mat.triu()
+    y = torch.randn(n, K, 2, 3, generator=gen(1), dtype=F64)
+    col, x = torch.randn(n, K, generator=gen(2), dtype=F64), torch.randn(n, 2, 3, generator=gen(3), dtype=F64)
+    ref = torch.matmul(mat, y.reshape(n, K, -1)).reshape(y.shape) + col[:, :, None, None] * x[:, None]
+    if grad:
+        mat.requires_grad_(True)
+    got = kb._apply(mat, y, tri, col, x)
+    assert torch.allclose(got, ref, rtol=1e-14, atol=1e-14)
+    assert torch.allclose(kb._apply(mat, y, tri), ref - col[:, :, None, None] * x[:, None], rtol=1e-14, atol=1e-14)
+    # an unbatched (K, K) matrix broadcasts over the batch
+    assert torch.allclose(kb._apply(mat[0], y, tri), torch.matmul(mat[0], y.reshape(n, K, -1)).reshape(y.shape),
+                          rtol=1e-14, atol=1e-14)
+    if grad:
+        assert got.requires_grad
+        (g,) = torch.autograd.grad(got.square().sum(), mat)
+        m2 = mat.detach().clone().requires_grad_(True)
+        ref2 = torch.matmul(m2, y.reshape(n, K, -1)).reshape(y.shape) + col[:, :, None, None] * x[:, None]
+        (g2,) = torch.autograd.grad(ref2.square().sum(), m2)
+        mask = {"lower": torch.ones(K, K, dtype=F64).tril(), "upper": torch.ones(K, K, dtype=F64).triu()}
+        keep = mask[tri] if tri else torch.ones(K, K, dtype=F64)  # the triangle's entries
+        assert torch.allclose(g * keep, g2 * keep, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["cld", "alda", "learned3"])
+def test_doubling_coefficients_match_the_sequential_recurrence(name):
+    proc = compiled(name)
+    with torch.no_grad():
+        A, D = proc._A_D()
+        S0 = proc._sigma0(True)
+        powers, moments = kb._series_coefficients(A, D, S0, kb._SERIES_TERMS)
+    P, N = torch.eye(proc.K, dtype=F64), S0
+    AS0 = A @ S0
+    nxt = AS0 + AS0.mT + 2.0 * D
+    for k in range(kb._SERIES_TERMS):
+        scale = max(float(P.abs().max()), 1e-300)
+        assert (powers[k] - P).abs().max() <= 1e-13 * scale, k
+        nscale = max(float(N.abs().max()), 1e-300)
+        assert (moments[k] - N).abs().max() <= 1e-13 * nscale, k
+        assert torch.equal(moments[k] == 0, N == 0), k   # structural zeros stay exactly zero
+        P, N = A @ P, nxt
+        AN = A @ nxt
+        nxt = AN + AN.mT
+
+
+@pytest.mark.parametrize("name", ["alda", "malda", "learned2", "learned3"])
+def test_scaling_and_squaring_matches_matrix_exp(name):
+    proc = compiled(name)
+    with torch.no_grad():
+        c = proc._coeffs(True)
+        s = torch.linspace(0.01, 12.0, 50, dtype=F64)
+        ref = torch.linalg.matrix_exp(s[:, None, None] * c["A"])
+        got = proc._expm(s, c)
+    assert (got - ref).abs().max() < 1e-13
+
+
+def test_entrywise_cholesky_and_inverse():
+    n, K = 40, 4
+    B = torch.randn(n, K, K, generator=gen(0), dtype=F64)
+    S = B @ B.mT + 0.1 * torch.eye(K, dtype=F64)
+    for k in (2, 3, 4):
+        L, ok = kb._cholesky_small(S[:, :k, :k])
+        assert ok.all()
+        ref = torch.linalg.cholesky(S[:, :k, :k])
+        assert torch.allclose(L, ref, rtol=1e-13, atol=1e-13)
+        M = kb._tri_inverse_small(L)
+        assert torch.allclose(M @ L, torch.eye(k, dtype=F64).expand(n, k, k), atol=1e-12)
+    bad = S.clone()
+    bad[3] = -bad[3]
+    _, ok = kb._cholesky_small(bad)
+    assert not ok[3] and ok[torch.arange(n) != 3].all()
+
+
+def test_cholesky_failure_is_still_a_located_error():
+    proc = compiled("learned3")
+    with torch.no_grad():
+        Sig = torch.eye(3, dtype=F64).repeat(2, 1, 1)
+        Sig[1, 2, 2] = -1.0
+        with pytest.raises(RuntimeError, match="Cholesky of Sigma_t failed at t=0.5") as info:
+            proc._cholesky(Sig, torch.tensor([0.1, 0.5], dtype=F64))
+    assert type(info.value).__name__ == "CholeskyError"
+
+
+def test_scalar_closed_form_against_mpmath():
+    """VP: Σ = 1 - e^{-B(t)} to full relative accuracy down to t = 1e-7."""
+    proc = compiled("vpsde")
+    t = torch.tensor([1e-7, 1e-5, 1e-3, 0.1, 0.5, 1.0], dtype=F64)
+    with torch.no_grad():
+        Phi, Sig = proc.transition(t)
+    with mp.workdps(40):
+        for i, tv in enumerate(t.tolist()):
+            s = mp.mpf(tv) * mp.mpf("0.1") + mp.mpf("4.95") * mp.mpf(tv) ** 2
+            assert abs(float(Sig[i, 0, 0]) / float(1 - mp.exp(-s)) - 1) < 4e-16
+            assert abs(float(Phi[i, 0, 0]) / float(mp.exp(-s / 2)) - 1) < 4e-16
+
+
+@pytest.mark.parametrize("name", ["vpsde", "cld", "learned3"])
+def test_lazy_score_and_mean_equal_their_definitions(name):
+    proc = compiled(name)
+    x = torch.randn(5, 2, 3, generator=gen(0), dtype=F64)
+    t = torch.tensor([1e-3, 0.01, 0.2, 0.6, 1.0], dtype=F64)
+    p = proc.perturb(x, t, generator=gen(1))
+    assert callable(p._score) and callable(p._mean)  # not computed until asked for
+    Phi, L, LinvT = proc._kernel_factors(t, True)
+    K = proc.K
+    eps = p.eps.reshape(5, K, -1)
+    mean = (Phi[:, :, :1] * x.reshape(5, 1, -1)).reshape(p.y.shape)
+    assert torch.allclose(p.mean, mean, rtol=1e-14, atol=1e-15)
+    assert torch.allclose(p.y, mean + (L @ eps).reshape(p.y.shape), rtol=1e-13, atol=1e-14)
+    assert torch.allclose(p.score, -(LinvT @ eps).reshape(p.y.shape), rtol=1e-13, atol=1e-13)
+    assert p.score is p.score  # computed once
+
+
+def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(monkeypatch):
+    proc = compiled("learned3")
+    counts = {"coeffs": 0, "phi_sigma": 0}
+    build, phi_sigma = proc._build_coeffs, proc._phi_sigma
+
+    def counted_build(hybrid):
+        counts["coeffs"] += 1
+        return build(hybrid)
+
+    def counted_phi_sigma(s, hybrid):
+        counts["phi_sigma"] += 1
+        return phi_sigma(s, hybrid)
+
+    monkeypatch.setattr(proc, "_build_coeffs", counted_build)
+    monkeypatch.setattr(proc, "_phi_sigma", counted_phi_sigma)
+    x = torch.randn(4, 6, generator=gen(0), dtype=F64)
+    score_fn = proc.score_from_eps(lambda y, t: 0.5 * y)
+    e = proc.elbo(x, score_fn, generator=gen(1))
+    # one coefficient build; Φ/Σ for the batch (shared by perturb and score_fn), the score
+    # norm's nodes and the prior at T
+    assert counts == {"coeffs": 1, "phi_sigma": 3}
+    assert proc._call_memo is None
+    e.total.sum().backward()
+    with torch.no_grad():
+        proc.theta_Q.add_(0.05)
+    e2 = proc.elbo(x, score_fn, generator=gen(1))
+    fresh = compiled("learned3")
+    fresh.load_state_dict(proc.state_dict())
+    e3 = fresh.elbo(x, fresh.score_from_eps(lambda y, t: 0.5 * y), generator=gen(1))
+    for k in kb.ELBOTerms.TERMS:
+        assert torch.equal(getattr(e2, k), getattr(e3, k)), k
+
+
+def test_elbo_clears_its_memo_when_the_score_function_raises():
+    proc = compiled("learned2")
+    x = torch.randn(3, 4, generator=gen(0), dtype=F64)
+
+    def broken(y, t):
+        raise RuntimeError("network failed")
+
+    with pytest.raises(RuntimeError, match="network failed"):
+        proc.elbo(x, broken, generator=gen(1))
+    assert proc._call_memo is None
+
+
+@pytest.mark.parametrize("tri", [None, "lower", "upper"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_apply_backward_passes_gradcheck(tri, batched):
+    """The batched-product backward of the unrolled apply, for every input at once."""
+    K, n = 3, 2
+    mat = torch.randn(*((n,) if batched else ()), K, K, generator=gen(0), dtype=F64, requires_grad=True)
+    y = torch.randn(n, K, 2, generator=gen(1), dtype=F64, requires_grad=True)
+    col = torch.randn(n, K, generator=gen(2), dtype=F64, requires_grad=True)
+    x = torch.randn(n, 2, generator=gen(3), dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, a, c, b: kb._apply(m, a, tri, c, b), (mat, y, col, x))
+    assert torch.autograd.gradcheck(lambda m, a: kb._apply(m, a, tri), (mat, y))
