@@ -1,8 +1,8 @@
 """Probability-flow ODE of a compiled Diffusion, and a guarded torchdiffeq solve.
 
 Shared by :mod:`sdec.runtime.likelihood` and :mod:`sdec.runtime.sampling`. Everything here uses only the
-public Diffusion interface (``drift``, ``noise_cov``; see runtime/interface.py), so it works on
-any compiled process.
+public Diffusion interface (``drift``, ``noise_cov``, ``apply_kk``; see runtime/interface.py), so it
+works on any compiled process.
 
 The probability-flow ODE of dy = F(t) y dt + G(t) dW with score s(y, t) is
 
@@ -56,12 +56,6 @@ class ODESolveError(RuntimeError):
         self.reason, self.t, self.dt, self.steps, self.nfe = reason, t, dt, steps, nfe
 
 
-def apply_kk(M, y):
-    """Apply a (K, K) matrix to every data coordinate of a state y of shape (B, K, *data)."""
-    B, K = y.shape[:2]
-    return torch.einsum("kl,bld->bkd", M, y.reshape(B, K, -1)).reshape(y.shape)
-
-
 def flow_terms(proc, score_fn, y, t):
     """Return (F y, G G^T s, F, GG^T) at scalar time t for state y (B, K, *data).
 
@@ -75,7 +69,7 @@ def flow_terms(proc, score_fn, y, t):
     if s.shape != y.shape:
         raise ValueError(f"score_fn returned shape {tuple(s.shape)}; expected the state's "
                          f"shape {tuple(y.shape)} = (B, K, *data_shape)")
-    return apply_kk(F, y), apply_kk(M, s), F, M
+    return proc.apply_kk(F, y), proc.apply_kk(M, s), F, M
 
 
 def flow_field(proc, score_fn, y, t):

@@ -8,15 +8,15 @@ y[:, 0] (or the whole state with ``return_state=True``). Samplers live in the pl
     sampler(proc, score_fn, y_T, times, *, generator, **options) -> y at times[-1]
 
 with ``times`` a decreasing float64 grid from T to t_min. Only the public Diffusion
-interface is used (``prior_sample``, ``drift``, ``noise_cov``), so any compiled process works.
+interface is used (``prior_sample``, ``drift``, ``noise_cov``, ``diffusion``, ``apply_kk``), so
+any compiled process works.
 
-- "em": Euler-Maruyama on the reverse SDE dy = [F y - G G^T s] dt + G dW_bar. G(t) is a
-  square root of G G^T(t) = ``proc.noise_cov(t)``, computed in float64 by ``eigh`` with the
-  eigenvalues clamped at 0 (only rounding is clamped: G G^T is PSD by construction). eigh
-  rather than Cholesky because G G^T is singular for CLD, ALDA and MALDA (no noise on x); any
-  square root gives the same noise law. By default the last step is noise-free ("denoising",
-  option ``denoise``): noise injected at the final step could never be removed, and returning
-  the mean of the last transition is the usual practice (score_sde, CLD).
+- "em": Euler-Maruyama on the reverse SDE dy = [F y - G G^T s] dt + G dW_bar, with G(t) =
+  ``proc.diffusion(t)`` (G G^T = ``proc.noise_cov(t)``; singular for CLD, ALDA and MALDA,
+  which put no noise on x: any square root gives the same noise law). By default the last
+  step is noise-free ("denoising", option ``denoise``): noise injected at the final step
+  could never be removed, and returning the mean of the last transition is the usual
+  practice (score_sde, CLD).
 - "ode": the probability-flow ODE dy/dt = F y - 1/2 G G^T s with torchdiffeq, adaptive
   (``solver="dopri5"`` by default, with the step guard of :mod:`sdec.runtime.flow`; ``steps`` and
   ``grid`` are then unused) or a fixed-grid solver ("euler", "rk4", ...) on the time grid.
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .flow import ADAPTIVE_METHODS, apply_kk, flow_field, flow_terms, solve
+from .flow import ADAPTIVE_METHODS, flow_field, flow_terms, solve
 
 SAMPLERS = {}
 
@@ -100,13 +100,6 @@ def time_grid(proc, steps, grid="quadratic", t_min=None, device=None):
     return times
 
 
-def noise_factor(proc, t):
-    """G(t) (K, K) float64 with G G^T = proc.noise_cov(t): eigh, eigenvalues clamped at 0."""
-    cov = proc.noise_cov(torch.as_tensor(t, dtype=torch.float64)).to(torch.float64)
-    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
-    return evecs * evals.clamp(min=0.0).sqrt().unsqueeze(-2)
-
-
 @register_sampler("em")
 def euler_maruyama(proc, score_fn, y, times, *, generator=None, denoise=True):
     """Euler-Maruyama on the reverse SDE from times[0] = T down to times[-1].
@@ -121,8 +114,8 @@ def euler_maruyama(proc, score_fn, y, times, *, generator=None, denoise=True):
         y = y - h * (Fy - Ms)
         if i < last or not denoise:
             z = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-            G = noise_factor(proc, t.to(y.device)).to(y.dtype)
-            y = y + math.sqrt(h) * apply_kk(G, z)
+            G = proc.diffusion(t.to(y.device)).to(y.dtype)
+            y = y + math.sqrt(h) * proc.apply_kk(G, z)
     return y
 
 
@@ -145,5 +138,5 @@ def probability_flow(proc, score_fn, y, times, *, generator=None, solver="dopri5
     return sol[-1]
 
 
-__all__ = ["SAMPLERS", "GRIDS", "register_sampler", "sample", "time_grid", "noise_factor",
+__all__ = ["SAMPLERS", "GRIDS", "register_sampler", "sample", "time_grid",
            "euler_maruyama", "probability_flow"]

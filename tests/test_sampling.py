@@ -8,7 +8,7 @@ import torch
 from gaussian_truth import marginal_cov, reverse_cov, true_score
 from kernels import make
 from sdec.runtime.flow import ODESolveError
-from sdec.runtime.sampling import SAMPLERS, noise_factor, register_sampler, sample, time_grid
+from sdec.runtime.sampling import SAMPLERS, register_sampler, sample, time_grid
 
 S2 = 0.25  # data variance
 N = 20000
@@ -105,11 +105,34 @@ def test_time_grids():
 
 
 @pytest.mark.parametrize("name", ["vpsde", "cld"])
-def test_noise_factor_squares_to_noise_cov(name):
+def test_em_noise_factor_squares_to_noise_cov(name):
+    """The sampler's G(t) is the process's diffusion(t): G G^T = noise_cov(t), also where
+    G G^T is singular (CLD puts no noise on x)."""
     proc = make(name)
     for t in (0.0, 1e-3, 0.5, 1.0):
-        G = noise_factor(proc, t)
-        torch.testing.assert_close(G @ G.T, proc.noise_cov(torch.tensor(t, dtype=torch.float64)))
+        t = torch.tensor(t, dtype=torch.float64)
+        G = proc.diffusion(t)
+        torch.testing.assert_close(G @ G.T, proc.noise_cov(t), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["vpsde", "cld"])
+def test_apply_kk_is_a_matrix_product_per_data_coordinate(name):
+    """proc.apply_kk (the samplers' and the ODE's K x K apply) against an einsum, for a
+    (K, K) and a per-example (B, K, K) matrix, with and without a graph."""
+    proc = make(name)
+    gen = torch.Generator().manual_seed(0)
+    K = proc.K
+    y = torch.randn(3, K, 2, 5, generator=gen, dtype=torch.float64)
+    for M in (torch.randn(K, K, generator=gen, dtype=torch.float64),
+              torch.randn(3, K, K, generator=gen, dtype=torch.float64)):
+        pattern = "kl,bl...->bk..." if M.dim() == 2 else "bkl,bl...->bk..."
+        want = torch.einsum(pattern, M, y)
+        torch.testing.assert_close(proc.apply_kk(M, y), want, rtol=1e-13, atol=1e-13)
+        yg = y.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(proc.apply_kk(M, yg).sum(), yg)
+        ones = torch.ones_like(y)
+        want_g = torch.einsum(pattern, M.mT, ones)
+        torch.testing.assert_close(g, want_g, rtol=1e-13, atol=1e-13)
 
 
 def test_ode_sampler_guard_raises():

@@ -489,10 +489,18 @@ class DiffusionBase(torch.nn.Module):
         return GG.reshape(*shape, self.K, self.K).to(dtype)
 
     def diffusion(self, t):
-        """G(t) = sqrt(2 beta(t)) _D_sqrt(), with G Gᵀ = noise_cov(t)."""
+        """G(t) = sqrt(2 beta(t)) S with S Sᵀ = D, so G Gᵀ = noise_cov(t); shape (*t.shape, K, K).
+        S is the learned factor of a learned D, the precomputed root of a fixed D, else the
+        symmetric root by eigh (eigenvalues clamped at 0: rounding only, D is PSD)."""
         t64, shape, dtype, _ = self._time(t)
         G = torch.sqrt(2.0 * self._beta(t64))[:, None, None] * self._G_factor()
         return G.reshape(*shape, self.K, self.K).to(dtype)
+
+    def apply_kk(self, mat, y):
+        """mat applied to every data coordinate of a state: out[:, i] = Σ_j mat[..., i, j] y[:, j]
+        for mat (K, K) or (B, K, K) and y (B, K, *data_shape).  The kernel's own batched apply
+        (per-entry passes for small K), for algorithms over the process (samplers, ODEs)."""
+        return _apply(mat, y)
 
     # ------------------------------------------------------- transition kernel
     def _series(self, s, c):
