@@ -132,7 +132,7 @@ CLD_FORMS = {
 def test_cld_in_every_form(form):
     spec = sdec.parse(CLD_HEAD + CLD_FORMS[form])
     assert spec.form == form
-    # CLD (mdm-math.md §5): Q = [[0, -1], [1, 0]], D = diag(0, Γ), Γ = 2√M = 1, Σ∞ = diag(1, M)
+    # CLD (docs/math.md §8): Q = [[0, -1], [1, 0]], D = diag(0, Γ), Γ = 2√M = 1, Σ∞ = diag(1, M)
     assert spec.Q == sp.Matrix([[0, -1], [1, 0]]) and spec.D == sp.diag(0, 1)
     assert spec.F == sp.Matrix([[0, 16], [-4, -16]])  # beta A with A = [[0, 1/M], [-1, -Γ/M]]
     assert spec.GGT == sp.diag(0, 8)

@@ -64,7 +64,7 @@ def kalman_rank(A, D):
     return np.linalg.matrix_rank(np.hstack(blocks))
 
 
-# Hand-written from mdm-math.md §5, not read from the specs.
+# Hand-written from docs/math.md §8, not read from the specs.
 S = np.sqrt
 HAND = {
     "vpsde": dict(Q=[[0]], D=[[0.5]], target=[[1]], B1=MDM_B1),
@@ -161,7 +161,7 @@ def test_alda_has_not_mixed_and_says_so():
     spec = shipped("alda")
     mixing = proof(spec, "mixed by T")
     assert mixing.verdict == "warning" and spec.report.ok
-    assert dict(mixing.data)["phi_T_max"] == pytest.approx(0.37, abs=0.005)  # mdm-math.md §5
+    assert dict(mixing.data)["phi_T_max"] == pytest.approx(0.37, abs=0.005)  # docs/math.md §8
     assert "has NOT reached its target by T" in mixing.detail
     assert (mixing.span.line, mixing.span.column) == (14, 5)  # points at T = 1
     result = sdec.analyze((SPECS / "alda.sde").read_bytes(), "specs/alda.sde")
@@ -174,7 +174,7 @@ def test_other_shipped_specs_have_mixed(name):
 
 
 def test_cld_kernel_anchor_from_the_reference():
-    """mdm-math.md §2: M⁻¹ = 4, Γ = 1, B = 1.2, Σ0 = diag(0, 0.01) gives this Σ; the KL reported
+    """docs/math.md §2: M⁻¹ = 4, Γ = 1, B = 1.2, Σ0 = diag(0, 0.01) gives this Σ; the KL reported
     for a spec with B(T) = 1.2 must be the KL of that Σ against Σ∞ = diag(1, 1/4)."""
     spec = sdec.parse((SPECS / "cld.sde").read_text().replace("beta(t) = 4", "beta(t) = 1.2"))
     Sigma = np.array([[0.859357, 0.04685], [0.04685, 0.234278]])
@@ -182,7 +182,7 @@ def test_cld_kernel_anchor_from_the_reference():
     kl = 0.5 * (np.trace(np.linalg.inv(St) @ Sigma) - 2 + np.log(np.linalg.det(St)) - np.log(np.linalg.det(Sigma)))
     numbers = mixing_numbers(spec, integrated_beta(spec.beta))
     assert numbers["kl_x0"] == pytest.approx(kl, rel=2e-4)
-    # the mean of x after B = 1.2 with g = 1/Γ = 1: e^{-2B}(2B + 1) (mdm-math.md §2)
+    # the mean of x after B = 1.2 with g = 1/Γ = 1: e^{-2B}(2B + 1) (docs/math.md §2)
     assert numbers["phi_T"][0][0] == pytest.approx(np.exp(-2.4) * 3.4, rel=1e-12)
 
 

@@ -77,7 +77,7 @@ def rel_entry_err(Sig, Ref):
 
 def critical_cld(k, s, hybrid=True):
     """CLD with Γ = 2√M: Φ = e^{-2sg}[[1+2sg, 4sg²], [-s, 1-2sg]], g = 1/Γ, and
-    Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, evaluated at 50 digits (mdm-math §2)."""
+    Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, evaluated at 50 digits (docs/math.md §2)."""
     A, D, S0, Sinf = mp_process(k, hybrid)
     gamma = D[1, 1]
     assert abs(Sinf[1, 1] - gamma ** 2 / 4) < mp.mpf(10) ** -40, "not critically damped"
@@ -117,7 +117,7 @@ def test_cld_closed_form(name, hybrid):
 
 
 def test_cld_check_value_from_reference_page():
-    """mdm-math §2: M⁻¹ = 4, Γ = 1, B = 1.2, Σ0 = diag(0, 0.01)."""
+    """docs/math.md §2: M⁻¹ = 4, Γ = 1, B = 1.2, Σ0 = diag(0, 0.01)."""
     k = kernels.make("cld_paper")
     _, Sig = k.transition(t64(1.2 / 4.0))
     expected = t64(0.859357, 0.04685, 0.04685, 0.234278).reshape(2, 2)
@@ -530,6 +530,30 @@ def test_score_norm_quadrature_against_quad(name):
         ref = si.quad(integrand, math.log(t_min), math.log(k.T), epsabs=0,
                       epsrel=max(rtol / 100, 1e-12), limit=200)[0]
         assert abs(ours - ref) < rtol * abs(ref), (ours, ref)
+
+
+@pytest.mark.parametrize("spec", ["learned2", "learned3"])
+def test_score_norm_closed_form_and_gradient_against_quadrature_for_learned_specs(spec):
+    """score_norm = log det Σ_T - log det Σ_{t_min} - 2 tr(A) ΔB over 2 (Jacobi's formula on the
+    Lyapunov ODE) against Gauss-Legendre in log t of tr(Σ_t⁻¹ G Gᵀ) itself (64 panels x 16
+    nodes), value and gradient into Q and D, at moved parameters (not the symmetric init)."""
+    import pathlib
+    import sdec
+    proc = sdec.compile(pathlib.Path(__file__).resolve().parent.parent / "specs" / f"{spec}.sde")
+    with torch.no_grad():
+        for i, p in enumerate(proc.parameters()):
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(i)))
+    params = [p for p in proc.parameters() if p.requires_grad]
+    x, w = np.polynomial.legendre.leggauss(16)
+    edges = np.linspace(math.log(proc.t_min), math.log(proc.T), 65)
+    half, mid = (edges[1:] - edges[:-1]) / 2, (edges[1:] + edges[:-1]) / 2
+    u = (mid[:, None] + half[:, None] * x).reshape(-1)
+    weights = torch.tensor((half[:, None] * w).reshape(-1) * np.exp(u))
+    quad = 0.5 * (weights * proc._trace_rate(torch.tensor(np.exp(u)))).sum()
+    closed = proc._score_norm_per_dim(proc.t_min)
+    assert abs(float(closed) - float(quad)) < 1e-11 * abs(float(quad))
+    for g_closed, g_quad in zip(torch.autograd.grad(closed, params), torch.autograd.grad(quad, params)):
+        assert torch.allclose(g_closed, g_quad, rtol=1e-9, atol=1e-11 * float(quad.abs()))
 
 
 @pytest.mark.parametrize("name", kernels.NAMES)
