@@ -182,7 +182,7 @@ def test_sigint_during_verify_exits_130_with_one_line():
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and one_line(err) == "sdec verify: interrupted"
+    assert "Traceback" not in err and one_line(err) == "sdec verify: interrupted", err
 
 
 @pytest.mark.parametrize("flag, value, says", [

@@ -38,9 +38,13 @@ def test_compiled_spec_matches_handwritten_kernel(spec, kernel):
     t = torch.tensor([0.01, 0.4, 0.9], dtype=torch.float64)
     e1 = compiled.elbo(x, lambda y, tt: -y, t=t, t_min=1e-3, generator=torch.Generator().manual_seed(2))
     e2 = reference.elbo(x, lambda y, tt: -y, t=t, t_min=1e-3, generator=torch.Generator().manual_seed(2))
-    # the score_norm quadrature (integrand ~ 1/t) amplifies last-bit differences between the
-    # printed schedule (99/20)*t**2 + t/10 and the hand-written 0.1*t + 4.95*t*t
-    assert torch.allclose(e1.total, e2.total, rtol=1e-7, atol=1e-9)
+    # score_norm holds log det Σ_{t_min}; for hybrid ALDA at t_min = 1e-3, Σ has a variance
+    # direction ~1e-21 beside entries ~1e-10 (the float64 representation floor, see
+    # test_alda_hybrid_small_t_is_limited_by_float64_representation), so last-bit differences
+    # between the printed schedule (99/20)*t**2 + t/10 and the hand-written 0.1*t + 4.95*t*t
+    # move it by ~1e-6 relative; every other process agrees to 1e-9
+    rtol = 3e-6 if kernel == "alda" else 1e-9
+    assert torch.allclose(e1.total, e2.total, rtol=rtol, atol=1e-9)
 
 
 def test_closed_form_phi_equals_matrix_exponential():
