@@ -7,8 +7,17 @@ _MARK = {"proved": "proved ", "checked": "checked", "warning": "WARNING",
          "failed": "FAILED ", "info": "info   "}
 
 
+def _cell(e) -> str:
+    """An entry as the report shows it: a number readably (a random initial value is the
+    exact rational of a float, 19 digits over 18, shown to 6 significant digits), an
+    expression as the formatter prints it."""
+    if getattr(e, "is_Number", False):
+        return number_text(e)
+    return expr_text(e)
+
+
 def matrix_lines(M, names=None, indent="    ") -> list:
-    cells = [[expr_text(M[i, j]) for j in range(M.cols)] for i in range(M.rows)]
+    cells = [[_cell(M[i, j]) for j in range(M.cols)] for i in range(M.rows)]
     width = max((len(c) for row in cells for c in row), default=1)
     label = max((len(n) for n in names), default=0) if names else 0
     lines = []

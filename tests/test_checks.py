@@ -451,3 +451,17 @@ def test_report_prints_small_times_readably():
     out = check_text(sdec.analyze(text, "s.sde"))
     assert "T = 1e-25;  t_min = 1e-26" in out and "mixed by T = 1e-25 " in out
     assert "0000000000" not in out
+
+
+def test_report_prints_random_initial_values_readably():
+    """A random initial value is the exact rational of a float (19 digits over 18): the report's
+    matrices at the initial parameter values show it to 6 significant digits."""
+    text = ("sde r\nstate x, v\ninit v ~ normal(0, 0.01)\nbeta(t) = 1\nT = 1\ntarget normal(0, I)\n"
+            "learn Q: skew init random(0.1, 0)\nD = diag(0, 1)\n")
+    spec = sdec.parse(text)
+    q = spec.at_init()[0][1, 0]
+    assert q.is_Rational and len(str(q)) > 20  # what would otherwise be printed
+    out = check_text(sdec.analyze(text, "r.sde"))
+    block = out[out.index("Q at the initial parameter values"):out.index("proofs:")]
+    assert str(q) not in block and str(abs(q)) not in block
+    assert f"{float(q):.6g}" in block and f"{-float(q):.6g}" in block
