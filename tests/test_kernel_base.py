@@ -827,6 +827,43 @@ def test_importance_density_tracks_rate():
     assert float(ratio.max() / ratio.min()) < 1.05
 
 
+def test_importance_table_bins_are_exact_integrals_of_the_rate():
+    """A bin's mass is [log det Σ - 2 tr(A) B] between its edges = ∫ tr(Σ⁻¹GGᵀ) dt over the
+    bin: against 8-node Gauss-Legendre of the rate itself on a few bins."""
+    k = kernels.make("learned")
+    with torch.no_grad():
+        edges, probs, _ = k._time_table(k.t_min)
+        x, w = np.polynomial.legendre.leggauss(8)
+        masses = []
+        for i in (0, 100, 300, 511):
+            a, b = float(edges[i]), float(edges[i + 1])
+            t = torch.tensor(0.5 * (a + b) + 0.5 * (b - a) * x, dtype=F64)
+            masses.append(0.5 * (b - a) * float((torch.tensor(w, dtype=F64) * k._trace_rate(t)).sum()))
+        ours = probs[[0, 100, 300, 511]]  # normalised: compare ratios of bins
+        assert torch.allclose(ours / ours[0], torch.tensor(masses, dtype=F64) / masses[0], rtol=1e-8)
+
+
+def test_importance_table_bin_that_rounding_leaves_non_positive_takes_the_midpoint_rule():
+    k = kernels.make("cld")
+    real = k._phi_sigma
+
+    def damaged(s, hybrid):  # Σ at edge 11 of the table halved: bin 10's log-det step < 0
+        Phi, Sig = real(s, hybrid)
+        if s.shape[0] == kb._TABLE_BINS + 1:
+            Sig = Sig.clone()
+            Sig[11] = 0.5 * Sig[10]
+        return Phi, Sig
+
+    k._phi_sigma = damaged
+    with torch.no_grad():
+        edges, probs, dens = k._build_table(k.t_min)
+        mid = torch.sqrt(edges[10] * edges[11]).reshape(1)
+        rate = k._trace_rate(mid)
+    assert bool((probs > 0).all()) and bool(torch.isfinite(dens).all())
+    assert torch.allclose(dens[10] / dens[9], rate[0] / k._trace_rate(torch.sqrt(edges[9] * edges[10]).reshape(1))[0],
+                          rtol=1e-3)
+
+
 def _score_term_stats(k, sampler, score, n, seed):
     x = 0.5 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
     with torch.no_grad():

@@ -63,7 +63,6 @@ import torch
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
 _TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
-_TABLE_NODES = 4       # Gauss-Legendre nodes per bin for the bin masses
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
 
@@ -287,15 +286,6 @@ def _series_coefficients(A, D, S0, n):
     later = (_power_stack(lyap, n - 1) @ N1.reshape(K * K, 1)).reshape(n - 1, K, K)
     moments = torch.cat([S0[None], 0.5 * (later + later.mT)])
     return _power_stack(A, n), moments
-
-
-def _gauss_legendre(n, device):
-    """Nodes and weights on [-1, 1] (Golub-Welsch, float64)."""
-    k = torch.arange(1, n, dtype=torch.float64)
-    off = k / torch.sqrt(4.0 * k * k - 1.0)
-    J = torch.diag(off, 1) + torch.diag(off, -1)
-    nodes, vecs = torch.linalg.eigh(J)
-    return nodes.to(device), (2.0 * vecs[0] ** 2).to(device)
 
 
 class DiffusionBase(torch.nn.Module):
@@ -762,21 +752,27 @@ class DiffusionBase(torch.nn.Module):
         return self._cached(("table", t_min), lambda: self._build_table(t_min), graph=False)
 
     def _build_table(self, t_min):
-        """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ)."""
+        """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
+
+        A bin's mass is the exact integral of the rate over it, from the same identity as the
+        score norm: [log det Σ_t - 2 tr(A) B(t)] between its edges (one Σ per edge).  A bin
+        whose difference rounding leaves not > 0 takes its midpoint rule instead, so the
+        density stays positive wherever the rate is."""
         if not 0.0 < t_min < self.T:
             raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
         dev = self._device()
-        u_edges = torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
-                                 dtype=torch.float64, device=dev)
-        x, w = _gauss_legendre(_TABLE_NODES, dev)
-        half = 0.5 * (u_edges[1:] - u_edges[:-1])
-        u = 0.5 * (u_edges[1:] + u_edges[:-1])[:, None] + half[:, None] * x
-        t = torch.exp(u)
-        rate = self._trace_rate(t.reshape(-1)).reshape(t.shape)
-        mass = (half[:, None] * w * t * rate).sum(1)
-        probs = mass / mass.sum()
-        edges = torch.exp(u_edges)
+        edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
+                                         dtype=torch.float64, device=dev))
         edges[0], edges[-1] = t_min, self.T
+        B = self._B(edges)
+        L = self._cholesky(self._phi_sigma(B, True)[1], edges)
+        level = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - 2.0 * self._A_D()[0].diagonal().sum() * B
+        mass = level[1:] - level[:-1]
+        bad = ~(mass > 0)
+        if bool(bad.any()):
+            mid = torch.sqrt(edges[1:] * edges[:-1])[bad]
+            mass[bad] = self._trace_rate(mid) * (edges[1:] - edges[:-1])[bad]
+        probs = mass / mass.sum()
         return edges, probs, probs / (edges[1:] - edges[:-1])
 
     def time_density(self, t, t_min=None):
