@@ -180,6 +180,33 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
         assert torch.equal(getattr(e2, k), getattr(e3, k)), k
 
 
+def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch):
+    """With importance times the table (no grad) is rebuilt after every parameter change; inside
+    elbo() it takes the coefficients the call built with their graph, detached, and equals a
+    table built on its own."""
+    proc = compiled("learned3")
+    counts = {"coeffs": 0}
+    build = proc._build_coeffs
+
+    def counted_build(hybrid):
+        counts["coeffs"] += 1
+        return build(hybrid)
+
+    monkeypatch.setattr(proc, "_build_coeffs", counted_build)
+    x = torch.randn(4, 6, generator=gen(0), dtype=F64)
+    with torch.no_grad():
+        proc.theta_Q.add_(0.05)
+    e = proc.elbo(x, lambda y, t: -y, time_sampler="importance", generator=gen(1))
+    assert counts["coeffs"] == 1 and e.total.requires_grad
+    inside = proc._time_table(proc.t_min)
+    fresh = compiled("learned3")
+    fresh.load_state_dict(proc.state_dict())
+    with torch.no_grad():
+        alone = fresh._build_table(fresh.t_min)
+    for a, b in zip(inside, alone):  # the series coefficients' graph and no-grad paths round apart
+        assert not a.requires_grad and torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
 def test_elbo_clears_its_memo_when_the_score_function_raises():
     proc = compiled("learned2")
     x = torch.randn(3, 4, generator=gen(0), dtype=F64)

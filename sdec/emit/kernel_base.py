@@ -288,6 +288,16 @@ def _series_coefficients(A, D, S0, n):
     return _power_stack(A, n), moments
 
 
+def _detached(value):
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
 class DiffusionBase(torch.nn.Module):
     """A linear diffusion dy = beta(t) A y dt + sqrt(2 beta(t)) D^{1/2} dW (see module doc)."""
 
@@ -357,13 +367,17 @@ class DiffusionBase(torch.nn.Module):
         graph into the parameters is needed (graph=True) it is rebuilt on every call, except
         within one elbo() call, which builds each value once (the parameters cannot change
         inside the call) and shares it between the perturbation, the score and the score norm."""
+        memo = getattr(self, "_call_memo", None)
         if graph and self._needs_graph():
-            memo = getattr(self, "_call_memo", None)
             if memo is None:
                 return build()
             if key not in memo:
                 memo[key] = build()
             return memo[key]
+        if graph and memo is not None and key in memo:
+            # within one elbo() call, a no-grad use (the importance table) of a value this
+            # call already built with its graph: the same numbers, detached
+            return _detached(memo[key])
         if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
             self._cache = {"_state": self._snapshot()}
         if key not in self._cache:
@@ -726,6 +740,8 @@ class DiffusionBase(torch.nn.Module):
     def _elbo(self, x, score_fn, t, time_sampler, t_min, generator):
         t_min = float(self.t_min if t_min is None else t_min)
         n, d = x.shape[0], x[0].numel()
+        if self._needs_graph():  # build A, D and the series once, with their graph, before
+            self._coeffs(True)   # the importance table (no grad) would build them again
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
