@@ -317,6 +317,21 @@ def test_noise_that_never_reaches_a_variable():
     assert "does not forget its start" in exc.errors[1].message
 
 
+def test_equations_rank_error_points_at_the_equation_of_the_variable_never_reached():
+    text = ("sde bad\nstate x, v, w\ninit (v, w) ~ normal(0, 0.01)\nbeta(t) = 1\nT = 1\ntarget normal(0, I)\n"
+            "dx = beta(t) * v dt\ndv = beta(t) * (-x - v) dt + sqrt(2 * beta(t)) dW\ndw = 0 dt\n")
+    exc = error_of(text)
+    assert exc.message == "rank 2 < K = 3 (exact): the noise never reaches the variable w"
+    assert (exc.line, exc.column) == (9, 1)  # dw = 0 dt
+    assert (exc.errors[1].span.line, exc.errors[1].span.column) == (9, 1)
+    # a missed combination has no one equation: the first noised equation, as before
+    combo = text.replace("dx = beta(t) * v dt", "dx = beta(t) * (v + w) dt").replace(
+        "(-x - v) dt + sqrt(2 * beta(t)) dW", "(-x - v - w) dt + sqrt(2 * beta(t)) dW_a").replace(
+        "dw = 0 dt", "dw = beta(t) * (-x - v - w) dt + sqrt(2 * beta(t)) dW_a")
+    exc = error_of(combo)
+    assert "never reaches the combination v - w" in exc.message and (exc.line, exc.column) == (8, 1)
+
+
 def test_no_skew_coupling_means_x_is_never_noised():
     exc = error_of(HEAD + "D = diag(0, 1)\n")
     assert exc.message == "rank 1 < K = 2 (exact): the noise never reaches the variable x" and (exc.line, exc.column) == (7, 5)

@@ -137,6 +137,9 @@ def check_convergence(spec):
     alone = [v for v, row in zip(spec.variables, r.rows) if not row]
     what = (f"the variable{'s' if len(alone) > 1 else ''} {', '.join(alone)}" if len(alone) == len(r.missed) and alone
             else f"the combination{'s' if len(r.missed) > 1 else ''} {missed} of the variables")
+    if spec.form == "equations" and alone and len(alone) == len(r.missed):
+        # each missed direction is one variable: its own equation is where noise or a coupling goes
+        span = spec.span_of(("eq", alone[0])) or span
     proofs.append(Proof(title, "failed", f"rank {r.rank} < K = {spec.K} ({how}{where}): the noise never reaches {what}",
                         span))
     proofs.append(Proof(conv, "failed", f"A has an eigenvalue with real part exactly 0 along what the noise never "
