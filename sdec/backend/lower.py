@@ -220,8 +220,9 @@ def lowering_report(plan: KernelPlan) -> str:
         lines.append(f"  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖₂ ≤ {SERIES_TAU:g} "
                      "(structural zeros stay exact)")
         lines.append("  Σ(t)   : stationary identity Σ∞ + Φ (Σ0 - Σ∞) Φᵀ above the series range")
-    lines.append("  ELBO   : score_norm by Gauss–Legendre in log t; divergence and truncation exact; importance "
-                 "time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant, 512 geometric bins)")
+    lines.append("  ELBO   : score_norm, divergence and truncation exact (score_norm from log det Σ at t_min and T); "
+                 "importance time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant on 512 "
+                 "geometric bins, each bin's mass from the same log det identity)")
     lines.append("  Q, D   : " + ", ".join(
         [f"{k} fixed" for k in plan.fixed] + [f"{k} from parameters (sympy → torch)" for k in plan.symbolic] +
         [f"{b.block} learned {b.kind}{'(%d)' % b.rank if b.rank else ''} over "
