@@ -480,3 +480,13 @@ def test_report_prints_random_initial_values_readably():
     block = out[out.index("Q at the initial parameter values"):out.index("proofs:")]
     assert str(q) not in block and str(abs(q)) not in block
     assert f"{float(q):.6g}" in block and f"{-float(q):.6g}" in block
+
+
+@pytest.mark.parametrize("beta, shown", [("4", "4"), ("1/3", "1/3"), ("sqrt(2) - 1", "-1 + sqrt(2)")])
+def test_constant_beta_is_proved_by_its_exact_value(beta, shown):
+    """A constant beta needs no interval bound (which would print 3.99999 for 4)."""
+    spec = sdec.parse(HEAD.replace("0.1 + 9.9 * t", beta) + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
+    positive = proof(spec, "beta(t) > 0")
+    assert positive.verdict == "proved" and positive.detail == f"exact: beta(t) = {shown} > 0 (constant)"
+    exc = error_of(HEAD.replace("0.1 + 9.9 * t", f"-({beta})") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
+    assert exc.message.startswith("beta(t) > 0 on [0, T]: ") and (exc.line, exc.column) == (4, 11)

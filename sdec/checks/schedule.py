@@ -14,7 +14,7 @@ import mpmath as mp
 import numpy as np
 import sympy as sp
 
-from ..language.format import number_text
+from ..language.format import expr_text, number_text
 from ..language.ir import T_SYMBOL
 from . import intervals
 from .budget import SYMBOLIC_SECONDS, limited
@@ -64,6 +64,8 @@ def check_beta(spec):
     bad = _grid_error(beta, T, grid, values)
     if bad is not None:
         return [Proof(TITLE, "failed", bad, span)]
+    if not beta.has(T_SYMBOL) and beta.is_positive:  # a constant: its value is the proof
+        return [Proof(TITLE, "proved", f"exact: beta(t) = {number_text(beta) if beta.is_Rational else expr_text(beta)} > 0 (constant)", span)]
     try:
         found = intervals.bisect_positive(beta, T)
     except intervals.Unsupported as exc:
