@@ -63,6 +63,7 @@ class Run:
     best_val: float = math.inf
     best_step: int = -1
     mix_warned: bool = False
+    plotted_at: float = -math.inf              # time.monotonic() of the last figure refresh
     ranks: Ranks = attrs.field(factory=Ranks)
     objective: torch.nn.Module | None = None   # Objective over (net, proc)
     trainer: torch.nn.Module | None = None     # the objective, wrapped in DDP under torchrun

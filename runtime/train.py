@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import attrs
 import torch
@@ -35,6 +36,7 @@ from .step import (MetricsLog, NonFiniteError, Objective, Run, Throughput, batch
                    checkpoint_state, restore, seed_for, train_step)
 
 GRID_SAMPLES = 64
+PLOT_REFRESH_S = 60.0  # wall seconds between refreshes of training.png, process.png, blocks.png
 
 
 def build_run(cfg: TrainConfig, explicit=frozenset(), warn=print) -> Run:
@@ -146,6 +148,7 @@ def _loop(run: Run, metrics: MetricsLog, echo) -> None:
     cfg = run.cfg
     bar = _progress(run) if run.ranks.is_main else None
     speed = Throughput()
+    run.plotted_at = time.monotonic()  # the first figures after PLOT_REFRESH_S (or at the end)
     try:
         while run.step < cfg.steps:
             numbers = train_step(run, run.step)
@@ -224,7 +227,11 @@ def _validate(run: Run, metrics: MetricsLog, echo) -> None:
     ckpt.save_rolling(state, cfg.out, cfg.keep_checkpoints)
     if improved:
         ckpt.save(state, os.path.join(cfg.out, ckpt.BEST))
-    _plots(run)
+    # the figures take ~1-2 s to draw: refresh them at most once per PLOT_REFRESH_S of
+    # validations, and always at the last step
+    if run.step == cfg.steps or time.monotonic() - run.plotted_at >= PLOT_REFRESH_S:
+        _plots(run)
+        run.plotted_at = time.monotonic()
 
 
 def write_samples(run: Run, path: str, n: int = GRID_SAMPLES) -> torch.Tensor:
