@@ -183,7 +183,7 @@ def _checked_phi(Phi, A, s_max: float):
     norm = float(np.linalg.norm(np.array(Af), 2))
     s_lo = min(SERIES_TAU / norm if norm > 0 else 1.0, s_max) / 2
     points = np.geomspace(s_lo, max(s_max, 2 * s_lo), PHI_POINTS)
-    entries = [sp.lambdify(S_SYMBOL, fold_constants(Phi[i, j]), "numpy") for i in range(K) for j in range(K)]
+    entries = [sp.lambdify(S_SYMBOL, fold_constants(Phi[i, j]), [np]) for i in range(K) for j in range(K)]
     worst = 0.0
     with mp.workdps(30), np.errstate(all="ignore"):
         Am = mp.matrix(Af)

@@ -83,7 +83,10 @@ def check_beta(spec):
 
 
 def _grid_values(beta, grid):
-    f = sp.lambdify(T_SYMBOL, beta, "numpy")  # beta is an IR expression, never spec text
+    # beta is an IR expression, never spec text.  The numpy module object, not the name
+    # "numpy": the name makes lambdify run `from numpy import *`, which imports numpy.f2py,
+    # numpy.testing, numpy.ma, ... (about 0.1 s of every `sdec check`) for the same functions.
+    f = sp.lambdify(T_SYMBOL, beta, [np])
     with np.errstate(all="ignore"):
         try:
             values = np.broadcast_to(np.asarray(f(grid), dtype=complex), grid.shape)
