@@ -101,7 +101,8 @@ def _spec_lines(spec) -> list:
     out.append("")
     noised = r.fact("noised_directly") or []
     misses = r.fact("noise_misses") or []
-    reaches = ", ".join(r.fact("noise_reaches") or []) or "?"
+    reached = r.fact("noise_reaches")
+    reaches = (", ".join(reached) or "none") if reached is not None else "not decided (a check above failed)"
     out.append(f"noised directly: {', '.join(noised) or 'none'};  noise reaches: {reaches}"
                + (f", but never the combination{'s' if len(misses) > 1 else ''} {'; '.join(misses)}" if misses else ""))
     out.append(f"the score network must predict noise for: {', '.join(noised) or 'none'}")

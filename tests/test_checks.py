@@ -490,3 +490,9 @@ def test_constant_beta_is_proved_by_its_exact_value(beta, shown):
     assert positive.verdict == "proved" and positive.detail == f"exact: beta(t) = {shown} > 0 (constant)"
     exc = error_of(HEAD.replace("0.1 + 9.9 * t", f"-({beta})") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n")
     assert exc.message.startswith("beta(t) > 0 on [0, T]: ") and (exc.line, exc.column) == (4, 11)
+
+
+def test_report_says_reach_was_not_decided_when_an_earlier_check_failed():
+    text = HEAD.replace("0.1 + 9.9 * t", "1 + cos(100 * t)") + "Q = [[0, -1], [1, 0]]\nD = diag(0, 1)\n"
+    out = check_text(sdec.analyze(text, "s.sde"))
+    assert "noise reaches: not decided (a check above failed)" in out and "noise reaches: ?" not in out
