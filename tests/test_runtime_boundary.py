@@ -74,3 +74,12 @@ def test_check_process_names_what_is_missing_or_wrong():
     proc.noised = (True,)  # instance attribute shadows the class's
     with pytest.raises(InterfaceError, match="K = 2"):
         check_process(proc)
+
+
+@pytest.mark.parametrize("path", runtime_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_runtime_keeps_no_copy_of_the_kernel_algebra(path):
+    """One PSD square root and one K x K apply: the runtime takes G(t) from proc.diffusion(t)
+    and applies K x K matrices with proc.apply_kk, instead of its own eigh and einsum."""
+    calls = {n.func.attr for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert not calls & {"eigh", "einsum"}, f"{path.relative_to(REPO)} calls {sorted(calls & {'eigh', 'einsum'})}"
