@@ -124,6 +124,7 @@ def test_sample_over_two_ranks_equals_one(two_ranks, tmp_path, capsys):
         assert np.array_equal(a["state"], b["state"])
 
 
+@pytest.mark.slow  # a torchrun launch of its own (~15 s); the NaN report itself is in test_runtime_train
 def test_non_finite_on_one_rank_stops_both(tmp_path):
     out = tmp_path / "run"
     done = torchrun("train", SPEC, "--out", out, *TINY, "--eval-every", "1", timeout=120,
