@@ -1,5 +1,6 @@
 """Hypothesis: generated specs (spec TEXT built from random exact pieces) round-trip through
 format_spec, pass every proof, and each kind of damage is rejected at the right place."""
+import hashlib
 import pathlib
 import re
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 import sdec
 from sdec.checks.stationarity import residual
-from sdec.language.format import format_spec
+from sdec.language.format import format_spec, hash_text
 from strategies import damaged_d, damaged_drift, damaged_q, isolated_variable, kalman_rank, parsed, specs
 
 SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs"
@@ -46,6 +47,36 @@ def test_generated_specs_round_trip_heavy(g):
 def test_shipped_specs_round_trip(path):
     spec = sdec.parse_file(path)
     assert sdec.parse(format_spec(spec)) == spec
+
+
+MATRIX_SPEC = """sde mk
+state x, v, w
+init (v, w) ~ normal(0, [[0.01, 0.005], [0.005, 0.01]])
+const S = [[1, 0, 0], [0, 2, 0], [0, 0, 3]]
+beta(t) = 1
+T = 1
+target normal(0, S)
+learn Q: skew mask [[0, 1, 1], [1, 0, 0], [1, 0, 0]] init [[0, -1, -1], [1, 0, 0], [1, 0, 0]]
+learn D: psd on (v, w) init [[1, 0], [0, 1]]
+"""
+
+
+def test_formatted_matrix_rows_align_under_the_first_and_keep_the_hash():
+    text = format_spec(sdec.parse(MATRIX_SPEC))
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(" "):  # a continuation row sits under the row above's last "[["'s inner "["
+            above = lines[i - 1]
+            opener = above.rfind("[[") + 1 if "[[" in above else len(above) - len(above.lstrip())
+            assert len(line) - len(line.lstrip()) == opener and line.lstrip().startswith("["), (lines[i - 1], line)
+    assert "target normal(0, [[1, 0, 0],\n                  [0, 2, 0]," in text
+    assert "learn Q: skew mask [[0, 1, 1],\n                    [1, 0, 0],\n                    [1, 0, 0]] init [[0, -1, -1],\n" \
+           "                                     [1, 0, 0]," in text
+    assert sdec.parse(text) == sdec.parse(MATRIX_SPEC)
+    # the hash is taken over the rows indented as before alignment (5 spaces): unchanged
+    old_style = re.sub(r"\n +\[", "\n     [", text)
+    assert hash_text(text) == old_style
+    assert sdec.compile_text(MATRIX_SPEC).spec_hash == hashlib.sha256(old_style.encode()).hexdigest()[:16]
 
 
 # ---- generated stationary specs pass every proof -------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import sympy as sp
 
 from ..language.exact import float_rows
-from ..language.format import expr_text, format_spec
+from ..language.format import expr_text, format_spec, hash_text
 from ..language.ir import T_SYMBOL
 from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
@@ -99,7 +99,7 @@ def lower(spec) -> KernelPlan:
              "t_min": spec.t_min, "A": A}
     exact.update({b.block + "_init": b.init for b in spec.learned})
     return KernelPlan(
-        spec_name=spec.name, source_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        spec_name=spec.name, source_hash=hashlib.sha256(hash_text(canonical).encode()).hexdigest()[:16],
         canonical=canonical, exact=exact,
         names=spec.variables, T=float(spec.T), t_min=t_min, t_min_spec=float(spec.t_min), t_min_note=note,
         noised=tuple(bool(n) for n in spec.noised), sigma_inf=float_rows(spec.target), aux_init=float_rows(spec.aux_init),

@@ -6,6 +6,7 @@ literals, learnable blocks as ``learn`` statements. parse(format_spec(spec)) == 
 from __future__ import annotations
 
 import math
+import re
 from decimal import Context, Decimal, InvalidOperation
 
 import sympy as sp
@@ -68,11 +69,25 @@ def number_text(value, digits: int = 6) -> str:
     return format(d, "f") if -6 <= d.adjusted() < digits else format(d, "e")
 
 
-def matrix_text(M, named=None) -> str:
+def matrix_text(M, named=None, column: int = 4) -> str:
+    """A matrix literal whose first row opens at `column` (0-based) of its line; each further
+    row goes on its own line under the first."""
     if M.rows == 1 and M.cols == 1:
         return f"[[{expr_text(M[0, 0], named)}]]"
     rows = ["[" + ", ".join(expr_text(M[i, j], named) for j in range(M.cols)) + "]" for i in range(M.rows)]
-    return "[" + ",\n     ".join(rows) + "]"
+    return "[" + (",\n" + " " * (column + 1)).join(rows) + "]"
+
+
+def _with_matrix(prefix: str, M, named) -> str:
+    """prefix followed by M's literal, its rows aligned under the first."""
+    return prefix + matrix_text(M, named, len(prefix.rsplit("\n", 1)[-1]))
+
+
+def hash_text(canonical: str) -> str:
+    """The text the spec hash is taken over: the canonical text with every continuation row
+    indented by 5 spaces, as the formatter wrote it before rows were aligned, so aligning
+    them changed no hash (checkpoints record the hash of their spec)."""
+    return re.sub(r"\n +\[", "\n     [", canonical)
 
 
 def format_spec(spec) -> str:
@@ -85,7 +100,7 @@ def format_spec(spec) -> str:
     out = [f"sde {spec.name}", "state " + ", ".join(spec.variables)]
     for name, value in spec.constants:
         if isinstance(value, sp.MatrixBase):
-            out.append(f"const {name} = {matrix_text(value, named)}")
+            out.append(_with_matrix(f"const {name} = ", value, named))
             continue
         out.append(f"const {name} = {expr_text(value, named)}")
         if value.args and not value.is_Rational and value not in named:
@@ -95,7 +110,7 @@ def format_spec(spec) -> str:
     out.append(f"beta(t) = {expr_text(spec.beta, named)}")
     out.append(f"T = {expr_text(spec.T, named)}")
     out.append(f"t_min = {expr_text(spec.t_min, named)}")
-    out.append(f"target normal(0, {matrix_text(spec.target, named)})")
+    out.append(_with_matrix("target normal(0, ", spec.target, named) + ")")
     out += {"recipe": _recipe_lines, "matrices": _matrix_lines, "equations": _equation_lines}[spec.form](spec, named)
     return "\n".join(out) + "\n"
 
@@ -106,7 +121,7 @@ def _init_lines(spec, named):
         return []
     if all(S[i, j] == 0 for i in range(S.rows) for j in range(S.cols) if i != j):
         return [f"init {v} ~ normal(0, {expr_text(S[i, i], named)})" for i, v in enumerate(aux)]
-    return [f"init ({', '.join(aux)}) ~ normal(0, {matrix_text(S, named)})"]
+    return [_with_matrix(f"init ({', '.join(aux)}) ~ normal(0, ", S, named) + ")"]
 
 
 def _recipe_lines(spec, named):
@@ -116,27 +131,25 @@ def _recipe_lines(spec, named):
         if name in learned:
             lines.append(_learn_line(learned[name], spec.K, named))
         else:
-            lines.append(f"{name} = {matrix_text(value, named)}")
+            lines.append(_with_matrix(f"{name} = ", value, named))
     return lines
 
 
 def _learn_line(block, K, named):
     kind = block.kind + (f"({block.rank})" if block.rank is not None else "")
-    parts = [f"learn {block.block}: {kind}"]
+    text = f"learn {block.block}: {kind}"
     if len(block.over) != K:
-        parts.append(f"on ({', '.join(block.over)})")
+        text += f" on ({', '.join(block.over)})"
     if block.mask is not None:
-        parts.append(f"mask {matrix_text(block.mask, named)}")
+        text = _with_matrix(text + " mask ", block.mask, named)
     if block.random is not None:
         std, seed = block.random
-        parts.append(f"init random({expr_text(std, named)}, {seed})")
-    else:
-        parts.append(f"init {matrix_text(block.init, named)}")
-    return " ".join(parts)
+        return text + f" init random({expr_text(std, named)}, {seed})"
+    return _with_matrix(text + " init ", block.init, named)
 
 
 def _matrix_lines(spec, named):
-    return [f"drift = {matrix_text(spec.drift, named)}", f"diffusion = {matrix_text(spec.diffusion, named)}"]
+    return [_with_matrix("drift = ", spec.drift, named), _with_matrix("diffusion = ", spec.diffusion, named)]
 
 
 def _equation_lines(spec, named):
