@@ -61,3 +61,12 @@ def test_enclosure_holds_every_value_on_the_interval(expr, a, width):
 ])
 def test_bisection_outcomes(expr, T, outcome):
     assert bisect_positive(expr, T).outcome == outcome
+
+
+def test_values_below_the_float64_range_are_still_positive():
+    """exp(-1000 t) is about 5e-435 at t = 1: as floats its bounds would be 0, which bisection
+    took for a zero ('beta(t) is smallest at t = 0.7505 ... must stay positive')."""
+    found = bisect_positive(sp.exp(-1000 * t), sp.Integer(1))
+    assert found.outcome == "positive"
+    assert mp.mpf("5.07e-435") < found.lowest <= mp.exp(-1000)
+    assert bisect_positive(sp.exp(-1000 * t) * (t - sp.Rational(1, 2)), sp.Integer(1)).outcome == "nonpositive"

@@ -163,7 +163,7 @@ class Bisection:
 
     outcome: str
     pieces: int
-    lowest: float = float("nan")   # smallest lower bound over the proved pieces (positive)
+    lowest: object = float("nan")  # smallest lower bound over the proved pieces (an mpf, > 0)
     point: float | None = None
 
 
@@ -196,7 +196,7 @@ def bisect_positive(expr, T, budget: int = PIECES) -> Bisection:
             at = f(iv.mpf(m))
         except Undefined:
             return Bisection("undefined", spent, point=m)
-        if float(at.b) <= 0:
+        if at.b <= 0:  # compared as mpf: a float would turn exp(-750) into 0
             return Bisection("nonpositive", spent, point=m)
         if b - a <= NARROWEST * top:
             return Bisection("open", spent, point=m)
@@ -205,10 +205,11 @@ def bisect_positive(expr, T, budget: int = PIECES) -> Bisection:
     return Bisection("positive", spent, lowest)
 
 
-def _lower(f, x) -> float:
-    """The lower end of the enclosure on x; nan unless the enclosure is bounded."""
+def _lower(f, x):
+    """The lower end of the enclosure on x (an mpf: no float underflow to 0); nan unless the
+    enclosure is bounded."""
     try:
         v = f(x)
     except (Undefined, ZeroDivisionError, ValueError):
-        return float("nan")
-    return float(v.a) if float(v.b) < float("inf") else float("nan")
+        return mp.nan
+    return mp.mpf(v.a) if v.b < mp.inf else mp.nan

@@ -222,12 +222,14 @@ def _exact_at_candidates(beta, T, point):
     return None
 
 
-def _floor6(x: float) -> float:
-    """x rounded DOWN to 6 significant digits (a lower bound shown stays a lower bound)."""
-    if not np.isfinite(x) or x <= 0:
+def _floor6(x):
+    """x rounded DOWN to 6 significant digits (a lower bound shown stays a lower bound); an
+    mpf, so a bound below the float64 range (exp(-1000)) is shown as it is, not as 0."""
+    x = mp.mpf(x)
+    if not mp.isfinite(x) or x <= 0:
         return x
-    scale = 10 ** (np.floor(np.log10(x)) - 5)
-    return float(np.floor(x / scale) * scale)
+    scale = mp.mpf(10) ** (mp.floor(mp.log10(x)) - 5)
+    return mp.floor(x / scale) * scale
 
 
 def check_integral(spec):
