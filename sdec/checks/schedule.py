@@ -109,7 +109,7 @@ def _grid_error(beta, T, grid, values):
         low, high = exact
         if high < mp.inf and low > LARGEST:
             where = "overflows float64 (more than 1.8e308)" if not np.isfinite(values[i]) else "is out of range"
-            return f"beta({number_text(t)}) = {number_text(low)} {where}; beta must stay between 1e-30 and 1e30"
+            return f"beta({number_text(t)}) = {number_text(low)} {where}; beta must stay at most 1e30 on [0, T]"
         if high == mp.inf:
             return f"beta(t) is not a finite real number at t = {number_text(t)}"
     if (values <= 0).any():
