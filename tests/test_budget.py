@@ -1,5 +1,6 @@
 """The time budget of symbolic steps (sdec.checks.budget) and the verdicts when it runs out."""
 import threading
+import time
 
 import pytest
 import sympy as sp
@@ -82,3 +83,18 @@ def test_explicit_forms_never_expand_beta(monkeypatch, process):
     text = HEAD.format("(1 + t/1000)^1000 - t/2").split("Q = ")[0] + process
     spec = sdec.parse(text, "p.sde")
     assert spec.Q == sp.Matrix([[0, -1], [1, 0]]) and spec.D == sp.diag(0, 1)
+
+
+def test_a_slow_simplify_keeps_the_integral_as_integrated(monkeypatch):
+    """simplify only tidies B (3t/2 + sin(100000 t)/100000 takes it ~1.5 s): past its share of
+    the budget the integral is kept as integrated instead of being lost to quadrature (whose
+    30-digit reference and 64-node panels both miss 16,000 oscillations)."""
+    def stuck(expr):
+        time.sleep(5)
+        return expr
+    monkeypatch.setattr(schedule, "SIMPLIFY_SECONDS", 0.05)
+    monkeypatch.setattr(schedule.sp, "simplify", stuck)
+    start = time.monotonic()
+    B, why = schedule.integral_outcome(sp.cos(100000 * t) + sp.Rational(3, 2))
+    assert time.monotonic() - start < 1.0
+    assert why is None and B == sp.Rational(3, 2) * t + sp.sin(100000 * t) / 100000
