@@ -1,4 +1,4 @@
-"""The time budget of symbolic steps (sdec.checks.budget) and the verdicts when it runs out."""
+"""The time budget of symbolic steps (sdec.language.budget) and the verdicts when it runs out."""
 import threading
 import time
 
@@ -6,8 +6,9 @@ import pytest
 import sympy as sp
 
 import sdec
-from sdec.checks import budget, convergence, schedule, stationarity
-from sdec.checks.budget import limited
+from sdec.checks import convergence, schedule, stationarity
+from sdec.language import budget
+from sdec.language.budget import limited
 from sdec.language.ir import T_SYMBOL as t
 
 HEAD = ("sde b\nstate x, v\ninit v ~ normal(0, 0.01)\nbeta(t) = {}\nT = 1\ntarget normal(0, I)\n"

@@ -89,6 +89,18 @@ def test_front_end_does_not_import_the_backend(module):
     assert bad == [], f"sdec/{module}: imports {bad}"
 
 
+LANGUAGE = sorted(f"language.{p.stem}" for p in (REPO / "sdec" / "language").glob("*.py"))
+
+
+@pytest.mark.parametrize("module", LANGUAGE)
+def test_the_language_does_not_import_the_proofs(module):
+    """text → IR comes before the proofs: sdec/language/ imports nothing of sdec/checks/ (the
+    symbolic time budget, which both use, lives in the language)."""
+    path = REPO / "sdec" / (module.replace(".", "/") + ".py")
+    bad = [m for m in imported_modules(path, "sdec.language") if m.startswith("sdec.checks")]
+    assert bad == [], f"sdec/{module}: imports {bad}"
+
+
 def test_importing_the_front_end_loads_no_torch():
     modules = ", ".join(f"sdec.{m}".removesuffix(".__init__") for m in FRONT_END)
     code = (f"import sys, sdec, {modules}\n"

@@ -30,7 +30,7 @@ from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
 from .t_min import SERIES_TAU, derive_t_min
 from .time_change import REQUIRED, TimeChange, choose
-from ..checks.budget import SYMBOLIC_SECONDS, limited
+from ..language.budget import SYMBOLIC_SECONDS, limited
 
 S_SYMBOL = sp.Symbol("s", nonnegative=True)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

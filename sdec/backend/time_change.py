@@ -29,7 +29,7 @@ import sympy as sp
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from ..emit.torch_expr import fold_constants
-from ..checks.budget import SYMBOLIC_SECONDS, limited
+from ..language.budget import SYMBOLIC_SECONDS, limited
 from ..language.ir import T_SYMBOL
 
 ACCEPT = 1e-14      # relative error at which a form is taken without looking further

@@ -18,7 +18,7 @@ from sympy.polys.matrices import DomainMatrix
 
 from ..language.format import number_text
 from ..language.linalg import field_matrices, remember_inverse
-from .budget import SYMBOLIC_SECONDS, limited
+from ..language.budget import SYMBOLIC_SECONDS, limited
 from .proofs import Proof, block_span, numeric
 
 

@@ -17,7 +17,7 @@ import sympy as sp
 from ..language.format import expr_text, number_text
 from ..language.ir import T_SYMBOL
 from . import intervals
-from .budget import SYMBOLIC_SECONDS, limited
+from ..language.budget import SYMBOLIC_SECONDS, limited
 from .proofs import Proof
 
 _s = sp.Symbol("s", nonnegative=True)

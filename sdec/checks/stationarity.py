@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .budget import SYMBOLIC_SECONDS, limited
+from ..language.budget import SYMBOLIC_SECONDS, limited
 from .proofs import Proof, block_span
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .exact import is_matrix, shape_text
-from ..checks.budget import SYMBOLIC_SECONDS, limited
+from .budget import SYMBOLIC_SECONDS, limited
 from .format import expr_text
 from .ir import T_SYMBOL
 

@@ -6,7 +6,7 @@ the entries are first placed in one field (QQ, or QQ<sqrt(2) + sqrt(3)> and the 
 sympy's construct_domain with extension=True), where arithmetic and zero tests are exact
 and fast. Entries outside any algebraic field (pi, exp(1)) fall back to sympy's domain of
 expressions, which is exact but may be slow: callers that must stay fast run these under
-a time budget (sdec.checks.budget).
+a time budget (sdec.language.budget).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ beta(t) can keep ``integrate`` or ``minimum`` busy for minutes. ``limited`` runs
 under a budget and tells the caller whether it finished, so the caller can fall back to a
 numeric route and say in its verdict what was checked rather than proved:
 
-    from sdec.checks.budget import SYMBOLIC_SECONDS, limited
+    from sdec.language.budget import SYMBOLIC_SECONDS, limited
 
     step = limited(SYMBOLIC_SECONDS, sp.integrate, beta, (t, 0, t))
     if step.finished:
