@@ -356,6 +356,19 @@ def test_digits_split_is_scikit_learns_and_loading_it_imports_no_scikit_learn(mo
         assert np.array_equal(got.labels.numpy(), labels)
 
 
+def test_a_damaged_or_missing_digits_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    from sdec.runtime.data import digits
+    bad = tmp_path / "digits.csv.gz"
+    with gzip.open(bad, "wt") as handle:
+        handle.write("1,2,3\n4,5,6\n")
+    monkeypatch.setattr(digits, "digits_file", lambda: str(bad))
+    with pytest.raises(DataError, match=r"digits\.csv\.gz: expected 1797 rows of 64 pixel counts"):
+        load_dataset("digits", "train")
+    bad.write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(DataError, match=r"digits\.csv\.gz: cannot read"):
+        load_dataset("digits", "train")
+
+
 # ---------------------------------------------------------------- folder
 
 

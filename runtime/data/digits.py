@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from .base import Dataset
+from .base import DataError, Dataset
 
 LEVELS = 17
 N_IMAGES, N_TEST = 1797, 360
@@ -27,21 +27,24 @@ N_IMAGES, N_TEST = 1797, 360
 def digits_file() -> str:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the embedded digits come with scikit-learn, which is not installed "
-                                "(pip install scikit-learn)")
+        raise DataError("the embedded digits come with scikit-learn, which is not installed "
+                        "(pip install scikit-learn)")
     path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the digits file of scikit-learn (1797 rows of 64 "
-                                "pixel counts 0..16 and a label, comma-separated, gzip)")
+        raise DataError(f"{path} is missing: the digits file of scikit-learn (1797 rows of 64 "
+                        "pixel counts 0..16 and a label, comma-separated, gzip)")
     return path
 
 
 def load_digits_split(split: str, data_dir: str | None = None, image_size: int = 32) -> Dataset:
     """The digits train or test split as uint8 (N, 1, 8, 8), values 0..16, with labels."""
     path = digits_file()
-    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
     if table.shape != (N_IMAGES, 65) or table.min() < 0 or table[:, :64].max() > LEVELS - 1:
-        raise ValueError(f"{path}: expected 1797 rows of 64 pixel counts 0..16 and a label, got shape {table.shape}")
+        raise DataError(f"{path}: expected 1797 rows of 64 pixel counts 0..16 and a label, got shape {table.shape}")
     images = np.rint(table[:, :64]).astype(np.uint8).reshape(-1, 8, 8)
     labels = np.rint(table[:, 64]).astype(np.int64)
     order = np.random.RandomState(0).permutation(N_IMAGES)
