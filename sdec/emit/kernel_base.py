@@ -690,17 +690,19 @@ class DiffusionBase(torch.nn.Module):
             return ((M.mT @ M) * GG).sum((-2, -1))
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def _score_norm_per_dim(self, t_min):
-        """½ ∫_{t_min}^T tr(Σ_t⁻¹ G Gᵀ) dt in closed form.  Σ_t solves the Lyapunov ODE
-        Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ),
-        and with F = beta(t) A the integral is
-        log det Σ_T - log det Σ_{t_min} - 2 tr(A) (B(T) - B(t_min)): two Cholesky factors."""
-        t64 = torch.tensor([t_min, self.T], dtype=torch.float64, device=self._device())
+    def _rate_integral(self, t64):
+        """R(t) = log det Σ_t - 2 tr(A) B(t) at flat float64 t, an antiderivative of the rate
+        tr(Σ_t⁻¹ G Gᵀ(t)): Σ_t solves Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula
+        (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
         B = self._B(t64)
         L = self._cholesky(self._phi_sigma(B, True)[1], t64)
         logdet = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
-        trA = self._A_D()[0].diagonal().sum()
-        return 0.5 * (logdet[1] - logdet[0]) - trA * (B[1] - B[0])
+        return logdet - 2.0 * self._A_D()[0].diagonal().sum() * B
+
+    def _score_norm_per_dim(self, t_min):
+        """½ ∫_{t_min}^T tr(Σ_t⁻¹ G Gᵀ) dt = ½ (R(T) - R(t_min)): two Cholesky factors."""
+        R = self._rate_integral(torch.tensor([t_min, self.T], dtype=torch.float64, device=self._device()))
+        return 0.5 * (R[1] - R[0])
 
     def _aux_entropy_per_dim(self):
         if self.K == 1:
@@ -770,20 +772,17 @@ class DiffusionBase(torch.nn.Module):
     def _build_table(self, t_min):
         """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
 
-        A bin's mass is the exact integral of the rate over it, from the same identity as the
-        score norm: [log det Σ_t - 2 tr(A) B(t)] between its edges (one Σ per edge).  A bin
-        whose difference rounding leaves not > 0 takes its midpoint rule instead, so the
-        density stays positive wherever the rate is."""
+        A bin's mass is the exact integral of the rate over it, R between its edges (one Σ per
+        edge; see _rate_integral).  A bin whose difference rounding leaves not > 0 takes its
+        midpoint rule instead, so the density stays positive wherever the rate is."""
         if not 0.0 < t_min < self.T:
             raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
         dev = self._device()
         edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
                                          dtype=torch.float64, device=dev))
         edges[0], edges[-1] = t_min, self.T
-        B = self._B(edges)
-        L = self._cholesky(self._phi_sigma(B, True)[1], edges)
-        level = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - 2.0 * self._A_D()[0].diagonal().sum() * B
-        mass = level[1:] - level[:-1]
+        R = self._rate_integral(edges)
+        mass = R[1:] - R[:-1]
         bad = ~(mass > 0)
         if bool(bad.any()):
             mid = torch.sqrt(edges[1:] * edges[:-1])[bad]
