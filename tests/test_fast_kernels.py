@@ -230,3 +230,41 @@ def test_apply_backward_passes_gradcheck(tri, batched):
     x = torch.randn(n, 2, generator=gen(3), dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda m, a, c, b: kb._apply(m, a, tri, c, b), (mat, y, col, x))
     assert torch.autograd.gradcheck(lambda m, a: kb._apply(m, a, tri), (mat, y))
+
+
+K1_LEARNED = """sde k1
+state x
+beta(t) = 1 + t
+T = 5
+target normal(0, 1)
+Q = 0
+learn D: diagonal init [[0.5]]
+"""
+
+
+def test_one_variable_kernel_closed_form_gradient_and_singular_t():
+    """K = 1 takes its own Cholesky (L = sqrt Σ): Σ equals Σ∞ (1 - e^{2as}) with a = -d/Σ∞,
+    the ELBO's gradient into a learned D matches central differences, and Σ = 0 at t = 0 is
+    a CholeskyError, not a NaN."""
+    proc = sdec.compile_text(K1_LEARNED)
+    t = torch.tensor([1e-3, 0.1, 1.0, 4.0], dtype=F64)
+    d = float(proc.D[0, 0])
+    s = t + t * t / 2
+    Phi, Sig = proc.transition(t)
+    assert torch.allclose(Sig[:, 0, 0], -torch.expm1(-2 * d * s), rtol=1e-14, atol=0)
+    assert torch.allclose(Phi[:, 0, 0], torch.exp(-d * s), rtol=1e-14, atol=0)
+    x = torch.randn(4, 3, dtype=F64, generator=gen(0))
+
+    def total():
+        return proc.elbo(x, lambda y, tt: -0.7 * y, t=t, generator=gen(1)).total.sum()
+
+    total().backward()
+    grad, h = float(proc.theta_D.grad[0]), 1e-6
+    with torch.no_grad():
+        proc.theta_D += h
+        up = float(total())
+        proc.theta_D -= 2 * h
+        down = float(total())
+    assert abs(grad - (up - down) / (2 * h)) < 1e-6 * abs(grad)
+    with pytest.raises(kb.CholeskyError, match="t=0"):
+        proc._kernel_factors(torch.zeros(1, dtype=F64), True)

@@ -522,12 +522,11 @@ class DiffusionBase(torch.nn.Module):
         return Phi, 0.5 * (Sig + Sig.mT)
 
     def _scalar(self, s, hybrid):
-        """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) + Σ0 e^{2as} (no cancellation:
-        a <= 0, so both terms are >= 0 and expm1 keeps Σ's relative accuracy at small s)."""
-        a = self._A_D()[0][0, 0]
-        sinf, S0 = self.stationary_cov[0, 0], self._sigma0(hybrid)[0, 0]
-        Phi = torch.exp(a * s)
-        Sig = -sinf * torch.expm1(2.0 * a * s) + S0 * (Phi * Phi)
+        """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) (Σ0 = 0: no auxiliaries; no
+        cancellation: a <= 0, so expm1 keeps Σ's relative accuracy at small s)."""
+        a_s = self._A_D()[0][0, 0] * s
+        Phi = torch.exp(a_s)
+        Sig = -self.stationary_cov[0, 0] * torch.expm1(2.0 * a_s)
         return Phi[:, None, None], Sig[:, None, None]
 
     def _phi_sigma(self, s, hybrid):
@@ -559,7 +558,10 @@ class DiffusionBase(torch.nn.Module):
         return Phi.reshape(*shape, K, K).to(dtype), Sig.reshape(*shape, K, K).to(dtype)
 
     def _cholesky(self, Sig, t64):
-        if self.K <= _UNROLL_K:
+        if self.K == 1:
+            L = torch.sqrt(Sig)
+            bad = ~(Sig > 0).reshape(-1)
+        elif self.K <= _UNROLL_K:
             L, ok = _cholesky_small(Sig)
             bad = ~ok
         else:
