@@ -433,22 +433,25 @@ def markdown(res):
             out.append(f"| {name} | " + " | ".join(f"{w[k]:.3f} s" for k in ("parse", "proofs", "lowering", "emit", "import", "total"))
                        + f" | {r['cold_cli_s']:.2f} s |")
     if "elbo" in res:
-        out.append("")
-        out.append("| ELBO machinery per step (zero score, batch 128, 8x8, backward + SGD step) | ms | ratio to vpsde | goal |")
-        out.append("|---|---|---|---|")
-        for name, r in res["elbo"].items():
-            if name != "load":
-                cpu = f" ({r['cpu_ratio_to_vpsde']:.2f}x)" if "cpu_ratio_to_vpsde" in r else ""
-                out.append(f"| {name} | {r['ms']:.2f} | {r['ratio_to_vpsde']:.2f}x{cpu} | {'≤ 2x' if name == 'learned3' else ''} |")
+        _ratio_table(out, res["elbo"], "ELBO machinery per step (zero score, batch 128, 8x8, backward + SGD step)",
+                     "vpsde", "ms", 2, 2, {"learned3": "≤ 2x"})
     if "train_step" in res:
-        out.append("")
-        out.append("| full training step, tiny U-Net, batch 128, 8x8 (Adam) | ms | ratio to hand-written VP loss | goal |")
-        out.append("|---|---|---|---|")
-        for name, r in res["train_step"].items():
-            if name != "load":
-                cpu = f" ({r['cpu_ratio_to_vp_hand']:.3f}x)" if "cpu_ratio_to_vp_hand" in r else ""
-                out.append(f"| {name} | {r['ms']:.1f} | {r['ratio_to_vp_hand']:.3f}x{cpu} | {'≤ 1.05x' if name == 'vpsde' else ''} |")
+        _ratio_table(out, res["train_step"], "full training step, tiny U-Net, batch 128, 8x8 (Adam)",
+                     "vp_hand", "ms", 1, 3, {"vpsde": "≤ 1.05x"}, base_text="hand-written VP loss")
     return "\n".join(out) + "\n"
+
+
+def _ratio_table(out, rows, title, base, unit, ms_digits, ratio_digits, goals, base_text=None):
+    """Append a Markdown table of (name, time, wall ratio to base (CPU ratio)) rows."""
+    out.append("")
+    out.append(f"| {title} | {unit} | ratio to {base_text or base} | goal |")
+    out.append("|---|---|---|---|")
+    for name, r in rows.items():
+        if name == "load":
+            continue
+        cpu_key = f"cpu_ratio_to_{base}"
+        cpu = f" ({r[cpu_key]:.{ratio_digits}f}x)" if cpu_key in r else ""
+        out.append(f"| {name} | {r['ms']:.{ms_digits}f} | {r[f'ratio_to_{base}']:.{ratio_digits}f}x{cpu} | {goals.get(name, '')} |")
 
 
 def main(argv=None):
