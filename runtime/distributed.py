@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import attrs
 import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(minutes=30)
+_joined = False  # this process joined a process group (start() did): it ends through leave()
 
 
 @attrs.define
@@ -110,6 +112,8 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=TIMEOUT)
+    global _joined
+    _joined = True
     return Ranks(rank, world, local, backend), device
 
 
@@ -117,6 +121,34 @@ def stop() -> None:
     """Leave the process group (at the end of a command, whatever its outcome)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """Whether this process joined a process group (and so must end through leave())."""
+    return _joined
+
+
+def leave(code: int) -> None:
+    """End a process that joined a process group with exit status ``code``, skipping the
+    interpreter's finalization; a no-op in a process that never joined one.
+
+    Why: gloo's worker threads drop their references to a finished collective's tensors a
+    moment after the caller has seen it finish. If that moment falls inside interpreter
+    finalization, the drop needs the GIL, the thread is torn down, and the rank dies with
+    SIGABRT ("terminate called without an active exception") after all its work succeeded.
+    destroy_process_group() cannot join those threads while DistributedDataParallel keeps
+    the group alive (it does, even after the module is freed). So once the command has
+    finished (the group left with stop(), every file closed, every message printed), the
+    rank flushes its standard streams and exits with os._exit: nothing of the run is lost,
+    and no C++ thread outlives a half-finalized interpreter."""
+    if not _joined:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: the exit status still says it
+            pass
+    os._exit(code)
 
 
 def env_rank() -> int:

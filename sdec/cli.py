@@ -17,6 +17,7 @@ import os
 import stat
 import sys
 import tempfile
+import traceback
 
 from . import __version__
 from .backend import MAX_SAMPLES
@@ -305,6 +306,21 @@ def _to_stderr(text: str) -> None:
 
 
 def _run_runtime(args) -> int:
+    """A runtime command's exit status. Under torchrun the rank ends here, through
+    sdec.runtime.distributed.leave (which says why), also after an unexpected error."""
+    from .runtime import distributed
+    try:
+        code = _runtime_status(args)
+    except Exception:  # a bug: its traceback, then the same way out as any other status
+        if distributed.joined():
+            traceback.print_exc()
+            distributed.leave(1)
+        raise
+    distributed.leave(code)
+    return code
+
+
+def _runtime_status(args) -> int:
     from .runtime.cli import report, user_errors
     try:
         return args.run(args)

@@ -3,8 +3,12 @@ test hooks set from the environment (nothing of this is in the runtime itself):
 
 - SDEC_TEST_DUMP=DIR: after the last step, every rank saves its network and process weights
   (the training module's state dict) to DIR/rank-R.pt, so the test can compare the ranks;
-- SDEC_TEST_NAN=R:S: from step S on (0-based), rank R's network answers NaN.
+- SDEC_TEST_NAN=R:S: from step S on (0-based), rank R's network answers NaN;
+- SDEC_TEST_ATEXIT=DIR: an atexit handler writes DIR/atexit-rank-R, which exists afterwards
+  only if the rank went through interpreter finalization (sdec.runtime.distributed.leave
+  skips it: the race it avoids is described there).
 """
+import atexit
 import os
 import sys
 
@@ -38,5 +42,8 @@ if os.environ.get("SDEC_TEST_DUMP"):
 if os.environ.get("SDEC_TEST_NAN"):
     rank, at = (int(v) for v in os.environ["SDEC_TEST_NAN"].split(":"))
     train_mod.train_step = poison(train_mod.train_step, rank, at)
+if os.environ.get("SDEC_TEST_ATEXIT"):
+    mark = os.path.join(os.environ["SDEC_TEST_ATEXIT"], f"atexit-rank-{RANK}")
+    atexit.register(lambda: open(mark, "w").close())
 torch.set_num_threads(1)
 sys.exit(main(sys.argv[1:]))
