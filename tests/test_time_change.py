@@ -1,6 +1,7 @@
 """B(t) as emitted: stable closed forms or quadrature, checked against mpmath at compile time.
 
-Independent reference: 30-digit mpmath quadrature of beta (never the sympy closed form)."""
+Independent reference: 30-digit mpmath quadrature of beta, or an antiderivative written out in
+the test (never the sympy closed form)."""
 import math
 import os
 
@@ -179,3 +180,29 @@ def test_exact_drift_matrix_past_its_budget_gives_the_same_module_numbers(monkey
     Phi, Sigma = proc.transition(torch.tensor([0.01, 0.5, 1.0], dtype=torch.float64))
     assert torch.allclose(Phi, reference[0], rtol=0, atol=1e-13)
     assert torch.allclose(Sigma, reference[1], rtol=1e-12, atol=1e-15)
+
+
+def test_fast_oscillating_schedule_gets_its_closed_form_checked_exactly():
+    # the quadrature reference cannot follow 16,000 periods of cos(100000 t) (it took ~10 s
+    # and misjudged the closed form); the exact B, proved by differentiation, is the reference
+    proc = sdec.compile_text(ONE_D.format(beta="cos(100000*t) + 3/2"), "fast.sde")
+    report = lowering_report(lower(sdec.parse(ONE_D.format(beta="cos(100000*t) + 3/2"), "fast.sde")))
+    assert "B(t)   : closed form" in report and "the exact B, proved by differentiation" in report
+    ts = _grid(1e-4, 1.0)
+    got = proc._B(torch.tensor(ts, dtype=torch.float64)).tolist()
+    with mp.workdps(40):  # the antiderivative written out here, independently of sympy
+        worst = max(float(abs(mp.mpf(g) - (mp.sin(100000 * mp.mpf(t)) / 100000 + mp.mpf(3) / 2 * mp.mpf(t)))
+                          / (mp.sin(100000 * mp.mpf(t)) / 100000 + mp.mpf(3) / 2 * mp.mpf(t)))
+                    for t, g in zip(ts, got))
+    assert worst <= 1e-14
+
+
+def test_exact_reference_only_for_a_B_proved_to_be_the_integral():
+    from sdec.backend.time_change import exact_reference, grid, reference
+    from sdec.language.ir import T_SYMBOL as t
+    points = grid(1e-3, 1.0)
+    assert exact_reference(sp.exp(2 * t), sp.exp(2 * t) / 2, points) is None        # B(0) != 0
+    assert exact_reference(2 * t + 1, t ** 2, points) is None                        # B' != beta
+    exact = exact_reference(sp.exp(2 * t), sp.exp(2 * t) / 2 - sp.Rational(1, 2), points)
+    quad = reference(sp.exp(2 * t), points)
+    assert max(float(abs(e - q) / q) for e, q in zip(exact, quad)) <= 1e-25

@@ -1,6 +1,7 @@
 """`sdec verify`: passes on correct kernels, and fails on broken ones."""
 import os
 
+import pytest
 import torch
 
 import sdec
@@ -73,3 +74,45 @@ def test_stiff_schedule_is_reported_instead_of_hanging(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("[SKIP]") == 2 and "0 failed, 2 not run (see SKIP above)" in out
     assert "[FAIL]" not in out
+
+
+def _vp_with(beta):
+    """vpsde.sde with another schedule, compiled from text written here."""
+    text = open(os.path.join(SPECS, "vpsde.sde"), encoding="utf-8").read()
+    lines = [f"beta(t) = {beta}" if ln.startswith("beta(t)") else ln for ln in text.splitlines()]
+    return sdec.compile(sdec.parse("\n".join(lines) + "\n"))
+
+
+def test_lyapunov_check_resolves_a_fast_schedule():
+    # cos(100000 t) + 1.5 changes 10^5 times faster than ||F||: the step must follow it
+    # (the fixed step h = min(1e-4 t, 1e-3 / ||F||) reported a relative error of 0.127)
+    proc = _vp_with("cos(100000*t) + 1.5")
+    with torch.no_grad():
+        [lyap] = check_lyapunov(proc)
+        [ode] = check_moment_ode(proc)
+    assert lyap.skipped is None and lyap.error <= 1e-5, lyap
+    assert ode.skipped == "beta(t) varies faster than a 65,537-point probe of [0, T] resolves"
+    # the same check still fails a kernel whose noise disagrees with its SDE
+    honest = proc.noise_cov
+    proc.noise_cov = lambda t: 1.01 * honest(t)
+    with torch.no_grad():
+        assert not check_lyapunov(proc)[0].passed
+
+
+def test_lyapunov_check_leaves_out_what_float64_cannot_resolve():
+    # beta = exp(-700 t): past t ~ 0.03 Sigma changes below float64 rounding; a central
+    # difference there is 0 against a right side of 1e-152 (it used to FAIL with error 0.997)
+    proc = _vp_with("exp(-700*t)")
+    with torch.no_grad():
+        [lyap] = check_lyapunov(proc)
+    assert lyap.passed and lyap.skipped == "Σ(t) changes below float64 resolution at every probe time"
+
+
+@pytest.mark.slow
+def test_moment_ode_check_follows_how_fast_beta_changes():
+    # exp(-700 t): ||F|| <= 350 asked for 35,000 RK4 steps per unit time, too few for a
+    # coefficient that changes at rate 700 (error 1.69e-7 > 1e-7); 70,000 resolve it
+    proc = _vp_with("exp(-700*t)")
+    with torch.no_grad():
+        [ode] = check_moment_ode(proc)
+    assert ode.skipped is None and ode.error <= 1e-9, ode

@@ -13,8 +13,11 @@ its relative accuracy as t → 0. So the lowering tries, in order,
    accuracy at small t;
 
 and emits the first whose float64 values are within ACCEPT relative error of a 30-digit
-mpmath quadrature of beta on a grid of [t_lo, T] (geometric from t_lo, so t near t_min is
-tested, plus uniform). If none reaches ACCEPT, the most accurate one is emitted and the
+reference on a grid of [t_lo, T] (geometric from t_lo, so t near t_min is tested, plus
+uniform). The reference is the exact B evaluated in mpmath when B is proved to be the
+integral (B' - beta simplifies to 0 and B(0) = 0, within the symbolic budget) and two working
+precisions agree to 30 digits; otherwise an mpmath quadrature of beta, which would need ~10^4
+panels to follow beta = cos(100000 t) + 1.5 and so is used only when it must be. If none reaches ACCEPT, the most accurate one is emitted and the
 lowering report carries a warning when its error exceeds REQUIRED.
 """
 from __future__ import annotations
@@ -52,13 +55,15 @@ class TimeChange:
     points: int           # grid size
     t_lo: float
     rejected: tuple       # (description, error) of forms tried before it
+    reference: str = "quadrature of beta"  # what the errors are measured against
 
     def describe(self) -> str:
         if self.closed is not None:
             how = f"closed form {_short(self.closed, 200)}"
         else:
             how = f"Gauss–Legendre quadrature of beta on [0, t], {self.panels} panel(s) of {GL_NODES} nodes"
-        note = f"; max relative error {self.error:.2g} against {DIGITS}-digit mpmath on {self.points} points of [{self.t_lo:g}, T]"
+        note = (f"; max relative error {self.error:.2g} against {DIGITS}-digit mpmath ({self.reference}) on "
+                f"{self.points} points of [{self.t_lo:g}, T]")
         tried = "".join(f"; {what}" if err != err else f"; {what} rejected (relative error {err:.2g})"
                         for what, err in self.rejected)  # err NaN: a step that was not completed
         return how + note + tried
@@ -108,6 +113,31 @@ def reference(beta: sp.Expr, points: np.ndarray) -> list:
     return out
 
 
+def exact_reference(beta: sp.Expr, B: sp.Expr, points: np.ndarray) -> list | None:
+    """B at each point to DIGITS digits, or None: B must be proved to be ∫₀ᵗ beta (B' - beta
+    simplifies to 0 and B(0) = 0 within the symbolic budget), and its values at 2 DIGITS and
+    3 DIGITS working digits must agree to DIGITS digits (a form that cancels, e.g. a polynomial
+    in monomials, loses digits; extra precision restores them, and the agreement shows it)."""
+    def proved():
+        return (sp.simplify(sp.diff(B, T_SYMBOL) - beta) == 0
+                and sp.simplify(B.subs(T_SYMBOL, 0)) == 0)
+    step = limited(SYMBOLIC_SECONDS, proved)
+    if not (step.finished and step.value):
+        return None
+    f = sp.lambdify(T_SYMBOL, B, "mpmath")
+    values = []
+    for digits in (2 * DIGITS, 3 * DIGITS):
+        with mp.workdps(digits):
+            values.append([f(mp.mpf(float(t))) for t in points])
+    out = []
+    with mp.workdps(DIGITS):
+        for lo, hi in zip(*values):
+            if not (mp.isfinite(hi) and abs(lo - hi) <= abs(hi) * mp.mpf(10) ** (-DIGITS)):
+                return None
+            out.append(+hi)
+    return out
+
+
 def _closed_values(expr: sp.Expr, points: np.ndarray) -> np.ndarray:
     f = sp.lambdify(T_SYMBOL, fold_constants(expr), modules=[{"expm1": np.expm1, "log1p": np.log1p}, np])
     with np.errstate(all="ignore"):
@@ -145,7 +175,10 @@ def _error(values, ref) -> float:
 @functools.lru_cache(maxsize=256)
 def choose(beta: sp.Expr, B: sp.Expr | None, t_lo: float, T: float) -> TimeChange:
     points = grid(t_lo, T)
-    ref = reference(beta, points)
+    ref = exact_reference(beta, B, points) if B is not None else None
+    against = "the exact B, proved by differentiation" if ref is not None else "quadrature of beta"
+    if ref is None:
+        ref = reference(beta, points)
     tried = []
     if B is not None:
         stable, why = _budgeted_stable_form(B)
@@ -157,16 +190,16 @@ def choose(beta: sp.Expr, B: sp.Expr | None, t_lo: float, T: float) -> TimeChang
         for expr in forms:
             err = _error(_closed_values(expr, points), ref)
             if err <= ACCEPT:
-                return TimeChange(expr, None, None, 0, err, len(points), t_lo, tuple((d, e) for d, e, *_ in tried))
+                return TimeChange(expr, None, None, 0, err, len(points), t_lo, tuple((d, e) for d, e, *_ in tried), against)
             tried.append((f"closed form {_short(expr)}", err, expr, None, 0))
     for panels in GL_PANELS:
         nodes, weights = quadrature_rule(panels)
         err = _error(_quadrature_values(beta, nodes, weights, points), ref)
         if err <= ACCEPT:
             return TimeChange(None, nodes, weights, panels, err,
-                              len(points), t_lo, tuple((d, e) for d, e, *_ in tried))
+                              len(points), t_lo, tuple((d, e) for d, e, *_ in tried), against)
         tried.append((f"quadrature with {panels} panel(s)", err, None, (nodes, weights), panels))
     best = min((item for item in tried if item[1] == item[1]), key=lambda item: item[1])
     rest = tuple((d, e) for d, e, *_ in tried if d != best[0])
     rule = best[3] or (None, None)
-    return TimeChange(best[2], rule[0], rule[1], best[4], best[1], len(points), t_lo, rest)
+    return TimeChange(best[2], rule[0], rule[1], best[4], best[1], len(points), t_lo, rest, against)

@@ -50,6 +50,17 @@ def _stiffness(proc, stop) -> float:
     return float(torch.linalg.matrix_norm(proc.drift(probe), ord=2).max())
 
 
+def _variation(proc, stop) -> float:
+    """max |d log beta / dt| over [0, stop] (F(t) = beta(t) A varies at this rate), from log
+    beta on 2^16 + 1 points; inf when 2^14 + 1 points give an estimate more than 2x off
+    (beta then varies faster than the probe resolves)."""
+    def estimate(n):
+        t = torch.linspace(0.0, stop, n, dtype=torch.float64)
+        return float((torch.diff(torch.log(proc.beta(t))).abs() / (stop / (n - 1))).max())
+    fine, coarse = estimate(2 ** 16 + 1), estimate(2 ** 14 + 1)
+    return fine if fine <= 2.0 * max(coarse, 1e-300) else math.inf
+
+
 def _times(proc):
     T, t0 = proc.T, proc.t_min
     return torch.tensor([t0, (t0 * T) ** 0.5, 0.25 * T, 0.5 * T, T], dtype=torch.float64)
@@ -103,11 +114,17 @@ def check_moment_ode(proc, hybrid=True):
     Phi = torch.eye(K, dtype=torch.float64)
     start, worst = 0.0, 0.0
     name = "moment ODEs (RK4) vs Φ(t), Σ(t) at 5 times"
-    stiffness = _stiffness(proc, proc.T)
-    rate = max(4000.0, 100.0 * stiffness)  # steps per unit time: h ||F|| <= 0.01 keeps RK4 at ~1e-11
+    stiffness, variation = _stiffness(proc, proc.T), _variation(proc, proc.T)
+    if not math.isfinite(variation):
+        return [_skip(name, "beta(t) varies faster than a 65,537-point probe of [0, T] resolves")]
+    # steps per unit time: h ||F|| <= 0.01 keeps RK4 at ~1e-11, and h |d log beta/dt| <= 0.01
+    # resolves how fast F itself changes
+    rate = max(4000.0, 100.0 * stiffness, 100.0 * variation)
     if not rate * proc.T <= MAX_RK4_STEPS:
-        return [_skip(name, f"stiff schedule: max ‖F(t)‖ = {stiffness:.3g} on [0, T] needs {rate * proc.T:.3g} "
-                            f"RK4 steps (the limit is {MAX_RK4_STEPS:,})")]
+        why = (f"stiff schedule: max ‖F(t)‖ = {stiffness:.3g}" if stiffness >= variation
+               else f"fast schedule: max |d log beta/dt| = {variation:.3g}")
+        return [_skip(name, f"{why} on [0, T] needs {rate * proc.T:.3g} RK4 steps (the limit is "
+                            f"{MAX_RK4_STEPS:,})")]
     for stop in sorted(float(x) for x in _times(proc)):
         n = max(8, int(rate * (stop - start)) + 1)
         h = (stop - start) / n
@@ -155,21 +172,39 @@ def check_semigroup(proc):
 
 def check_lyapunov(proc):
     """Central differences of Σ against FΣ + ΣFᵀ + GGᵀ, relative to the size of those terms
-    (near stationarity the sum itself is ~0, so it cannot be the scale). The step resolves
-    the fastest rate: h = min(1e-4 t, 1e-3 / ‖F(t)‖)."""
-    worst = 0.0
-    for t in _times(proc)[1:-1].tolist():
+    (near stationarity the sum itself is ~0, so it cannot be the scale). The step starts at
+    h = min(1e-4 t, 1e-3 / ‖F(t)‖) and is halved until two successive quotients agree to a
+    tenth of the tolerance, so a schedule that changes faster than ‖F‖ (beta = exp(-700 t),
+    cos(100000 t) + 1.5) is resolved too. A time where even the smallest step cannot resolve
+    the change of Σ above float64 rounding (the quotient's rounding error, 64 eps max|Σ| / h,
+    exceeds a tenth of the tolerance times the scale) is left out and said so; if every time is,
+    the check is skipped."""
+    name = "Lyapunov ODE dΣ/dt = FΣ + ΣFᵀ + GGᵀ (central differences)"
+    tol, worst, unresolved = 1e-5, 0.0, []
+    times = _times(proc)[1:-1].tolist()
+    for t in times:
         F = proc.drift(torch.tensor(t, dtype=torch.float64))
+        GG = proc.noise_cov(torch.tensor(t, dtype=torch.float64))
         h = min(1e-4 * t, 1e-3 / max(float(torch.linalg.matrix_norm(F, ord=2)), 1e-300))
-        tt = torch.tensor([t - h, t, t + h], dtype=torch.float64)
-        _, S = proc.transition(tt)
-        dS = (S[2] - S[0]) / (2 * h)
-        GG = proc.noise_cov(tt[1])
-        FS = F @ S[1]
-        rhs = FS + FS.T + GG
-        scale = (2 * FS.abs() + GG.abs()).max().clamp(min=1e-300)
-        worst = max(worst, float((dS - rhs).abs().max() / scale))
-    return [Check("Lyapunov ODE dΣ/dt = FΣ + ΣFᵀ + GGᵀ (central differences)", worst, 1e-5, "relative")]
+        previous = None
+        while True:
+            tt = torch.tensor([t - h, t, t + h], dtype=torch.float64)
+            _, S = proc.transition(tt)
+            FS = F @ S[1]
+            scale = float((2 * FS.abs() + GG.abs()).max())
+            if 64 * 2.2e-16 * float(S.abs().max()) / h > 0.1 * tol * scale:
+                unresolved.append(t)
+                break
+            dS = (S[2] - S[0]) / (2 * h)
+            if previous is not None and float((dS - previous).abs().max()) <= 0.1 * tol * scale:
+                worst = max(worst, float((dS - (FS + FS.T + GG)).abs().max()) / scale)
+                break
+            previous, h = dS, h / 2
+    if len(unresolved) == len(times):
+        return [_skip(name, "Σ(t) changes below float64 resolution at every probe time")]
+    note = "relative" + (f"; t = {', '.join(f'{u:.3g}' for u in unresolved)} left out: Σ changes below "
+                         "float64 resolution there" if unresolved else "")
+    return [Check(name, worst, tol, note)]
 
 
 def check_gradients(proc, seed):
