@@ -149,8 +149,8 @@ def test_lazy_score_and_mean_equal_their_definitions(name):
 
 def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(monkeypatch):
     proc = compiled("learned3")
-    counts = {"coeffs": 0, "phi_sigma": 0}
-    build, phi_sigma = proc._build_coeffs, proc._phi_sigma
+    counts = {"coeffs": 0, "phi_sigma": 0, "cholesky": 0}
+    build, phi_sigma, cholesky = proc._build_coeffs, proc._phi_sigma, proc._cholesky
 
     def counted_build(hybrid):
         counts["coeffs"] += 1
@@ -158,16 +158,22 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
 
     def counted_phi_sigma(s, hybrid):
         counts["phi_sigma"] += 1
+        assert s.shape == (4 + 2,)  # the batch's times, t_min and T in one call
         return phi_sigma(s, hybrid)
+
+    def counted_cholesky(Sig, t64):
+        counts["cholesky"] += 1
+        return cholesky(Sig, t64)
 
     monkeypatch.setattr(proc, "_build_coeffs", counted_build)
     monkeypatch.setattr(proc, "_phi_sigma", counted_phi_sigma)
+    monkeypatch.setattr(proc, "_cholesky", counted_cholesky)
     x = torch.randn(4, 6, generator=gen(0), dtype=F64)
     score_fn = proc.score_from_eps(lambda y, t: 0.5 * y)
     e = proc.elbo(x, score_fn, generator=gen(1))
-    # one coefficient build; Φ/Σ for the batch (shared by perturb and score_fn), the score
-    # norm's nodes and the prior at T
-    assert counts == {"coeffs": 1, "phi_sigma": 3}
+    # one coefficient build; one Φ/Σ and one Cholesky for the batch's times (shared by
+    # perturb and score_fn), the score norm's t_min and T, and the prior at T
+    assert counts == {"coeffs": 1, "phi_sigma": 1, "cholesky": 1}
     assert proc._call_memo is None
     e.total.sum().backward()
     with torch.no_grad():

@@ -41,9 +41,9 @@ mean and the score only when they are read.  No jitter is ever added: a failed C
 Caching.  Quantities that do not depend on the batch (A, D, the series coefficients, the
 score-norm integral, the importance-sampling table) are cached while no gradient into the
 module's parameters is needed; when one is (grad enabled and a parameter requires grad)
-they are rebuilt on every call, except that one ``elbo`` call builds each of them (and the
-Cholesky factors of its batch) once and shares them between the perturbation, the score and
-the score norm.  The cache holds a copy of every parameter and buffer
+they are rebuilt on every call, except that one ``elbo`` call builds each of them once, and
+evaluates Φ, Σ and one Cholesky factorisation once for all the times it needs (the batch's,
+t_min and T), shared by the perturbation, the score, the score norm and the prior term.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -588,17 +588,36 @@ class DiffusionBase(torch.nn.Module):
         t64 = t.to(torch.float64)
         Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
         L = self._cholesky(Sig, t64)
-        if self.K == 1:
-            LinvT = 1.0 / L
-        elif self.K <= _UNROLL_K:
-            LinvT = _tri_inverse_small(L).mT
-        else:
-            eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
-            LinvT = torch.linalg.solve_triangular(L, eye, upper=False).mT
-        out = (Phi, L, LinvT)
+        out = (Phi, L, self._inverse_T(L))
         if memo is not None:
             memo[key] = (t, t._version, out)
         return out
+
+    def _inverse_T(self, L):
+        """L⁻ᵀ of (n, K, K) Cholesky factors."""
+        if self.K == 1:
+            return 1.0 / L
+        if self.K <= _UNROLL_K:
+            return _tri_inverse_small(L).mT
+        eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
+        return torch.linalg.solve_triangular(L, eye, upper=False).mT
+
+    def _elbo_kernels(self, t, t_min):
+        """One Φ, Σ and one Cholesky for every time an elbo() call needs, the batch's t and the
+        score norm's t_min and T, put in the call's memo: the batch's (Φ, L, L⁻ᵀ) for the
+        perturbation and the score, the score norm ½ (R(T) - R(t_min)) from the same factors
+        (see _rate_integral), and (Φ_T, Σ_T) for the prior term."""
+        memo, n = self._call_memo, t.shape[0]
+        t64 = torch.cat([t.to(torch.float64),
+                         torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
+        B = self._B(t64)
+        Phi, Sig = self._phi_sigma(B, True)
+        L = self._cholesky(Sig, t64)
+        memo[("factors", id(t), True)] = (t, t._version, (Phi[:n], L[:n], self._inverse_T(L[:n])))
+        R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
+             - 2.0 * self._A_D()[0].diagonal().sum() * B[n:])
+        memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
+        memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
 
     def _batch_time(self, t, n, like):
         if not torch.is_tensor(t):
@@ -672,7 +691,9 @@ class DiffusionBase(torch.nn.Module):
     def _prior_term(self, x):
         """E log π(y_T) under q(y_T | x) = N(Φ_T (x, 0..), Σ_T), closed form."""
         d, K = x[0].numel(), self.K
-        Phi, Sig = self._phi_sigma(self._B_at([self.T]), True)
+        memo = getattr(self, "_call_memo", None)
+        at_T = memo.get(("at_T",)) if memo is not None else None
+        Phi, Sig = at_T if at_T is not None else self._phi_sigma(self._B_at([self.T]), True)
         Linf = torch.linalg.cholesky(self.stationary_cov)
         c = Phi[0, :, :1]
         quad = torch.cholesky_solve(c, Linf)[:, 0] @ c[:, 0]
@@ -747,6 +768,7 @@ class DiffusionBase(torch.nn.Module):
         if self._needs_graph():  # build A, D and the series once, with their graph, before
             self._coeffs(True)   # the importance table (no grad) would build them again
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
+        self._elbo_kernels(t, t_min)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps)
