@@ -18,20 +18,25 @@ evaluation branches, chosen per element of s:
   entries of Σ at small t (CLD Σ_xx ~ s³, third-order processes ~ s⁵) keep full relative
   accuracy.  With ||N_k|| <= (2||A||)^k the tail after _SERIES_TERMS terms is below
   (2 tau)^n / n! ~ 2e-24 relative; rounding is below e^{2 tau} eps ~ 1e-13.
-* large s: Φ from ``_phi_closed`` (or scaling and squaring of the series, ``_expm``) and the stationary
-  identity Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, which cancels catastrophically while Φ ≈ I but is
-  accurate once s ||A|| is of order one.
-tau = 3 is the measured crossover: against a 50-digit Van Loan reference (CLD, ALDA,
-MALDA, learned K = 2, 3; hybrid and not) the worst error in Σ's own scale
-max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.6e-14 for the stationary form at s||A|| = 3 (1.3e-13 at 2,
-3e-12 at 1) and 1.3e-14 for the series (2e-13 at 5).
+* large s: scaling and squaring, with no cancellation: the series at h = s / 2^j (j the
+  smallest with h ||A||₂ <= tau) gives Φ(h) and the noise part Σn(h) (Σ0 = 0), then j
+  doublings Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ (a sum of PSD terms) and Σ = Φ Σ0 Φᵀ + Σn; Φ from
+  ``_phi_closed`` where the lowering found one.  Against a 50-digit Van Loan reference (CLD,
+  ALDA, MALDA, learned K = 2, 3; hybrid and not; s from the switch to B(T)) the worst error
+  in Σ's own scale max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.4e-15 (the stationary identity
+  Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
+  alone stays below the switch: it is what keeps hybrid ALDA at t = 1e-5 at its float64
+  representation floor (below), where Φ Σ0 Φᵀ + Σn rounds an order of magnitude worse.
+One j serves the whole batch (from B(T) when the times are known to lie in [0, T], so no
+host sync), both branches run on every element in one product with the stacked series
+coefficients, and torch.where picks per element, so gradients reach only the branch an
+element uses.  With tau = 3 the series error is 1.3e-14 (2e-13 at 5).
 
 Limit: a float64 matrix cannot hold every Σ.  Hybrid third-order processes (ALDA) have a
 direction of variance ~s⁵ next to entries ~s² (v0 enters x at order s), so even the
 correctly rounded Σ is off by 5e-6 in its own scale at t = 1e-3 and is indefinite at 1e-5.
 
-Each branch is evaluated only on its own elements, so gradients never touch the other
-branch.  K = 1 has a closed form at every s (``_scalar``).
+K = 1 has a closed form at every s (``_scalar``).
 
 Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 per-entry multiply-adds that skip the zero triangles, the Cholesky factors and triangular
@@ -269,22 +274,24 @@ def _power_stack(M, n):
     graph of M) is a sum of products with an exact-zero factor, so it stays exactly zero."""
     eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
     P = torch.stack([eye, M])
-    while P.shape[0] < n:
-        P = torch.cat([P, torch.matmul(P[-1] @ M, P)])
+    while P.shape[0] < n:  # M^(m+k) = M^k M^m: (m, K, K) @ (K, K) folds into one mm
+        P = torch.cat([P, P @ (P[-1] @ M)])
     return P[:n]
 
 
 def _series_coefficients(A, D, S0, n):
     """A^k and N_k (k < n): Φ = Σ s^k/k! A^k, Σ = Σ s^k/k! N_k.  N_{k+1} = A N_k + N_k Aᵀ is
     the linear map kron(A, I) + kron(I, A) on row-major vec(N_k), so N_k = that map^(k-1)
-    applied to N_1, and both stacks come from _power_stack."""
+    applied to N_1, and both stacks come from _power_stack.  S0 may be a stack (r, K, K) of
+    starts: moments is then (r, n, K, K), every start sharing the one power stack."""
     K = A.shape[-1]
     eye = torch.eye(K, dtype=A.dtype, device=A.device)
     AS0 = A @ S0
     N1 = AS0 + AS0.mT + 2.0 * D
     lyap = torch.kron(A, eye) + torch.kron(eye, A)
-    later = (_power_stack(lyap, n - 1) @ N1.reshape(K * K, 1)).reshape(n - 1, K, K)
-    moments = torch.cat([S0[None], 0.5 * (later + later.mT)])
+    later = (_power_stack(lyap, n - 1) @ N1.reshape(-1, K * K).mT).permute(2, 0, 1)
+    later = later.reshape(S0.shape[:-2] + (n - 1, K, K))
+    moments = torch.cat([S0.unsqueeze(-3), 0.5 * (later + later.mT)], -3)
     return _power_stack(A, n), moments
 
 
@@ -444,13 +451,20 @@ class DiffusionBase(torch.nn.Module):
         return self._cached(("coeffs", hybrid), lambda: self._build_coeffs(hybrid))
 
     def _build_coeffs(self, hybrid):
+        """A, D and the series coefficients of Φ, of Σ from Σ0 (hybrid or not) and of its
+        noise part Σn (from 0), as one (n, 3 K²) stack: one product with the Taylor weights
+        evaluates all three."""
         A, D = self._A_D()
         S0 = self._sigma0(hybrid)
-        powers, moments = _series_coefficients(A, D, S0, _SERIES_TERMS)
+        n = _SERIES_TERMS
+        powers, moments = _series_coefficients(A, D, torch.stack([S0, torch.zeros_like(S0)]), n)
         norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
         radius = _SERIES_TAU / norm if norm > 0 else math.inf
-        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments,
-                "radius": radius, "sinf": self.stationary_cov}
+        stacks = torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1),
+                            moments[1].reshape(n, -1)], 1)
+        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments[0],
+                "stacks": stacks, "radius": radius,
+                "s_T": float(self._B_at([self.T]).detach().max())}
 
     def _time(self, t):
         """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
@@ -497,29 +511,23 @@ class DiffusionBase(torch.nn.Module):
 
     # ------------------------------------------------------- transition kernel
     def _series(self, s, c):
-        w = _taylor_weights(s, _SERIES_TERMS)
-        Phi = torch.einsum("mk,kij->mij", w, c["powers"])
-        return Phi, torch.einsum("mk,kij->mij", w, c["moments"])
+        """Φ(s), Σ(s) by the Taylor series (s ||A||₂ <= tau)."""
+        return self._series3(s, c)[:2]
 
-    def _expm(self, s, c):
-        """expm(s A) by scaling and squaring the series: Φ(s / 2^j) from the Taylor series
-        (s / 2^j ||A||₂ <= tau, the truncation bound of the series branch), squared j times,
-        with one j for the batch (the largest s sets it).  Uses the cached powers of A, so a
-        batch costs one einsum and j batched K x K products, with a cheap backward."""
-        top = float(s.detach().abs().max()) / c["radius"] if s.numel() else 0.0
-        j = max(0, math.ceil(math.log2(top))) if top > 1.0 else 0
-        P = torch.einsum("mk,kij->mij", _taylor_weights(s / 2.0 ** j, _SERIES_TERMS), c["powers"])
-        for _ in range(j):
-            P = P @ P
-        return P
+    def _series3(self, s, c):
+        """Φ(s), Σ(s) and the noise part Σn(s) (Σ0 = 0) by the Taylor series: one product of
+        the Taylor weights with the stacked coefficients."""
+        K = self.K
+        out = (_taylor_weights(s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
+        return out.unbind(1)
 
-    def _stationary(self, s, c):
-        Phi = self._phi_closed(s)
-        if Phi is None:
-            Phi = self._expm(s, c)
-        Phi = Phi.to(torch.float64)
-        Sig = c["sinf"] + Phi @ (c["S0"] - c["sinf"]) @ Phi.mT
-        return Phi, 0.5 * (Sig + Sig.mT)
+    def _squarings(self, s, c, s_max):
+        """j with s_max / 2^j <= the series radius: s_max is given by callers whose times lie
+        in [0, T] (c["s_T"] = B(T), no host sync), else read from s."""
+        if s_max is None:
+            s_max = float(s.detach().abs().max()) if s.numel() else 0.0
+        top = s_max / c["radius"]
+        return max(0, math.ceil(math.log2(top))) if top > 1.0 else 0
 
     def _scalar(self, s, hybrid):
         """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) (Σ0 = 0: no auxiliaries; no
@@ -529,26 +537,30 @@ class DiffusionBase(torch.nn.Module):
         Sig = -self.stationary_cov[0, 0] * torch.expm1(2.0 * a_s)
         return Phi[:, None, None], Sig[:, None, None]
 
-    def _phi_sigma(self, s, hybrid):
-        """Φ(s), Σ(s) for flat float64 s, each branch on its own elements only."""
+    def _phi_sigma(self, s, hybrid, s_max=None):
+        """Φ(s), Σ(s) for flat float64 s (see the module doc): the series where s ||A||₂ <=
+        tau, elsewhere scaling and squaring: the series at h = s / 2^j, j doublings
+        Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ, and Σ = Φ Σ0 Φᵀ + Σn.  Both run on every element, in one
+        series product and without a host sync when s_max is given (_squarings); torch.where
+        picks per element, so gradients reach only the branch an element uses."""
         if self.K == 1:
             return self._scalar(s, hybrid)
         c = self._coeffs(hybrid)
-        K, n = self.K, s.shape[0]
-        small = s.detach().abs() <= c["radius"]
-        n_small = int(small.sum())
-        if n_small == n:
+        j = self._squarings(s, c, s_max)
+        if j == 0:
             return self._series(s, c)
-        if n_small == 0:
-            return self._stationary(s, c)
-        Phi = s.new_zeros(n, K, K)
-        Sig = s.new_zeros(n, K, K)
-        for mask, branch in ((small, self._series), (~small, self._stationary)):
-            idx = mask.nonzero().reshape(-1)
-            P, S = branch(s[idx], c)
-            Phi = Phi.index_copy(0, idx, P)
-            Sig = Sig.index_copy(0, idx, S)
-        return Phi, Sig
+        m = s.shape[0]
+        Phi, Sig, Sn = self._series3(torch.cat([s, s * 2.0 ** -j]), c)
+        P, Sn = Phi[m:], Sn[m:]
+        for _ in range(j):  # bmm, not @: one dispatched op per product (matmul adds views)
+            Sn = torch.baddbmm(Sn, torch.bmm(P, Sn), P.mT)
+            P = torch.bmm(P, P)
+        closed = self._phi_closed(s)
+        if closed is not None:
+            P = closed.to(torch.float64)
+        big = torch.baddbmm(Sn, torch.matmul(P, c["S0"]), P.mT)
+        small = (s.detach().abs() <= c["radius"])[:, None, None]
+        return torch.where(small, Phi[:m], P), torch.where(small, Sig[:m], 0.5 * (big + big.mT))
 
     def transition(self, t, hybrid=True):
         """(Φ_t, Σ_t), each (*t.shape, K, K): y_t | x ~ N(Φ_t m0, Σ_t)."""
@@ -602,16 +614,18 @@ class DiffusionBase(torch.nn.Module):
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).mT
 
-    def _elbo_kernels(self, t, t_min):
+    def _elbo_kernels(self, t, t_min, sampled):
         """One Φ, Σ and one Cholesky for every time an elbo() call needs, the batch's t and the
         score norm's t_min and T, put in the call's memo: the batch's (Φ, L, L⁻ᵀ) for the
         perturbation and the score, the score norm ½ (R(T) - R(t_min)) from the same factors
-        (see _rate_integral), and (Φ_T, Σ_T) for the prior term."""
+        (see _rate_integral), and (Φ_T, Σ_T) for the prior term.  Times this call sampled lie
+        in [t_min, T], so the squarings come from B(T) without reading them."""
         memo, n = self._call_memo, t.shape[0]
         t64 = torch.cat([t.to(torch.float64),
                          torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
         B = self._B(t64)
-        Phi, Sig = self._phi_sigma(B, True)
+        s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
+        Phi, Sig = self._phi_sigma(B, True, s_max)
         L = self._cholesky(Sig, t64)
         memo[("factors", id(t), True)] = (t, t._version, (Phi[:n], L[:n], self._inverse_T(L[:n])))
         R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
@@ -713,12 +727,12 @@ class DiffusionBase(torch.nn.Module):
             return ((M.mT @ M) * GG).sum((-2, -1))
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def _rate_integral(self, t64):
+    def _rate_integral(self, t64, s_max=None):
         """R(t) = log det Σ_t - 2 tr(A) B(t) at flat float64 t, an antiderivative of the rate
         tr(Σ_t⁻¹ G Gᵀ(t)): Σ_t solves Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula
         (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
         B = self._B(t64)
-        L = self._cholesky(self._phi_sigma(B, True)[1], t64)
+        L = self._cholesky(self._phi_sigma(B, True, s_max)[1], t64)
         logdet = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
         return logdet - 2.0 * self._A_D()[0].diagonal().sum() * B
 
@@ -767,8 +781,9 @@ class DiffusionBase(torch.nn.Module):
         n, d = x.shape[0], x[0].numel()
         if self._needs_graph():  # build A, D and the series once, with their graph, before
             self._coeffs(True)   # the importance table (no grad) would build them again
+        sampled = t is None
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
-        self._elbo_kernels(t, t_min)
+        self._elbo_kernels(t, t_min, sampled)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps)
@@ -805,7 +820,7 @@ class DiffusionBase(torch.nn.Module):
         edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
                                          dtype=torch.float64, device=dev))
         edges[0], edges[-1] = t_min, self.T
-        R = self._rate_integral(edges)
+        R = self._rate_integral(edges, self._coeffs(True)["s_T"] if self.K > 1 else None)
         mass = R[1:] - R[:-1]
         bad = ~(mass > 0)
         if bool(bad.any()):
