@@ -28,7 +28,7 @@ from ..language.format import expr_text, format_spec, hash_text
 from ..language.ir import T_SYMBOL
 from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
-from .t_min import SERIES_TAU, derive_t_min
+from .t_min import SERIES_TAU, TABLE_BINS, derive_t_min
 from .time_change import REQUIRED, TimeChange, choose
 from ..language.budget import SYMBOLIC_SECONDS, limited
 
@@ -222,7 +222,7 @@ def lowering_report(plan: KernelPlan) -> str:
         lines.append("  Σ(t)   : scaling and squaring above the series range (the series at s/2^j, j doublings "
                      "Σn ← Σn + Φ Σn Φᵀ, Σ = Φ Σ0 Φᵀ + Σn: sums of PSD terms, no cancellation)")
     lines.append("  ELBO   : score_norm, divergence and truncation exact (score_norm from log det Σ at t_min and T); "
-                 "importance time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant on 512 "
+                 f"importance time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant on {TABLE_BINS} "
                  "geometric bins, each bin's mass from the same log det identity)")
     lines.append("  Q, D   : " + ", ".join(
         [f"{k} fixed" for k in plan.fixed] + [f"{k} from parameters (sympy → torch)" for k in plan.symbolic] +

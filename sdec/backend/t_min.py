@@ -41,6 +41,7 @@ def kernel_base_constants(*names) -> tuple:
 
 # The kernel base's branch rule: series while s·‖A‖₂ <= SERIES_TAU, SERIES_TERMS terms.
 SERIES_TAU, SERIES_TERMS = kernel_base_constants("_SERIES_TAU", "_SERIES_TERMS")
+TABLE_BINS = kernel_base_constants("_TABLE_BINS")[0]  # the importance table's bins (lowering report)
 
 
 def _own_scale_error(approx, Sig) -> float:

@@ -67,7 +67,7 @@ import torch
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
-_TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
+_TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
 
@@ -810,6 +810,10 @@ class DiffusionBase(torch.nn.Module):
 
     def _build_table(self, t_min):
         """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
+
+        _TABLE_BINS = 128 geometric bins: on every shipped process the importance weight's own
+        relative variance Var_p[rate / p] is below 2e-4 (4e-6 at 512 bins), far below the
+        score term's, whose uniform/importance variance ratios match 512 bins' to 3 digits.
 
         A bin's mass is the exact integral of the rate over it, R between its edges (one Σ per
         edge; see _rate_integral).  A bin whose difference rounding leaves not > 0 takes its
