@@ -48,7 +48,9 @@ score-norm integral, the importance-sampling table) are cached while no gradient
 module's parameters is needed; when one is (grad enabled and a parameter requires grad)
 they are rebuilt on every call, except that one ``elbo`` call builds each of them once, and
 evaluates Φ, Σ and one Cholesky factorisation once for all the times it needs (the batch's,
-t_min and T), shared by the perturbation, the score, the score norm and the prior term.  The cache holds a copy of every parameter and buffer
+t_min and T), shared by the perturbation, the score, the score norm and the prior term.
+Exception: while a gradient is needed, the importance table is reused for up to
+``table_refresh`` parameter versions (see _time_table); it stays an exact proposal.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -314,11 +316,19 @@ class DiffusionBase(torch.nn.Module):
     noised = ()
     spec_hash = None   # canonical hash of the spec (generated classes set it)
     spec_text = None   # the spec's source text (sdec.compile sets it on the instance)
+    # While a gradient into the parameters is needed (training), the importance table is
+    # rebuilt once every table_refresh parameter versions (1: after every change); see
+    # _time_table.  Evaluation (no gradient needed) always uses the current parameters' table.
+    # Default 1: a held table lives only in memory, so with more a resumed run would draw
+    # other times than an uninterrupted one (the runtime's resume is bit-identical).
+    table_refresh = 1
 
     def __init__(self):
         super().__init__()
         self._cache = {}
         self._call_memo = None   # a dict while one elbo() call runs (see _cached)
+        self._versions = 0       # parameter/buffer states seen so far (see _sync_state)
+        self._held_tables = {}   # t_min -> (table, T, device, version built at): _time_table
 
     # ----------------------------------------------------------------- hooks
     def _beta(self, t):
@@ -385,8 +395,7 @@ class DiffusionBase(torch.nn.Module):
             # within one elbo() call, a no-grad use (the importance table) of a value this
             # call already built with its graph: the same numbers, detached
             return _detached(memo[key])
-        if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
-            self._cache = {"_state": self._snapshot()}
+        self._sync_state()
         if key not in self._cache:
             if graph:
                 self._cache[key] = build()
@@ -394,6 +403,13 @@ class DiffusionBase(torch.nn.Module):
                 with torch.no_grad():
                     self._cache[key] = build()
         return self._cache[key]
+
+    def _sync_state(self):
+        """Start a new cache (and count a new version) when T or any parameter or buffer
+        differs from the cache's snapshot."""
+        if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
+            self._cache = {"_state": self._snapshot()}
+            self._versions = getattr(self, "_versions", 0) + 1
 
     # ------------------------------------------------------- basic quantities
     @property
@@ -806,7 +822,30 @@ class DiffusionBase(torch.nn.Module):
 
     # ------------------------------------------------ importance time sampler
     def _time_table(self, t_min):
-        return self._cached(("table", t_min), lambda: self._build_table(t_min), graph=False)
+        """The importance table (edges, probs, density) for t_min.
+
+        Without a gradient into the parameters it is the current parameters' table (cached
+        by value like everything else).  While one is needed (training), a table built at
+        most table_refresh - 1 parameter versions ago is reused: every value-changing write
+        counts as one version (an optimizer step, load_state_dict, a .data write), and a
+        changed T or device always rebuilds.  A stale table is still an exact proposal:
+        sample_time draws t and its weight 1 / p(t) from the same table, so the ELBO estimate
+        stays unbiased and only its variance can move (by the drift of p over those steps)."""
+        key = ("table", t_min)
+        build = lambda: self._build_table(t_min)  # noqa: E731
+        refresh = int(self.table_refresh)
+        if refresh <= 1 or not self._needs_graph():
+            return self._cached(key, build, graph=False)
+        self._sync_state()
+        held_tables = self.__dict__.setdefault("_held_tables", {})
+        held = held_tables.get(t_min)
+        if key not in self._cache and held is not None:
+            table, T, device, built = held
+            if T == self.T and device == self._device() and self._versions - built < refresh:
+                return table
+        table = self._cached(key, build, graph=False)
+        held_tables[t_min] = (table, self.T, self._device(), self._versions)
+        return table
 
     def _build_table(self, t_min):
         """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
