@@ -274,3 +274,14 @@ def test_one_variable_kernel_closed_form_gradient_and_singular_t():
     assert abs(grad - (up - down) / (2 * h)) < 1e-6 * abs(grad)
     with pytest.raises(kb.CholeskyError, match="t=0"):
         proc._kernel_factors(torch.zeros(1, dtype=F64), True)
+
+
+def test_cholesky_error_on_a_non_finite_sigma_names_the_time():
+    """A diverged process (here a NaN entry) gets a CholeskyError naming t, not a LinAlgError
+    from inside the error path's own eigenvalue call."""
+    proc = compiled("learned3")
+    with torch.no_grad():
+        Sig = torch.eye(3, dtype=F64).repeat(2, 1, 1)
+        Sig[1, 0, 0] = float("nan")
+        with pytest.raises(kb.CholeskyError, match="not finite at t=0.5"):
+            proc._cholesky(Sig, torch.tensor([0.1, 0.5], dtype=F64))

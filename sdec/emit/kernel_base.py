@@ -597,7 +597,13 @@ class DiffusionBase(torch.nn.Module):
             bad = info > 0
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            lam = float(torch.linalg.eigvalsh(Sig[i].detach())[0])
+            S = Sig[i].detach()
+            if not bool(torch.isfinite(S).all()):  # eigvalsh cannot even report on these
+                raise CholeskyError(
+                    f"Sigma_t is not finite at t={float(t64[i]):.6g} (the process's "
+                    f"parameters are: Q = {self._blocks64()[0].tolist()}, "
+                    f"D = {self._blocks64()[1].tolist()}); a diverged optimisation?")
+            lam = float(torch.linalg.eigvalsh(S)[0])
             raise CholeskyError(
                 f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g}; smallest "
                 f"eigenvalue {lam:.3e}. The kernel is singular as t -> 0: use a larger "
