@@ -291,10 +291,13 @@ def _series_coefficients(A, D, S0, n):
     AS0 = A @ S0
     N1 = AS0 + AS0.mT + 2.0 * D
     lyap = torch.kron(A, eye) + torch.kron(eye, A)
-    later = (_power_stack(lyap, n - 1) @ N1.reshape(-1, K * K).mT).permute(2, 0, 1)
+    # one power stack of blockdiag(A, lyap): its blocks are the powers of each (the zero
+    # blocks add exact zeros), in half the products and graph nodes of two stacks
+    P = _power_stack(torch.block_diag(A, lyap), n)
+    later = (P[:n - 1, K:, K:] @ N1.reshape(-1, K * K).mT).permute(2, 0, 1)
     later = later.reshape(S0.shape[:-2] + (n - 1, K, K))
     moments = torch.cat([S0.unsqueeze(-3), 0.5 * (later + later.mT)], -3)
-    return _power_stack(A, n), moments
+    return P[:, :K, :K], moments
 
 
 def _detached(value):
