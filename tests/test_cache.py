@@ -11,6 +11,7 @@ with a reused vector, fused optimizer steps.  The other routes (``copy_`` under 
 ``load_state_dict``, for-loop and foreach optimizer steps, a replaced attribute, a dtype
 round trip) bump the version or allocate new storage; their tests guard the semantics.
 """
+import math
 import os
 
 import pytest
@@ -304,3 +305,124 @@ def test_changed_horizon_rebuilds_the_time_table():
     edges = proc._time_table(proc.t_min)[0]
     proc.T = 0.5
     assert float(proc._time_table(proc.t_min)[0][-1]) == 0.5 != float(edges[-1])
+
+
+# ------------------------------------------- the training-time importance table (staleness)
+def _training_table(proc):
+    """The table a training elbo() uses: gradient enabled and parameters requiring it."""
+    with torch.enable_grad():
+        return proc._time_table(proc.t_min)
+
+
+def _change(proc, route, step):
+    """One new parameter version of learned2 by one route."""
+    if route == "data":
+        proc.theta_Q.data.add_(0.01)
+    elif route == "load_state_dict":
+        sd = {k: v.clone() for k, v in proc.state_dict().items()}
+        sd["theta_D_diag"] = sd["theta_D_diag"] + 0.01
+        proc.load_state_dict(sd)
+    else:
+        opt = torch.optim.SGD(proc.parameters(), lr=0.01)
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step), dtype=F64)
+        opt.zero_grad()
+        (-proc.elbo(x, lambda y, t: -0.5 * y, generator=torch.Generator().manual_seed(1)).total.mean()).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("route", ["optimizer step", "load_state_dict", "data"])
+def test_training_table_is_rebuilt_every_table_refresh_versions(route):
+    """With table_refresh = 3, a training-time table serves the version it was built at and
+    the next two; the third change rebuilds it, equal to a fresh process's table."""
+    proc = compiled("learned2")
+    proc.table_refresh = 3
+    table = _training_table(proc)
+    for step in range(1, 7):
+        _change(proc, route, step)
+        now = _training_table(proc)
+        if step % 3:
+            assert now is table, step
+        else:
+            assert now is not table, step
+            with torch.no_grad():
+                fresh = fresh_copy("learned2", proc)._build_table(proc.t_min)
+            assert all(torch.equal(a, b) for a, b in zip(now, fresh)), step
+            assert not torch.equal(now[2], table[2])
+            table = now
+
+
+def test_evaluation_and_horizon_never_use_a_stale_table():
+    """No gradient needed: the current parameters' table, even while a stale one is held for
+    training; after it, training takes that exact table. A changed T rebuilds at once."""
+    proc = compiled("learned2")
+    proc.table_refresh = 100
+    stale = _training_table(proc)
+    _change(proc, "data", 0)
+    assert _training_table(proc) is stale
+    with torch.no_grad():
+        exact = proc._time_table(proc.t_min)
+        fresh = fresh_copy("learned2", proc)._build_table(proc.t_min)
+        assert all(torch.equal(a, b) for a, b in zip(exact, fresh)) and not torch.equal(exact[2], stale[2])
+        assert torch.equal(proc.time_density(T), fresh[2][torch.searchsorted(fresh[0], T, right=True) - 1])
+    assert _training_table(proc) is exact
+    proc.T = 0.5
+    assert float(_training_table(proc)[0][-1]) == 0.5
+
+
+def test_table_refresh_one_rebuilds_after_every_change():
+    proc = compiled("learned2")
+    proc.table_refresh = 1
+    table = _training_table(proc)
+    _change(proc, "data", 0)
+    assert _training_table(proc) is not table
+
+
+def test_stale_table_draws_and_weights_come_from_the_same_table():
+    """Training-time draws t and weights w = 1 / p(t) both from the held (stale) table, in
+    sample_time and in elbo(), not from the current parameters' table."""
+    proc = compiled("learned2")
+    proc.table_refresh = 100
+    stale = _training_table(proc)
+    with torch.no_grad():
+        proc.theta_Q.add_(0.5)
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        t, w = proc.sample_time(2000, generator=g, dtype=F64)
+        assert _training_table(proc) is stale
+        assert torch.allclose(w, 1.0 / proc.time_density(t), rtol=1e-14, atol=0)
+        terms = proc.elbo(torch.randn(64, 3, generator=g, dtype=F64), lambda y, tt: -y,
+                          time_sampler="importance", generator=g)
+        assert torch.allclose(terms.weight, 1.0 / proc.time_density(terms.t), rtol=1e-14, atol=0)
+    with torch.no_grad():
+        exact = 1.0 / proc.time_density(t)
+    assert (exact / w - 1).abs().max() > 1e-3  # the table really is stale
+
+
+def test_stale_table_keeps_the_estimator_unbiased():
+    """A table built for parameters far from the current ones (D's diagonal raw values +3):
+    the training-mode importance estimate of the score term (score -y, 20,000 draws) matches
+    the uniform-time estimate within 4 standard errors; weighting the same draws by the
+    current table instead (draws and weights from different tables) misses by > 10."""
+    proc = compiled("learned2")
+    proc.table_refresh = 100
+    stale = _training_table(proc)
+    with torch.no_grad():
+        proc.theta_D_diag.add_(3.0)
+    g = torch.Generator().manual_seed(4)
+    n = 20_000
+    x = 0.5 * torch.randn(n, 1, generator=g, dtype=F64)
+    score = lambda y, t: -y  # noqa: E731
+    with torch.enable_grad():
+        imp = proc.elbo(x, score, time_sampler="importance", generator=g)
+        assert _training_table(proc) is stale
+        uni = proc.elbo(x, score, time_sampler="uniform", generator=g)
+    with torch.no_grad():
+        mixed = imp.score.detach() / (imp.weight * proc.time_density(imp.t))
+    u = uni.score.detach()
+
+    def z(v):
+        se = math.hypot(float(v.std()), float(u.std())) / math.sqrt(n)
+        return (float(v.mean()) - float(u.mean())) / se
+
+    assert abs(z(imp.score.detach())) < 4
+    assert abs(z(mixed)) > 10

@@ -86,7 +86,7 @@ def test_scaling_and_squaring_matches_matrix_exp(name):
         c = proc._coeffs(True)
         s = torch.linspace(0.01, 12.0, 50, dtype=F64)
         ref = torch.linalg.matrix_exp(s[:, None, None] * c["A"])
-        got = proc._expm(s, c)
+        got = proc._phi_sigma(s, False)[0]
     assert (got - ref).abs().max() < 1e-13
 
 
@@ -149,25 +149,31 @@ def test_lazy_score_and_mean_equal_their_definitions(name):
 
 def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(monkeypatch):
     proc = compiled("learned3")
-    counts = {"coeffs": 0, "phi_sigma": 0}
-    build, phi_sigma = proc._build_coeffs, proc._phi_sigma
+    counts = {"coeffs": 0, "phi_sigma": 0, "cholesky": 0}
+    build, phi_sigma, cholesky = proc._build_coeffs, proc._phi_sigma, proc._cholesky
 
     def counted_build(hybrid):
         counts["coeffs"] += 1
         return build(hybrid)
 
-    def counted_phi_sigma(s, hybrid):
+    def counted_phi_sigma(s, hybrid, *bound):
         counts["phi_sigma"] += 1
-        return phi_sigma(s, hybrid)
+        assert s.shape == (4 + 2,)  # the batch's times, t_min and T in one call
+        return phi_sigma(s, hybrid, *bound)
+
+    def counted_cholesky(Sig, t64):
+        counts["cholesky"] += 1
+        return cholesky(Sig, t64)
 
     monkeypatch.setattr(proc, "_build_coeffs", counted_build)
     monkeypatch.setattr(proc, "_phi_sigma", counted_phi_sigma)
+    monkeypatch.setattr(proc, "_cholesky", counted_cholesky)
     x = torch.randn(4, 6, generator=gen(0), dtype=F64)
     score_fn = proc.score_from_eps(lambda y, t: 0.5 * y)
     e = proc.elbo(x, score_fn, generator=gen(1))
-    # one coefficient build; Φ/Σ for the batch (shared by perturb and score_fn), the score
-    # norm's nodes and the prior at T
-    assert counts == {"coeffs": 1, "phi_sigma": 3}
+    # one coefficient build; one Φ/Σ and one Cholesky for the batch's times (shared by
+    # perturb and score_fn), the score norm's t_min and T, and the prior at T
+    assert counts == {"coeffs": 1, "phi_sigma": 1, "cholesky": 1}
     assert proc._call_memo is None
     e.total.sum().backward()
     with torch.no_grad():
@@ -268,3 +274,14 @@ def test_one_variable_kernel_closed_form_gradient_and_singular_t():
     assert abs(grad - (up - down) / (2 * h)) < 1e-6 * abs(grad)
     with pytest.raises(kb.CholeskyError, match="t=0"):
         proc._kernel_factors(torch.zeros(1, dtype=F64), True)
+
+
+def test_cholesky_error_on_a_non_finite_sigma_names_the_time():
+    """A diverged process (here a NaN entry) gets a CholeskyError naming t, not a LinAlgError
+    from inside the error path's own eigenvalue call."""
+    proc = compiled("learned3")
+    with torch.no_grad():
+        Sig = torch.eye(3, dtype=F64).repeat(2, 1, 1)
+        Sig[1, 0, 0] = float("nan")
+        with pytest.raises(kb.CholeskyError, match="not finite at t=0.5"):
+            proc._cholesky(Sig, torch.tensor([0.1, 0.5], dtype=F64))

@@ -8,7 +8,7 @@ Choices made here, all reported by ``lowering_report``:
   exponentials) and its float64 values match mpmath's expm on a grid of s up to B(T);
   else scaling and squaring of its Taylor series. Near s = 0 the kernel base uses exact
   Taylor series for Φ and Σ (structural zeros stay exact); for K = 1 Σ has a closed form.
-- Σ(s): Taylor series for small s·‖A‖, stationary identity Σ∞ + Φ(Σ0 - Σ∞)Φᵀ above.
+- Σ(s): Taylor series for small s·‖A‖, scaling and squaring of the series above.
 - t_min: the spec's, unless the float64 kernel is inaccurate there (sdec.backend.t_min).
 - learnable parameters: raw tensors and their initial values (sdec.backend.learned).
 """
@@ -28,7 +28,7 @@ from ..language.format import expr_text, format_spec, hash_text
 from ..language.ir import T_SYMBOL
 from ..emit.torch_expr import fold_constants
 from .learned import block_plan, param_plan
-from .t_min import SERIES_TAU, derive_t_min
+from .t_min import SERIES_TAU, TABLE_BINS, derive_t_min
 from .time_change import REQUIRED, TimeChange, choose
 from ..language.budget import SYMBOLIC_SECONDS, limited
 
@@ -219,9 +219,10 @@ def lowering_report(plan: KernelPlan) -> str:
     else:
         lines.append(f"  near 0 : exact Taylor series in s = B(t) for Φ and Σ when s·‖A‖₂ ≤ {SERIES_TAU:g} "
                      "(structural zeros stay exact)")
-        lines.append("  Σ(t)   : stationary identity Σ∞ + Φ (Σ0 - Σ∞) Φᵀ above the series range")
+        lines.append("  Σ(t)   : scaling and squaring above the series range (the series at s/2^j, j doublings "
+                     "Σn ← Σn + Φ Σn Φᵀ, Σ = Φ Σ0 Φᵀ + Σn: sums of PSD terms, no cancellation)")
     lines.append("  ELBO   : score_norm, divergence and truncation exact (score_norm from log det Σ at t_min and T); "
-                 "importance time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant on 512 "
+                 f"importance time density p(t) ∝ tr(Σ_t⁻¹ G Gᵀ(t)) on [t_min, T] (piecewise constant on {TABLE_BINS} "
                  "geometric bins, each bin's mass from the same log det identity)")
     lines.append("  Q, D   : " + ", ".join(
         [f"{k} fixed" for k in plan.fixed] + [f"{k} from parameters (sympy → torch)" for k in plan.symbolic] +

@@ -1,7 +1,8 @@
 """The t_min the float64 kernel can be trusted down to.
 
 The spec's t_min is kept unless the kernel's Σ(t_min), computed the way the float64 kernel
-computes it (series below the switch, stationary identity above; emulated with numpy, hybrid
+computes it (series below the switch; above it the stationary identity, as accurate there as
+the kernel's scaling and squaring; emulated with numpy, hybrid
 and not), is off by more than ROUNDING_TOL in Σ's own scale against 50 digits; then the
 smallest safe t_min is found by bisection and the lowering report says so.
 """
@@ -40,6 +41,7 @@ def kernel_base_constants(*names) -> tuple:
 
 # The kernel base's branch rule: series while s·‖A‖₂ <= SERIES_TAU, SERIES_TERMS terms.
 SERIES_TAU, SERIES_TERMS = kernel_base_constants("_SERIES_TAU", "_SERIES_TERMS")
+TABLE_BINS = kernel_base_constants("_TABLE_BINS")[0]  # the importance table's bins (lowering report)
 
 
 def _own_scale_error(approx, Sig) -> float:

@@ -18,20 +18,25 @@ evaluation branches, chosen per element of s:
   entries of Σ at small t (CLD Σ_xx ~ s³, third-order processes ~ s⁵) keep full relative
   accuracy.  With ||N_k|| <= (2||A||)^k the tail after _SERIES_TERMS terms is below
   (2 tau)^n / n! ~ 2e-24 relative; rounding is below e^{2 tau} eps ~ 1e-13.
-* large s: Φ from ``_phi_closed`` (or scaling and squaring of the series, ``_expm``) and the stationary
-  identity Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ, which cancels catastrophically while Φ ≈ I but is
-  accurate once s ||A|| is of order one.
-tau = 3 is the measured crossover: against a 50-digit Van Loan reference (CLD, ALDA,
-MALDA, learned K = 2, 3; hybrid and not) the worst error in Σ's own scale
-max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.6e-14 for the stationary form at s||A|| = 3 (1.3e-13 at 2,
-3e-12 at 1) and 1.3e-14 for the series (2e-13 at 5).
+* large s: scaling and squaring, with no cancellation: the series at h = s / 2^j (j the
+  smallest with h ||A||₂ <= tau) gives Φ(h) and the noise part Σn(h) (Σ0 = 0), then j
+  doublings Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ (a sum of PSD terms) and Σ = Φ Σ0 Φᵀ + Σn; Φ from
+  ``_phi_closed`` where the lowering found one.  Against a 50-digit Van Loan reference (CLD,
+  ALDA, MALDA, learned K = 2, 3; hybrid and not; s from the switch to B(T)) the worst error
+  in Σ's own scale max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.4e-15 (the stationary identity
+  Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
+  alone stays below the switch: it is what keeps hybrid ALDA at t = 1e-5 at its float64
+  representation floor (below), where Φ Σ0 Φᵀ + Σn rounds an order of magnitude worse.
+One j serves the whole batch (from B(T) when the times are known to lie in [0, T], so no
+host sync), both branches run on every element in one product with the stacked series
+coefficients, and torch.where picks per element, so gradients reach only the branch an
+element uses.  With tau = 3 the series error is 1.3e-14 (2e-13 at 5).
 
 Limit: a float64 matrix cannot hold every Σ.  Hybrid third-order processes (ALDA) have a
 direction of variance ~s⁵ next to entries ~s² (v0 enters x at order s), so even the
 correctly rounded Σ is off by 5e-6 in its own scale at t = 1e-3 and is indefinite at 1e-5.
 
-Each branch is evaluated only on its own elements, so gradients never touch the other
-branch.  K = 1 has a closed form at every s (``_scalar``).
+K = 1 has a closed form at every s (``_scalar``).
 
 Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 per-entry multiply-adds that skip the zero triangles, the Cholesky factors and triangular
@@ -41,9 +46,11 @@ mean and the score only when they are read.  No jitter is ever added: a failed C
 Caching.  Quantities that do not depend on the batch (A, D, the series coefficients, the
 score-norm integral, the importance-sampling table) are cached while no gradient into the
 module's parameters is needed; when one is (grad enabled and a parameter requires grad)
-they are rebuilt on every call, except that one ``elbo`` call builds each of them (and the
-Cholesky factors of its batch) once and shares them between the perturbation, the score and
-the score norm.  The cache holds a copy of every parameter and buffer
+they are rebuilt on every call, except that one ``elbo`` call builds each of them once, and
+evaluates Φ, Σ and one Cholesky factorisation once for all the times it needs (the batch's,
+t_min and T), shared by the perturbation, the score, the score norm and the prior term.
+Exception: while a gradient is needed, the importance table is reused for up to
+``table_refresh`` parameter versions (see _time_table); it stays an exact proposal.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -62,7 +69,7 @@ import torch
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
-_TABLE_BINS = 512      # importance sampler: geometric bins over [t_min, T]
+_TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
 
@@ -269,23 +276,28 @@ def _power_stack(M, n):
     graph of M) is a sum of products with an exact-zero factor, so it stays exactly zero."""
     eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
     P = torch.stack([eye, M])
-    while P.shape[0] < n:
-        P = torch.cat([P, torch.matmul(P[-1] @ M, P)])
+    while P.shape[0] < n:  # M^(m+k) = M^k M^m: (m, K, K) @ (K, K) folds into one mm
+        P = torch.cat([P, P @ (P[-1] @ M)])
     return P[:n]
 
 
 def _series_coefficients(A, D, S0, n):
     """A^k and N_k (k < n): Φ = Σ s^k/k! A^k, Σ = Σ s^k/k! N_k.  N_{k+1} = A N_k + N_k Aᵀ is
     the linear map kron(A, I) + kron(I, A) on row-major vec(N_k), so N_k = that map^(k-1)
-    applied to N_1, and both stacks come from _power_stack."""
+    applied to N_1, and both stacks come from _power_stack.  S0 may be a stack (r, K, K) of
+    starts: moments is then (r, n, K, K), every start sharing the one power stack."""
     K = A.shape[-1]
     eye = torch.eye(K, dtype=A.dtype, device=A.device)
     AS0 = A @ S0
     N1 = AS0 + AS0.mT + 2.0 * D
     lyap = torch.kron(A, eye) + torch.kron(eye, A)
-    later = (_power_stack(lyap, n - 1) @ N1.reshape(K * K, 1)).reshape(n - 1, K, K)
-    moments = torch.cat([S0[None], 0.5 * (later + later.mT)])
-    return _power_stack(A, n), moments
+    # one power stack of blockdiag(A, lyap): its blocks are the powers of each (the zero
+    # blocks add exact zeros), in half the products and graph nodes of two stacks
+    P = _power_stack(torch.block_diag(A, lyap), n)
+    later = (P[:n - 1, K:, K:] @ N1.reshape(-1, K * K).mT).permute(2, 0, 1)
+    later = later.reshape(S0.shape[:-2] + (n - 1, K, K))
+    moments = torch.cat([S0.unsqueeze(-3), 0.5 * (later + later.mT)], -3)
+    return P[:, :K, :K], moments
 
 
 def _detached(value):
@@ -307,11 +319,19 @@ class DiffusionBase(torch.nn.Module):
     noised = ()
     spec_hash = None   # canonical hash of the spec (generated classes set it)
     spec_text = None   # the spec's source text (sdec.compile sets it on the instance)
+    # While a gradient into the parameters is needed (training), the importance table is
+    # rebuilt once every table_refresh parameter versions (1: after every change); see
+    # _time_table.  Evaluation (no gradient needed) always uses the current parameters' table.
+    # Default 1: a held table lives only in memory, so with more a resumed run would draw
+    # other times than an uninterrupted one (the runtime's resume is bit-identical).
+    table_refresh = 1
 
     def __init__(self):
         super().__init__()
         self._cache = {}
         self._call_memo = None   # a dict while one elbo() call runs (see _cached)
+        self._versions = 0       # parameter/buffer states seen so far (see _sync_state)
+        self._held_tables = {}   # t_min -> (table, T, device, version built at): _time_table
 
     # ----------------------------------------------------------------- hooks
     def _beta(self, t):
@@ -378,8 +398,7 @@ class DiffusionBase(torch.nn.Module):
             # within one elbo() call, a no-grad use (the importance table) of a value this
             # call already built with its graph: the same numbers, detached
             return _detached(memo[key])
-        if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
-            self._cache = {"_state": self._snapshot()}
+        self._sync_state()
         if key not in self._cache:
             if graph:
                 self._cache[key] = build()
@@ -387,6 +406,13 @@ class DiffusionBase(torch.nn.Module):
                 with torch.no_grad():
                     self._cache[key] = build()
         return self._cache[key]
+
+    def _sync_state(self):
+        """Start a new cache (and count a new version) when T or any parameter or buffer
+        differs from the cache's snapshot."""
+        if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
+            self._cache = {"_state": self._snapshot()}
+            self._versions = getattr(self, "_versions", 0) + 1
 
     # ------------------------------------------------------- basic quantities
     @property
@@ -444,13 +470,20 @@ class DiffusionBase(torch.nn.Module):
         return self._cached(("coeffs", hybrid), lambda: self._build_coeffs(hybrid))
 
     def _build_coeffs(self, hybrid):
+        """A, D and the series coefficients of Φ, of Σ from Σ0 (hybrid or not) and of its
+        noise part Σn (from 0), as one (n, 3 K²) stack: one product with the Taylor weights
+        evaluates all three."""
         A, D = self._A_D()
         S0 = self._sigma0(hybrid)
-        powers, moments = _series_coefficients(A, D, S0, _SERIES_TERMS)
+        n = _SERIES_TERMS
+        powers, moments = _series_coefficients(A, D, torch.stack([S0, torch.zeros_like(S0)]), n)
         norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
         radius = _SERIES_TAU / norm if norm > 0 else math.inf
-        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments,
-                "radius": radius, "sinf": self.stationary_cov}
+        stacks = torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1),
+                            moments[1].reshape(n, -1)], 1)
+        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments[0],
+                "stacks": stacks, "radius": radius,
+                "s_T": float(self._B_at([self.T]).detach().max())}
 
     def _time(self, t):
         """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
@@ -497,29 +530,23 @@ class DiffusionBase(torch.nn.Module):
 
     # ------------------------------------------------------- transition kernel
     def _series(self, s, c):
-        w = _taylor_weights(s, _SERIES_TERMS)
-        Phi = torch.einsum("mk,kij->mij", w, c["powers"])
-        return Phi, torch.einsum("mk,kij->mij", w, c["moments"])
+        """Φ(s), Σ(s) by the Taylor series (s ||A||₂ <= tau)."""
+        return self._series3(s, c)[:2]
 
-    def _expm(self, s, c):
-        """expm(s A) by scaling and squaring the series: Φ(s / 2^j) from the Taylor series
-        (s / 2^j ||A||₂ <= tau, the truncation bound of the series branch), squared j times,
-        with one j for the batch (the largest s sets it).  Uses the cached powers of A, so a
-        batch costs one einsum and j batched K x K products, with a cheap backward."""
-        top = float(s.detach().abs().max()) / c["radius"] if s.numel() else 0.0
-        j = max(0, math.ceil(math.log2(top))) if top > 1.0 else 0
-        P = torch.einsum("mk,kij->mij", _taylor_weights(s / 2.0 ** j, _SERIES_TERMS), c["powers"])
-        for _ in range(j):
-            P = P @ P
-        return P
+    def _series3(self, s, c):
+        """Φ(s), Σ(s) and the noise part Σn(s) (Σ0 = 0) by the Taylor series: one product of
+        the Taylor weights with the stacked coefficients."""
+        K = self.K
+        out = (_taylor_weights(s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
+        return out.unbind(1)
 
-    def _stationary(self, s, c):
-        Phi = self._phi_closed(s)
-        if Phi is None:
-            Phi = self._expm(s, c)
-        Phi = Phi.to(torch.float64)
-        Sig = c["sinf"] + Phi @ (c["S0"] - c["sinf"]) @ Phi.mT
-        return Phi, 0.5 * (Sig + Sig.mT)
+    def _squarings(self, s, c, s_max):
+        """j with s_max / 2^j <= the series radius: s_max is given by callers whose times lie
+        in [0, T] (c["s_T"] = B(T), no host sync), else read from s."""
+        if s_max is None:
+            s_max = float(s.detach().abs().max()) if s.numel() else 0.0
+        top = s_max / c["radius"]
+        return max(0, math.ceil(math.log2(top))) if top > 1.0 else 0
 
     def _scalar(self, s, hybrid):
         """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) (Σ0 = 0: no auxiliaries; no
@@ -529,26 +556,30 @@ class DiffusionBase(torch.nn.Module):
         Sig = -self.stationary_cov[0, 0] * torch.expm1(2.0 * a_s)
         return Phi[:, None, None], Sig[:, None, None]
 
-    def _phi_sigma(self, s, hybrid):
-        """Φ(s), Σ(s) for flat float64 s, each branch on its own elements only."""
+    def _phi_sigma(self, s, hybrid, s_max=None):
+        """Φ(s), Σ(s) for flat float64 s (see the module doc): the series where s ||A||₂ <=
+        tau, elsewhere scaling and squaring: the series at h = s / 2^j, j doublings
+        Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ, and Σ = Φ Σ0 Φᵀ + Σn.  Both run on every element, in one
+        series product and without a host sync when s_max is given (_squarings); torch.where
+        picks per element, so gradients reach only the branch an element uses."""
         if self.K == 1:
             return self._scalar(s, hybrid)
         c = self._coeffs(hybrid)
-        K, n = self.K, s.shape[0]
-        small = s.detach().abs() <= c["radius"]
-        n_small = int(small.sum())
-        if n_small == n:
+        j = self._squarings(s, c, s_max)
+        if j == 0:
             return self._series(s, c)
-        if n_small == 0:
-            return self._stationary(s, c)
-        Phi = s.new_zeros(n, K, K)
-        Sig = s.new_zeros(n, K, K)
-        for mask, branch in ((small, self._series), (~small, self._stationary)):
-            idx = mask.nonzero().reshape(-1)
-            P, S = branch(s[idx], c)
-            Phi = Phi.index_copy(0, idx, P)
-            Sig = Sig.index_copy(0, idx, S)
-        return Phi, Sig
+        m = s.shape[0]
+        Phi, Sig, Sn = self._series3(torch.cat([s, s * 2.0 ** -j]), c)
+        P, Sn = Phi[m:], Sn[m:]
+        for _ in range(j):  # bmm, not @: one dispatched op per product (matmul adds views)
+            Sn = torch.baddbmm(Sn, torch.bmm(P, Sn), P.mT)
+            P = torch.bmm(P, P)
+        closed = self._phi_closed(s)
+        if closed is not None:
+            P = closed.to(torch.float64)
+        big = torch.baddbmm(Sn, torch.matmul(P, c["S0"]), P.mT)
+        small = (s.detach().abs() <= c["radius"])[:, None, None]
+        return torch.where(small, Phi[:m], P), torch.where(small, Sig[:m], 0.5 * (big + big.mT))
 
     def transition(self, t, hybrid=True):
         """(Φ_t, Σ_t), each (*t.shape, K, K): y_t | x ~ N(Φ_t m0, Σ_t)."""
@@ -569,7 +600,13 @@ class DiffusionBase(torch.nn.Module):
             bad = info > 0
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            lam = float(torch.linalg.eigvalsh(Sig[i].detach())[0])
+            S = Sig[i].detach()
+            if not bool(torch.isfinite(S).all()):  # eigvalsh cannot even report on these
+                raise CholeskyError(
+                    f"Sigma_t is not finite at t={float(t64[i]):.6g} (the process's "
+                    f"parameters are: Q = {self._blocks64()[0].tolist()}, "
+                    f"D = {self._blocks64()[1].tolist()}); a diverged optimisation?")
+            lam = float(torch.linalg.eigvalsh(S)[0])
             raise CholeskyError(
                 f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g}; smallest "
                 f"eigenvalue {lam:.3e}. The kernel is singular as t -> 0: use a larger "
@@ -588,17 +625,38 @@ class DiffusionBase(torch.nn.Module):
         t64 = t.to(torch.float64)
         Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
         L = self._cholesky(Sig, t64)
-        if self.K == 1:
-            LinvT = 1.0 / L
-        elif self.K <= _UNROLL_K:
-            LinvT = _tri_inverse_small(L).mT
-        else:
-            eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
-            LinvT = torch.linalg.solve_triangular(L, eye, upper=False).mT
-        out = (Phi, L, LinvT)
+        out = (Phi, L, self._inverse_T(L))
         if memo is not None:
             memo[key] = (t, t._version, out)
         return out
+
+    def _inverse_T(self, L):
+        """L⁻ᵀ of (n, K, K) Cholesky factors."""
+        if self.K == 1:
+            return 1.0 / L
+        if self.K <= _UNROLL_K:
+            return _tri_inverse_small(L).mT
+        eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
+        return torch.linalg.solve_triangular(L, eye, upper=False).mT
+
+    def _elbo_kernels(self, t, t_min, sampled):
+        """One Φ, Σ and one Cholesky for every time an elbo() call needs, the batch's t and the
+        score norm's t_min and T, put in the call's memo: the batch's (Φ, L, L⁻ᵀ) for the
+        perturbation and the score, the score norm ½ (R(T) - R(t_min)) from the same factors
+        (see _rate_integral), and (Φ_T, Σ_T) for the prior term.  Times this call sampled lie
+        in [t_min, T], so the squarings come from B(T) without reading them."""
+        memo, n = self._call_memo, t.shape[0]
+        t64 = torch.cat([t.to(torch.float64),
+                         torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
+        B = self._B(t64)
+        s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
+        Phi, Sig = self._phi_sigma(B, True, s_max)
+        L = self._cholesky(Sig, t64)
+        memo[("factors", id(t), True)] = (t, t._version, (Phi[:n], L[:n], self._inverse_T(L[:n])))
+        R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
+             - 2.0 * self._A_D()[0].diagonal().sum() * B[n:])
+        memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
+        memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
 
     def _batch_time(self, t, n, like):
         if not torch.is_tensor(t):
@@ -672,7 +730,9 @@ class DiffusionBase(torch.nn.Module):
     def _prior_term(self, x):
         """E log π(y_T) under q(y_T | x) = N(Φ_T (x, 0..), Σ_T), closed form."""
         d, K = x[0].numel(), self.K
-        Phi, Sig = self._phi_sigma(self._B_at([self.T]), True)
+        memo = getattr(self, "_call_memo", None)
+        at_T = memo.get(("at_T",)) if memo is not None else None
+        Phi, Sig = at_T if at_T is not None else self._phi_sigma(self._B_at([self.T]), True)
         Linf = torch.linalg.cholesky(self.stationary_cov)
         c = Phi[0, :, :1]
         quad = torch.cholesky_solve(c, Linf)[:, 0] @ c[:, 0]
@@ -692,12 +752,12 @@ class DiffusionBase(torch.nn.Module):
             return ((M.mT @ M) * GG).sum((-2, -1))
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def _rate_integral(self, t64):
+    def _rate_integral(self, t64, s_max=None):
         """R(t) = log det Σ_t - 2 tr(A) B(t) at flat float64 t, an antiderivative of the rate
         tr(Σ_t⁻¹ G Gᵀ(t)): Σ_t solves Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula
         (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
         B = self._B(t64)
-        L = self._cholesky(self._phi_sigma(B, True)[1], t64)
+        L = self._cholesky(self._phi_sigma(B, True, s_max)[1], t64)
         logdet = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
         return logdet - 2.0 * self._A_D()[0].diagonal().sum() * B
 
@@ -746,7 +806,9 @@ class DiffusionBase(torch.nn.Module):
         n, d = x.shape[0], x[0].numel()
         if self._needs_graph():  # build A, D and the series once, with their graph, before
             self._coeffs(True)   # the importance table (no grad) would build them again
+        sampled = t is None
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
+        self._elbo_kernels(t, t_min, sampled)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps)
@@ -769,10 +831,37 @@ class DiffusionBase(torch.nn.Module):
 
     # ------------------------------------------------ importance time sampler
     def _time_table(self, t_min):
-        return self._cached(("table", t_min), lambda: self._build_table(t_min), graph=False)
+        """The importance table (edges, probs, density) for t_min.
+
+        Without a gradient into the parameters it is the current parameters' table (cached
+        by value like everything else).  While one is needed (training), a table built at
+        most table_refresh - 1 parameter versions ago is reused: every value-changing write
+        counts as one version (an optimizer step, load_state_dict, a .data write), and a
+        changed T or device always rebuilds.  A stale table is still an exact proposal:
+        sample_time draws t and its weight 1 / p(t) from the same table, so the ELBO estimate
+        stays unbiased and only its variance can move (by the drift of p over those steps)."""
+        key = ("table", t_min)
+        build = lambda: self._build_table(t_min)  # noqa: E731
+        refresh = int(self.table_refresh)
+        if refresh <= 1 or not self._needs_graph():
+            return self._cached(key, build, graph=False)
+        self._sync_state()
+        held_tables = self.__dict__.setdefault("_held_tables", {})
+        held = held_tables.get(t_min)
+        if key not in self._cache and held is not None:
+            table, T, device, built = held
+            if T == self.T and device == self._device() and self._versions - built < refresh:
+                return table
+        table = self._cached(key, build, graph=False)
+        held_tables[t_min] = (table, self.T, self._device(), self._versions)
+        return table
 
     def _build_table(self, t_min):
         """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
+
+        _TABLE_BINS = 128 geometric bins: on every shipped process the importance weight's own
+        relative variance Var_p[rate / p] is below 2e-4 (4e-6 at 512 bins), far below the
+        score term's, whose uniform/importance variance ratios match 512 bins' to 3 digits.
 
         A bin's mass is the exact integral of the rate over it, R between its edges (one Σ per
         edge; see _rate_integral).  A bin whose difference rounding leaves not > 0 takes its
@@ -783,7 +872,7 @@ class DiffusionBase(torch.nn.Module):
         edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
                                          dtype=torch.float64, device=dev))
         edges[0], edges[-1] = t_min, self.T
-        R = self._rate_integral(edges)
+        R = self._rate_integral(edges, self._coeffs(True)["s_T"] if self.K > 1 else None)
         mass = R[1:] - R[:-1]
         bad = ~(mass > 0)
         if bool(bad.any()):
