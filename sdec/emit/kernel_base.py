@@ -138,9 +138,9 @@ def _apply(mat, y, tri=None, col=None, x=None):
     plus col[..., i] * x in row i when col (B, K) and x (B, *data_shape) are given (the hybrid
     mean Φ[:, :, 0] x).  tri = "lower" / "upper" skips the zero triangle of mat.
 
-    For K <= _UNROLL_K every row is explicit per-entry multiply-adds (one pass over the data per
-    nonzero entry, written in place when no graph is needed): a batched torch.matmul with so
-    small a K costs several times more than these passes.  Larger K use torch.matmul."""
+    For K <= _UNROLL_K the product is explicit multiply-adds, one op per nonzero diagonal of
+    mat (written in place when no graph is needed; see _apply_unrolled): a batched
+    torch.matmul with so small a K costs more than these passes.  Larger K use torch.matmul."""
     K = y.shape[1]
     if K > _UNROLL_K:
         out = torch.matmul(mat, y.reshape(y.shape[0], K, -1)).reshape(y.shape)
@@ -152,25 +152,31 @@ def _apply(mat, y, tri=None, col=None, x=None):
 
 
 def _apply_unrolled(mat, y, tri, col, x):
-    """The no-graph body of _apply for K <= _UNROLL_K: rows written in place."""
+    """The no-graph body of _apply for K <= _UNROLL_K, one diagonal of mat at a time: the main
+    diagonal scales every row in one pass, col x is added to every row in one pass, and the
+    k-th sub- (super-) diagonal adds mat[i, i -+ k] y[i -+ k] to rows k.. (..K-k) in one pass;
+    a zero triangle's diagonals are skipped.  2 + (K - 1) ops for a triangle instead of one
+    per entry, with the same passes over the data."""
     K = y.shape[1]
     dtype = mat.dtype
     for v in (y, col, x):
         if v is not None:
             dtype = torch.promote_types(dtype, v.dtype)
+    ones = (1,) * (y.dim() - 2)
+
+    def diag(k):  # mat's k-th diagonal shaped to broadcast against y[:, rows]
+        d = torch.diagonal(mat, k, -2, -1)
+        return d.reshape(d.shape[:-1] + (K - abs(k),) + ones)
+
     out = torch.empty(y.shape, dtype=dtype, device=y.device)
-    for i in range(K):
-        o, first = out[:, i], True
-        if col is not None:
-            torch.mul(x, _col(col[..., i], x), out=o)
-            first = False
-        for j in range(i + 1) if tri == "lower" else range(i, K) if tri == "upper" else range(K):
-            c = _col(mat[..., i, j], o)
-            if first:
-                torch.mul(y[:, j], c, out=o)
-                first = False
-            else:
-                o.addcmul_(y[:, j], c)
+    torch.mul(y, diag(0), out=out)
+    if col is not None:
+        out.addcmul_(x[:, None], col.reshape(col.shape + ones))
+    for k in range(1, K):
+        if tri != "upper":
+            out[:, k:].addcmul_(y[:, :K - k], diag(-k))
+        if tri != "lower":
+            out[:, :K - k].addcmul_(y[:, k:], diag(k))
     return out
 
 
