@@ -34,7 +34,7 @@ Each branch is evaluated only on its own elements, so gradients never touch the 
 branch.  K = 1 has a closed form at every s (``_scalar``).
 
 Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
-per-entry multiply-adds that skip the zero triangles; the Cholesky factors and triangular
+multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky factors and triangular
 inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call each, with autograd's
 backward), of more (the importance table's bin edges) entry by entry across the batch; and
 ``perturb`` computes the mean, the score and L⁻ᵀ only when they are read.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
