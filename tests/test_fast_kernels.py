@@ -285,3 +285,42 @@ def test_cholesky_error_on_a_non_finite_sigma_names_the_time():
         Sig[1, 0, 0] = float("nan")
         with pytest.raises(kb.CholeskyError, match="not finite at t=0.5"):
             proc._cholesky(Sig, torch.tensor([0.1, 0.5], dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["cld", "learned3"])
+def test_lapack_and_entrywise_factor_paths_agree(name, monkeypatch):
+    """Up to _LAPACK_MAX_N times the Cholesky factor and L⁻ᵀ come from LAPACK, above it entry
+    by entry: same values and gradients (float64) on the same Σ_t; perturb builds L⁻ᵀ only
+    once the score is read."""
+    proc = compiled(name)
+    n = kb._LAPACK_MAX_N + 44
+    t = torch.exp(torch.linspace(-6.9, 0.0, n, dtype=F64))
+    with torch.no_grad():
+        Sig0 = proc._phi_sigma(proc._B(t), True)[1]
+    w = torch.randn(n, proc.K, proc.K, generator=gen(0), dtype=F64)
+
+    def factors(lo, hi):
+        Sig = Sig0[lo:hi].clone().requires_grad_(True)
+        L = proc._cholesky(Sig, t[lo:hi])
+        LinvT = proc._factors_with_inverse([None, L, None])[2]
+        (g,) = torch.autograd.grad(((L + LinvT) * w[lo:hi]).sum(), Sig)
+        # Σ is symmetric: only g_ij + g_ji is defined (LAPACK's backward splits it evenly,
+        # the entrywise one puts it in the lower triangle)
+        return L.detach(), LinvT.detach(), g + g.mT
+
+    whole = factors(0, n)                                       # entrywise
+    half = n // 2                                               # LAPACK, two calls
+    assert half <= kb._LAPACK_MAX_N < n
+    parts = [torch.cat(v) for v in zip(factors(0, half), factors(half, n))]
+    for a, b in zip(whole, parts):
+        scale = b.abs().amax((-2, -1), keepdim=True)
+        assert ((a - b).abs() <= 1e-12 * scale).all()
+    calls = []
+    build = proc._factors_with_inverse
+    monkeypatch.setattr(proc, "_factors_with_inverse", lambda e: calls.append(1) or build(e))
+    x = torch.randn(3, 4, generator=gen(1), dtype=F64)
+    p = proc.perturb(x, t[:3], generator=gen(2))
+    assert not calls
+    LinvT = build(proc._factor_entry(t[:3], True))[2]
+    assert torch.allclose(p.score, -(LinvT @ p.eps).reshape(p.eps.shape), rtol=1e-13, atol=1e-13)
+    assert len(calls) == 1

@@ -39,9 +39,10 @@ correctly rounded Σ is off by 5e-6 in its own scale at t = 1e-3 and is indefini
 K = 1 has a closed form at every s (``_scalar``).
 
 Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
-per-entry multiply-adds that skip the zero triangles, the Cholesky factors and triangular
-inverses of the batch are computed entry by entry across it, and ``perturb`` computes the
-mean and the score only when they are read.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
+multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky factors and triangular
+inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call each, with autograd's
+backward), of more (the importance table's bin edges) entry by entry across the batch; and
+``perturb`` computes the mean, the score and L⁻ᵀ only when they are read.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
 
 Caching.  Quantities that do not depend on the batch (A, D, the series coefficients, the
 score-norm integral, the importance-sampling table) are cached while no gradient into the
@@ -72,6 +73,8 @@ _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float6
 _TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
+_LAPACK_MAX_N = 256    # Cholesky / L⁻¹ of up to this many K x K by LAPACK, more entrywise (K <= 4);
+                       # measured, K = 3, forward + backward: 128 matrices 0.70 vs 1.55 ms, 512 even, 2048 5.2 vs 2.4
 
 
 class CholeskyError(RuntimeError):
@@ -142,9 +145,9 @@ def _apply(mat, y, tri=None, col=None, x=None):
     plus col[..., i] * x in row i when col (B, K) and x (B, *data_shape) are given (the hybrid
     mean Φ[:, :, 0] x).  tri = "lower" / "upper" skips the zero triangle of mat.
 
-    For K <= _UNROLL_K every row is explicit per-entry multiply-adds (one pass over the data per
-    nonzero entry, written in place when no graph is needed): a batched torch.matmul with so
-    small a K costs several times more than these passes.  Larger K use torch.matmul."""
+    For K <= _UNROLL_K the product is explicit multiply-adds, one op per nonzero diagonal of
+    mat (written in place when no graph is needed; see _apply_unrolled): a batched
+    torch.matmul with so small a K costs more than these passes.  Larger K use torch.matmul."""
     K = y.shape[1]
     if K > _UNROLL_K:
         out = torch.matmul(mat, y.reshape(y.shape[0], K, -1)).reshape(y.shape)
@@ -156,25 +159,31 @@ def _apply(mat, y, tri=None, col=None, x=None):
 
 
 def _apply_unrolled(mat, y, tri, col, x):
-    """The no-graph body of _apply for K <= _UNROLL_K: rows written in place."""
+    """The no-graph body of _apply for K <= _UNROLL_K, one diagonal of mat at a time: the main
+    diagonal scales every row in one pass, col x is added to every row in one pass, and the
+    k-th sub- (super-) diagonal adds mat[i, i -+ k] y[i -+ k] to rows k.. (..K-k) in one pass;
+    a zero triangle's diagonals are skipped.  2 + (K - 1) ops for a triangle instead of one
+    per entry, with the same passes over the data."""
     K = y.shape[1]
     dtype = mat.dtype
     for v in (y, col, x):
         if v is not None:
             dtype = torch.promote_types(dtype, v.dtype)
+    ones = (1,) * (y.dim() - 2)
+
+    def diag(k):  # mat's k-th diagonal shaped to broadcast against y[:, rows]
+        d = torch.diagonal(mat, k, -2, -1)
+        return d.reshape(d.shape[:-1] + (K - abs(k),) + ones)
+
     out = torch.empty(y.shape, dtype=dtype, device=y.device)
-    for i in range(K):
-        o, first = out[:, i], True
-        if col is not None:
-            torch.mul(x, _col(col[..., i], x), out=o)
-            first = False
-        for j in range(i + 1) if tri == "lower" else range(i, K) if tri == "upper" else range(K):
-            c = _col(mat[..., i, j], o)
-            if first:
-                torch.mul(y[:, j], c, out=o)
-                first = False
-            else:
-                o.addcmul_(y[:, j], c)
+    torch.mul(y, diag(0), out=out)
+    if col is not None:
+        out.addcmul_(x[:, None], col.reshape(col.shape + ones))
+    for k in range(1, K):
+        if tri != "upper":
+            out[:, k:].addcmul_(y[:, :K - k], diag(-k))
+        if tri != "lower":
+            out[:, :K - k].addcmul_(y[:, k:], diag(k))
     return out
 
 
@@ -206,7 +215,8 @@ class _SmallApply(torch.autograd.Function):
             flip = {"lower": "upper", "upper": "lower"}.get(tri)
             d_y = _apply(mat.mT.to(g.dtype), g, flip).to(y.dtype)
         if ctx.needs_input_grad[2]:
-            d_col = (gf @ x.reshape(n, -1, 1).to(g.dtype)).squeeze(-1).to(col.dtype)
+            # as x gᵀ, (n, 1, N) @ (n, N, K): 5x cheaper than g x, (n, K, N) @ (n, N, 1), at N = 3072
+            d_col = (x.reshape(n, 1, -1).to(g.dtype) @ gf.mT).squeeze(1).to(col.dtype)
         if ctx.needs_input_grad[3]:
             d_x = (_col(col.to(g.dtype), g) * g).sum(1).to(x.dtype)
         return d_mat, d_y, d_col, d_x, None
@@ -215,7 +225,9 @@ class _SmallApply(torch.autograd.Function):
 def _cholesky_small(S):
     """Cholesky factors of (n, K, K) symmetric matrices for K <= _UNROLL_K, entry by entry and
     vectorised over n: the recurrences of LAPACK's unblocked potf2, without a per-matrix
-    call (or its per-matrix backward).  Returns (L, ok), ok False where a pivot is not > 0."""
+    call (or its per-matrix backward).  A fixed ~30 small ops whatever n, so it is cheaper than
+    LAPACK only for large n (see _LAPACK_MAX_N).  Returns (L, ok), ok False where a pivot is
+    not > 0."""
     K = S.shape[-1]
     E = _entries(S)
     L = [[None] * K for _ in range(K)]
@@ -592,7 +604,7 @@ class DiffusionBase(torch.nn.Module):
         if self.K == 1:
             L = torch.sqrt(Sig)
             bad = ~(Sig > 0).reshape(-1)
-        elif self.K <= _UNROLL_K:
+        elif self.K <= _UNROLL_K and Sig.shape[0] > _LAPACK_MAX_N:
             L, ok = _cholesky_small(Sig)
             bad = ~ok
         else:
@@ -614,8 +626,14 @@ class DiffusionBase(torch.nn.Module):
         return L
 
     def _kernel_factors(self, t, hybrid):
-        """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t (any float dtype).  Within one elbo()
-        call the factors of one t tensor are computed once, for the perturbation and the score."""
+        """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t (any float dtype)."""
+        return tuple(self._factors_with_inverse(self._factor_entry(t, hybrid)))
+
+    def _factor_entry(self, t, hybrid):
+        """[Φ, L, L⁻ᵀ or None] for flat t: L⁻ᵀ is filled in on first use (see
+        _factors_with_inverse), so a perturbation whose score is never read skips it.  Within
+        one elbo() call the entry of one t tensor is built once and shared by the
+        perturbation and the score."""
         memo = getattr(self, "_call_memo", None)
         if memo is not None:
             key = ("factors", id(t), hybrid)
@@ -624,17 +642,22 @@ class DiffusionBase(torch.nn.Module):
                 return hit[2]
         t64 = t.to(torch.float64)
         Phi, Sig = self._phi_sigma(self._B(t64), hybrid)
-        L = self._cholesky(Sig, t64)
-        out = (Phi, L, self._inverse_T(L))
+        entry = [Phi, self._cholesky(Sig, t64), None]
         if memo is not None:
-            memo[key] = (t, t._version, out)
-        return out
+            memo[key] = (t, t._version, entry)
+        return entry
+
+    def _factors_with_inverse(self, entry):
+        if entry[2] is None:
+            entry[2] = self._inverse_T(entry[1])
+        return entry
 
     def _inverse_T(self, L):
-        """L⁻ᵀ of (n, K, K) Cholesky factors."""
+        """L⁻ᵀ of (n, K, K) Cholesky factors: entrywise above _LAPACK_MAX_N matrices (as in
+        _cholesky), LAPACK's triangular solve below."""
         if self.K == 1:
             return 1.0 / L
-        if self.K <= _UNROLL_K:
+        if self.K <= _UNROLL_K and L.shape[0] > _LAPACK_MAX_N:
             return _tri_inverse_small(L).mT
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).mT
@@ -652,7 +675,7 @@ class DiffusionBase(torch.nn.Module):
         s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
         Phi, Sig = self._phi_sigma(B, True, s_max)
         L = self._cholesky(Sig, t64)
-        memo[("factors", id(t), True)] = (t, t._version, (Phi[:n], L[:n], self._inverse_T(L[:n])))
+        memo[("factors", id(t), True)] = (t, t._version, [Phi[:n], L[:n], None])
         R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
              - 2.0 * self._A_D()[0].diagonal().sum() * B[n:])
         memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
@@ -667,7 +690,8 @@ class DiffusionBase(torch.nn.Module):
         """Sample y_t given x (hybrid) or given y0 (hybrid=False); t has shape (B,)."""
         n, K = x.shape[0], self.K
         t = self._batch_time(t, n, x)
-        Phi, L, LinvT = (m.to(x.dtype) for m in self._kernel_factors(t, hybrid))
+        entry = self._factor_entry(t, hybrid)
+        Phi, L = (m.to(x.dtype) for m in entry[:2])
         shape = (n, K) + tuple(x.shape[1:]) if hybrid else tuple(x.shape)
         if eps is None:
             eps = torch.randn(shape, generator=generator, dtype=x.dtype,
@@ -679,7 +703,8 @@ class DiffusionBase(torch.nn.Module):
         else:
             mean = _apply(Phi, x)
             y = mean + _apply(L, eps, "lower")
-        return Perturbed(y, eps, mean, L, lambda: _apply(-LinvT, eps, "upper"))
+        score = lambda: _apply(-self._factors_with_inverse(entry)[2].to(x.dtype), eps, "upper")  # noqa: E731
+        return Perturbed(y, eps, mean, L, score)
 
     def score_from_eps(self, eps_fn, hybrid=True):
         """score_fn(y, t) = -L_t⁻ᵀ eps_fn(y, t) for a noise-prediction network."""
