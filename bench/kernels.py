@@ -25,6 +25,13 @@ ratio is the median over repeats of the time over the baseline's time in the sam
    compiled ELBO against the same network with a hand-written VP noise-prediction loss.
 
 Writes bench/results/kernels.json and kernels.md (machine and load included).
+
+Page faults: with glibc's default thresholds every call frees its multi-megabyte buffers back
+to the kernel and faults them in again, a cost (1,700-2,300 faults, ~15% of a learned3 forward
++ backward) that depends on each function's neighbours in the interleaved order rather than
+on its own code. The script therefore re-executes itself once with MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ raised (buffers stay mapped), and records the median minor page faults
+per call of every function ("faults:" keys), which should then be ~0.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import math
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,14 +68,18 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
             fn()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
+    faults = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             t0, c0 = time.perf_counter(), time.thread_time()
             fn()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.thread_time() - c0)
+            faults[k].append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
     out = {k: statistics.median(v) for k, v in wall.items()}
     out.update({f"cpu:{k}": statistics.median(v) for k, v in cpu.items()})
+    out.update({f"faults:{k}": statistics.median(v) for k, v in faults.items()})
     base = next(iter(fns))
     for k in fns:  # paired: each repeat's time over the baseline's time in the same repeat
         out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(wall[k], wall[base]))
@@ -225,7 +237,8 @@ def perturb_table(reps):
         rows[name] = {"K": proc.K, "floor_ms": 1e3 * med["floor"],
                       **{f"{k}_ratio": med[f"{k}/floor"] for k in fns if k != "floor"},
                       **{f"{k}_cpu_ratio": med[f"cpu:{k}/floor"] for k in fns if k != "floor"},
-                      "sdec_ms": 1e3 * med["sdec"], "kk_ms": 1e3 * kk, "load": load()}
+                      "sdec_ms": 1e3 * med["sdec"], "kk_ms": 1e3 * kk, "load": load(),
+                      "faults_per_call": max(med[f"faults:{k}"] for k in fns)}
         print(f"  {name:9s} " + "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in rows[name].items()), flush=True)
     return rows
@@ -384,7 +397,8 @@ def train_step_table(reps):
 def machine():
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "loadavg_start": load()}
+            "threads": torch.get_num_threads(), "loadavg_start": load(),
+            "malloc": {k: os.environ.get(k) for k in MALLOC}}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
@@ -407,6 +421,11 @@ def markdown(res):
     out.append(f"Machine: {m.get('cpu', '?')}, {m['cpus']} cores, torch {m['torch']}, "
                f"{m['threads']} thread(s), commit {m.get('commit', '?')}, {res['date']}; "
                f"load average at start {m['loadavg_start']}, at end {res['loadavg_end']}.")
+    faults = [r["faults_per_call"] for r in p.values() if "faults_per_call" in r]
+    if m.get("malloc"):
+        out.append("")
+        out.append("glibc buffers kept mapped (" + ", ".join(f"{k}={v}" for k, v in m["malloc"].items())
+                   + ")" + (f"; median minor page faults per call, worst function: {max(faults):g}." if faults else "."))
     out.append("")
     out.append("Ratios: wall time, and in brackets thread CPU time (paired interleaved medians).")
     out.append("")
@@ -454,7 +473,20 @@ def _ratio_table(out, rows, title, base, unit, ms_digits, ratio_digits, goals, b
         out.append(f"| {name} | {r['ms']:.{ms_digits}f} | {r[f'ratio_to_{base}']:.{ratio_digits}f}x{cpu} | {goals.get(name, '')} |")
 
 
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def _keep_buffers_mapped() -> None:
+    """Re-execute this script once with glibc's thresholds raised (see the module doc)."""
+    if all(os.environ.get(k) == v for k, v in MALLOC.items()) or os.environ.get("SDEC_BENCH_MALLOC") == "default":
+        return
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+              {**os.environ, **MALLOC})
+
+
 def main(argv=None):
+    if argv is None:
+        _keep_buffers_mapped()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=40, help="interleaved repeats per measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
