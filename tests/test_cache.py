@@ -377,14 +377,21 @@ def test_table_refresh_one_rebuilds_after_every_change():
     assert _training_table(proc) is not table
 
 
+def _held_table_then_moved(name, delta):
+    """learned2 holding its training table for 100 versions, then parameter `name` moved by
+    delta: (proc, the held table)."""
+    proc = compiled("learned2")
+    proc.table_refresh = 100
+    held = _training_table(proc)
+    with torch.no_grad():
+        getattr(proc, name).add_(delta)
+    return proc, held
+
+
 def test_stale_table_draws_and_weights_come_from_the_same_table():
     """Training-time draws t and weights w = 1 / p(t) both from the held (stale) table, in
     sample_time and in elbo(), not from the current parameters' table."""
-    proc = compiled("learned2")
-    proc.table_refresh = 100
-    stale = _training_table(proc)
-    with torch.no_grad():
-        proc.theta_Q.add_(0.5)
+    proc, stale = _held_table_then_moved("theta_Q", 0.5)
     g = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         t, w = proc.sample_time(2000, generator=g, dtype=F64)
@@ -403,11 +410,7 @@ def test_stale_table_keeps_the_estimator_unbiased():
     the training-mode importance estimate of the score term (score -y, 20,000 draws) matches
     the uniform-time estimate within 4 standard errors; weighting the same draws by the
     current table instead (draws and weights from different tables) misses by > 10."""
-    proc = compiled("learned2")
-    proc.table_refresh = 100
-    stale = _training_table(proc)
-    with torch.no_grad():
-        proc.theta_D_diag.add_(3.0)
+    proc, stale = _held_table_then_moved("theta_D_diag", 3.0)
     g = torch.Generator().manual_seed(4)
     n = 20_000
     x = 0.5 * torch.randn(n, 1, generator=g, dtype=F64)
