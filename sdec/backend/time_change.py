@@ -119,16 +119,22 @@ def exact_reference(beta: sp.Expr, B: sp.Expr, points: np.ndarray) -> list | Non
     3 DIGITS working digits must agree to DIGITS digits (a form that cancels, e.g. a polynomial
     in monomials, loses digits; extra precision restores them, and the agreement shows it)."""
     def proved():
-        return (sp.simplify(sp.diff(B, T_SYMBOL) - beta) == 0
-                and sp.simplify(B.subs(T_SYMBOL, 0)) == 0)
+        try:
+            return (sp.simplify(sp.diff(B, T_SYMBOL) - beta) == 0
+                    and sp.simplify(B.subs(T_SYMBOL, 0)) == 0)
+        except Exception:  # noqa: BLE001 - sympy failing to decide is "not proved"
+            return False
     step = limited(SYMBOLIC_SECONDS, proved)
     if not (step.finished and step.value):
         return None
-    f = sp.lambdify(T_SYMBOL, B, "mpmath")
-    values = []
-    for digits in (2 * DIGITS, 3 * DIGITS):
-        with mp.workdps(digits):
-            values.append([f(mp.mpf(float(t))) for t in points])
+    try:
+        f = sp.lambdify(T_SYMBOL, B, "mpmath")
+        values = []
+        for digits in (2 * DIGITS, 3 * DIGITS):
+            with mp.workdps(digits):
+                values.append([mp.mpf(f(mp.mpf(float(t)))) for t in points])
+    except (TypeError, ValueError, ArithmeticError):  # e.g. a complex or undefined value
+        return None
     out = []
     with mp.workdps(DIGITS):
         for lo, hi in zip(*values):
