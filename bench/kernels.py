@@ -476,17 +476,18 @@ def _ratio_table(out, rows, title, base, unit, ms_digits, ratio_digits, goals, b
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
-def _keep_buffers_mapped() -> None:
-    """Re-execute this script once with glibc's thresholds raised (see the module doc)."""
+def keep_buffers_mapped(script: str) -> None:
+    """Re-execute `script` (with this process's arguments) once with glibc's thresholds
+    raised (see the module doc)."""
     if all(os.environ.get(k) == v for k, v in MALLOC.items()) or os.environ.get("SDEC_BENCH_MALLOC") == "default":
         return
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]],
               {**os.environ, **MALLOC})
 
 
 def main(argv=None):
     if argv is None:
-        _keep_buffers_mapped()
+        keep_buffers_mapped(__file__)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=40, help="interleaved repeats per measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
