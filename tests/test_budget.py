@@ -1,4 +1,5 @@
 """The time budget of symbolic steps (sdec.language.budget) and the verdicts when it runs out."""
+import signal
 import threading
 import time
 
@@ -25,6 +26,29 @@ def test_a_step_that_runs_out_is_stopped_and_says_so():
     s = sp.Symbol("s")
     step = limited(0.05, sp.integrate, HARD.subs(t, s), (s, 0, t))
     assert not step.finished and step.value is None and step.budget == 0.05
+
+
+def test_an_alarm_that_is_swallowed_is_raised_again():
+    """Python drops an exception raised inside a gc callback or a __del__ (Hypothesis installs
+    a gc callback); the step must still stop soon after its budget, not run to its end."""
+    swallowed = []
+
+    def step():
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            try:
+                while time.monotonic() < end:
+                    pass
+            except budget.OutOfTime:  # what an "Exception ignored in ..." amounts to
+                swallowed.append(time.monotonic())
+                if len(swallowed) == 3:
+                    raise
+        return "ran to its end"
+
+    out = limited(0.05, step)
+    assert not out.finished and out.value is None
+    assert len(swallowed) == 3 and out.seconds < 1.0
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
 
 
 def test_errors_of_the_step_itself_propagate():

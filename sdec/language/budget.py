@@ -16,7 +16,9 @@ numeric route and say in its verdict what was checked rather than proved:
 
 How: ``signal.setitimer(ITIMER_REAL)`` with a SIGALRM handler that raises ``OutOfTime``
 inside the running step (the main thread only; Python runs the handler between bytecodes,
-so a single long C call finishes first). OutOfTime derives from BaseException, so sympy's
+so a single long C call finishes first). Python swallows an exception raised inside a gc
+callback or a __del__ (e.g. Hypothesis's gc callback in the tests), so after the budget the
+alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``. OutOfTime derives from BaseException, so sympy's
 own ``except Exception`` clauses cannot swallow it. Budgets nest: an inner budget never
 outlasts the outer one, and the outer timer is re-armed with what is left of it.
 
@@ -73,22 +75,44 @@ def limited(seconds: float, fn, *args, **kwargs) -> Outcome:
         return Outcome(value, True, time.monotonic() - start, seconds, limited=False)
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
     budget = min(seconds, outer_left) if outer_left > 0 else seconds
-    previous = signal.signal(signal.SIGALRM, _raise)
+    live = [True]  # this call's alarm raises only while live (see _disarm)
+
+    def alarm(signum, frame):
+        if live[0]:
+            raise OutOfTime()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
     try:
         try:
-            signal.setitimer(signal.ITIMER_REAL, max(budget, 1e-6))
+            # after the budget, again every RETRY_SECONDS: an OutOfTime that lands where
+            # Python swallows exceptions (a gc callback, a __del__) is raised again
+            signal.setitimer(signal.ITIMER_REAL, max(budget, 1e-6), RETRY_SECONDS)
             try:
                 value = fn(*args, **kwargs)
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                _disarm(live)
         except OutOfTime:
+            _disarm(live)
             return Outcome(None, False, time.monotonic() - start, seconds)
         return Outcome(value, True, time.monotonic() - start, seconds)
     finally:
+        _disarm(live)
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
         if outer_left > 0:  # re-arm the enclosing budget with what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-6))
 
 
-def _raise(signum, frame):
-    raise OutOfTime()
+RETRY_SECONDS = 0.01
+
+
+def _disarm(live) -> None:
+    """Stop this call's alarm for good. An alarm can land at any bytecode until live[0] is
+    False; one that lands before the assignment is caught here and the assignment retried,
+    so no OutOfTime escapes once this returns."""
+    while True:
+        try:
+            live[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return
+        except OutOfTime:
+            continue
