@@ -493,8 +493,7 @@ class DiffusionBase(torch.nn.Module):
         radius = _SERIES_TAU / norm if norm > 0 else math.inf
         stacks = torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1),
                             moments[1].reshape(n, -1)], 1)
-        return {"A": A, "D": D, "S0": S0, "powers": powers, "moments": moments[0],
-                "stacks": stacks, "radius": radius,
+        return {"A": A, "D": D, "S0": S0, "stacks": stacks, "radius": radius,
                 "s_T": float(self._B_at([self.T]).detach().max())}
 
     def _time(self, t):
@@ -600,11 +599,16 @@ class DiffusionBase(torch.nn.Module):
         K = self.K
         return Phi.reshape(*shape, K, K).to(dtype), Sig.reshape(*shape, K, K).to(dtype)
 
+    def _entrywise(self, n):
+        """Whether n K x K factorisations (and inverses) go entry by entry across the batch:
+        K <= _UNROLL_K and more than _LAPACK_MAX_N of them; otherwise one LAPACK call."""
+        return self.K <= _UNROLL_K and n > _LAPACK_MAX_N
+
     def _cholesky(self, Sig, t64):
         if self.K == 1:
             L = torch.sqrt(Sig)
             bad = ~(Sig > 0).reshape(-1)
-        elif self.K <= _UNROLL_K and Sig.shape[0] > _LAPACK_MAX_N:
+        elif self._entrywise(Sig.shape[0]):
             L, ok = _cholesky_small(Sig)
             bad = ~ok
         else:
@@ -653,11 +657,11 @@ class DiffusionBase(torch.nn.Module):
         return entry
 
     def _inverse_T(self, L):
-        """L⁻ᵀ of (n, K, K) Cholesky factors: entrywise above _LAPACK_MAX_N matrices (as in
-        _cholesky), LAPACK's triangular solve below."""
+        """L⁻ᵀ of (n, K, K) Cholesky factors: entrywise or by LAPACK's triangular solve, as
+        _cholesky (see _entrywise)."""
         if self.K == 1:
             return 1.0 / L
-        if self.K <= _UNROLL_K and L.shape[0] > _LAPACK_MAX_N:
+        if self._entrywise(L.shape[0]):
             return _tri_inverse_small(L).mT
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).mT
