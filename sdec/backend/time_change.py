@@ -17,8 +17,9 @@ reference on a grid of [t_lo, T] (geometric from t_lo, so t near t_min is tested
 uniform). The reference is the exact B evaluated in mpmath when B is proved to be the
 integral (B' - beta simplifies to 0 and B(0) = 0, within the symbolic budget) and two working
 precisions agree to 30 digits; otherwise an mpmath quadrature of beta, which would need ~10^4
-panels to follow beta = cos(100000 t) + 1.5 and so is used only when it must be. If none reaches ACCEPT, the most accurate one is emitted and the
-lowering report carries a warning when its error exceeds REQUIRED.
+panels to follow beta = cos(100000 t) + 1.5 and so is used only when it must be. If none
+reaches ACCEPT, the most accurate one is emitted and the lowering report carries a warning
+when its error exceeds REQUIRED.
 """
 from __future__ import annotations
 
