@@ -18,9 +18,10 @@ How: ``signal.setitimer(ITIMER_REAL)`` with a SIGALRM handler that raises ``OutO
 inside the running step (the main thread only; Python runs the handler between bytecodes,
 so a single long C call finishes first). Python swallows an exception raised inside a gc
 callback or a __del__ (e.g. Hypothesis's gc callback in the tests), so after the budget the
-alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``. OutOfTime derives from BaseException, so sympy's
-own ``except Exception`` clauses cannot swallow it. Budgets nest: an inner budget never
-outlasts the outer one, and the outer timer is re-armed with what is left of it.
+alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``. OutOfTime derives
+from BaseException, so sympy's own ``except Exception`` clauses cannot swallow it. Budgets
+nest: an inner budget never outlasts the outer one, and the outer timer is re-armed with
+what is left of it.
 
 Measured (2-core machine, shared): arming and disarming the timer costs about 25 µs per
 step; ``integrate`` of 1/(1 + t^2 + t^5 + t^11)^3 under a 0.5 s budget returns after
