@@ -68,9 +68,10 @@ def _imports(source):
 
 
 @pytest.mark.parametrize("name", ["vpsde", "cld", "alda", "malda", "learned2", "learned3"])
-def test_emitted_module_imports_only_math_and_torch(name):
+def test_emitted_module_imports_only_math_torch_and_the_standard_library(name):
     source = sdec.compile_source(spec_path(name))
-    assert _imports(source) == {"math", "torch"}
+    assert {"math", "torch"} <= _imports(source)
+    assert all(m in sys.stdlib_module_names for m in _imports(source) - {"torch"})
     assert "sdec" not in _imports(source)
     assert source.startswith('"""Diffusion ')
 
@@ -290,16 +291,18 @@ D = diag(0, 0, 0, 9)
 """
 
 
-def test_t_min_raised_where_the_float64_series_loses_the_small_directions():
+def test_t_min_raised_where_the_float64_series_loses_the_small_directions(monkeypatch):
     """Found by Hypothesis: noise on u reaches x, v, w at the same order, so Σ_t(x, v, w) is
     nearly rank one at small t and the float64 kernel's Σ(1e-3 | y0) is not even PD."""
     from sdec.backend.lower import lower
     spec = sdec.parse(CHAIN4, "chain4.sde")
     plan = lower(spec)
     assert plan.t_min > 1e-3 and "t_min raised" in plan.t_min_note
+    with monkeypatch.context() as m, pytest.raises(RuntimeError):  # what the user would hit at
+        m.setenv("SDEC_NATIVE", "0")  # the spec's own t_min (the torch path: native rounds otherwise)
+        sdec.compile(spec).perturb(torch.zeros(1, 4, 1, dtype=torch.float64),
+                                   torch.tensor([1e-3], dtype=torch.float64), hybrid=False)
     proc = sdec.compile(spec)
-    with pytest.raises(RuntimeError):  # what the user would hit at the spec's own t_min
-        proc.perturb(torch.zeros(1, 4, 1, dtype=torch.float64), torch.tensor([1e-3], dtype=torch.float64), hybrid=False)
     for hybrid in (True, False):
         _, Sigma = proc.transition(torch.tensor(plan.t_min, dtype=torch.float64), hybrid=hybrid)
         torch.linalg.cholesky(Sigma)

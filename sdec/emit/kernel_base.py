@@ -68,6 +68,8 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
+from .kernel_native import NativeKernels, native_library  # package only: generated modules carry it inline
+
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
 _TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
@@ -486,15 +488,27 @@ class DiffusionBase(torch.nn.Module):
         noise part Σn (from 0), as one (n, 3 K²) stack: one product with the Taylor weights
         evaluates all three."""
         A, D = self._A_D()
-        S0 = self._sigma0(hybrid)
-        n = _SERIES_TERMS
-        powers, moments = _series_coefficients(A, D, torch.stack([S0, torch.zeros_like(S0)]), n)
         norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
-        radius = _SERIES_TAU / norm if norm > 0 else math.inf
-        stacks = torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1),
-                            moments[1].reshape(n, -1)], 1)
-        return {"A": A, "D": D, "S0": S0, "stacks": stacks, "radius": radius,
-                "s_T": float(self._B_at([self.T]).detach().max())}
+        c = {"A": A, "D": D, "S0": self._sigma0(hybrid), "native": self._native_ok(),
+             "radius": _SERIES_TAU / norm if norm > 0 else math.inf,
+             "s_T": float(self._B_at([self.T]).detach().max())}
+        if not c["native"]:
+            c["stacks"] = self._series_stacks(c)
+        return c
+
+    def _series_stacks(self, c):
+        """The series coefficients of Φ, of Σ from Σ0 and of Σn (from 0) as one (n, 3 K²)
+        stack (the torch path; the native pipeline forms its own)."""
+        n, S0 = _SERIES_TERMS, c["S0"]
+        powers, moments = _series_coefficients(c["A"], c["D"], torch.stack([S0, torch.zeros_like(S0)]), n)
+        return torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1), moments[1].reshape(n, -1)], 1)
+
+    def _native_ok(self):
+        """Whether Φ, Σ and their factors come from the native pipeline (kernel_native): K > 1,
+        no closed-form Φ (the lowering's closed forms stay exact), on the CPU, and the library
+        is available."""
+        return (self.K > 1 and type(self)._phi_closed is DiffusionBase._phi_closed
+                and self._device().type == "cpu" and native_library() is not None)
 
     def _time(self, t):
         """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
@@ -548,6 +562,8 @@ class DiffusionBase(torch.nn.Module):
         """Φ(s), Σ(s) and the noise part Σn(s) (Σ0 = 0) by the Taylor series: one product of
         the Taylor weights with the stacked coefficients."""
         K = self.K
+        if "stacks" not in c:  # native coefficients asked for the torch path (s with a gradient)
+            c["stacks"] = self._series_stacks(c)
         out = (_taylor_weights(s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
         return out.unbind(1)
 
@@ -577,6 +593,11 @@ class DiffusionBase(torch.nn.Module):
             return self._scalar(s, hybrid)
         c = self._coeffs(hybrid)
         j = self._squarings(s, c, s_max)
+        if c["native"] and not s.requires_grad:
+            Phi, Sig, L, Li, _, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
+                                                         _SERIES_TERMS)
+            Sig._sdec_factors = (L, Li, ok)  # read by _cholesky and _inverse_T
+            return Phi, Sig
         if j == 0:
             return self._series(s, c)
         m = s.shape[0]
@@ -605,7 +626,12 @@ class DiffusionBase(torch.nn.Module):
         return self.K <= _UNROLL_K and n > _LAPACK_MAX_N
 
     def _cholesky(self, Sig, t64):
-        if self.K == 1:
+        native = getattr(Sig, "_sdec_factors", None)
+        if native is not None:  # Σ from the native pipeline, which factored it
+            L, Li, ok = native
+            L._sdec_inverse = Li
+            bad = ok == 0
+        elif self.K == 1:
             L = torch.sqrt(Sig)
             bad = ~(Sig > 0).reshape(-1)
         elif self._entrywise(Sig.shape[0]):
@@ -661,6 +687,9 @@ class DiffusionBase(torch.nn.Module):
         _cholesky (see _entrywise)."""
         if self.K == 1:
             return 1.0 / L
+        native = getattr(L, "_sdec_inverse", None)
+        if native is not None:
+            return native.mT
         if self._entrywise(L.shape[0]):
             return _tri_inverse_small(L).mT
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
@@ -679,7 +708,8 @@ class DiffusionBase(torch.nn.Module):
         s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
         Phi, Sig = self._phi_sigma(B, True, s_max)
         L = self._cholesky(Sig, t64)
-        memo[("factors", id(t), True)] = (t, t._version, [Phi[:n], L[:n], None])
+        Li = getattr(L, "_sdec_inverse", None)  # the native pipeline's L⁻¹, else built on use
+        memo[("factors", id(t), True)] = (t, t._version, [Phi[:n], L[:n], None if Li is None else Li[:n].mT])
         R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
              - 2.0 * self._A_D()[0].diagonal().sum() * B[n:])
         memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])

@@ -1,0 +1,325 @@
+/* sdec's native K x K pipeline (see kernel_base.py, "Native pipeline").
+
+   For a batch of s = B(t), from A, D (K x K, float64, row-major) and Sigma0:
+     Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
+   by the same method as kernel_base's torch path (the Taylor series about s = 0 where
+   |s| <= radius, else the series at h = s 2^-j and j doublings), and the reverse-mode
+   adjoint of all five outputs with respect to A and D.
+
+   Series coefficients: P_k = A^k, M_k (from Sigma0) and N_k (from 0):
+     M_0 = Sigma0, M_1 = A Sigma0 + Sigma0 A^T + 2 D, M_{k+1} = A M_k + M_k A^T,
+   each M_{k+1} formed as X + X^T with X = A M_k, so every M_k is exactly symmetric.
+   No jitter: a Sigma whose Cholesky pivot is not > 0 (or not finite) sets ok[i] = 0. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Z = beta Z + op(X) op(Y), op = transpose when tx / ty */
+INLINE void gemm(int K, int tx, const double *X, int ty, const double *Y, double beta, double *Z)
+{
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++)
+                acc += (tx ? X[k * K + i] : X[i * K + k]) * (ty ? Y[j * K + k] : Y[k * K + j]);
+            Z[i * K + j] = beta * Z[i * K + j] + acc;
+        }
+}
+
+INLINE void axpy(int n, double a, const double *x, double *y)
+{
+    for (int i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+/* coefficients: P, M, N each (n, K, K) */
+INLINE void coefficients(int K, int n, const double *A, const double *D, const double *S0,
+                         double *P, double *M, double *N, double *X)
+{
+    int KK = K * K;
+    memset(P, 0, sizeof(double) * KK);
+    for (int i = 0; i < K; i++)
+        P[i * K + i] = 1.0;
+    for (int k = 1; k < n; k++)
+        gemm(K, 0, A, 0, P + (k - 1) * KK, 0.0, P + k * KK);
+    for (int which = 0; which < 2; which++) {
+        double *C = which ? N : M;
+        if (which)
+            memset(C, 0, sizeof(double) * KK);
+        else
+            memcpy(C, S0, sizeof(double) * KK);
+        if (n < 2)
+            continue;
+        gemm(K, 0, A, 0, C, 0.0, X);
+        for (int i = 0; i < K; i++)
+            for (int j = 0; j < K; j++)
+                C[KK + i * K + j] = X[i * K + j] + X[j * K + i] + 2.0 * D[i * K + j];
+        for (int k = 2; k < n; k++) {
+            gemm(K, 0, A, 0, C + (k - 1) * KK, 0.0, X);
+            for (int i = 0; i < K; i++)
+                for (int j = 0; j < K; j++)
+                    C[k * KK + i * K + j] = X[i * K + j] + X[j * K + i];
+        }
+    }
+}
+
+INLINE void taylor_weights(int n, double s, double *w)
+{
+    w[0] = 1.0;
+    for (int k = 1; k < n; k++)
+        w[k] = w[k - 1] * s / k;
+}
+
+/* out = sum_k w_k C_k */
+INLINE void series(int K, int n, const double *w, const double *C, double *out)
+{
+    int KK = K * K;
+    memset(out, 0, sizeof(double) * KK);
+    for (int k = 0; k < n; k++)
+        axpy(KK, w[k], C + k * KK, out);
+}
+
+/* the squaring chain at h: Pc[l], Sc[l] for l = 0..j (Phi(h 2^l), noise part) */
+INLINE void chain(int K, int n, int j, double h, const double *P, const double *N, double *w,
+                  double *Pc, double *Sc, double *X)
+{
+    int KK = K * K;
+    taylor_weights(n, h, w);
+    series(K, n, w, P, Pc);
+    series(K, n, w, N, Sc);
+    for (int l = 0; l < j; l++) {
+        const double *Pl = Pc + l * KK, *Sl = Sc + l * KK;
+        gemm(K, 0, Pl, 0, Sl, 0.0, X);
+        memcpy(Sc + (l + 1) * KK, Sl, sizeof(double) * KK);
+        gemm(K, 0, X, 1, Pl, 1.0, Sc + (l + 1) * KK);
+        gemm(K, 0, Pl, 0, Pl, 0.0, Pc + (l + 1) * KK);
+    }
+}
+
+/* L = chol(S) (lower), Li = L^-1; returns 0 on a pivot that is not > 0 */
+INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_logdet)
+{
+    memset(L, 0, sizeof(double) * K * K);
+    memset(Li, 0, sizeof(double) * K * K);
+    double h = 0.0;
+    for (int j = 0; j < K; j++) {
+        double d = S[j * K + j];
+        for (int k = 0; k < j; k++)
+            d -= L[j * K + k] * L[j * K + k];
+        if (!(d > 0.0) || !isfinite(d))
+            return 0;
+        double r = sqrt(d);
+        L[j * K + j] = r;
+        h += log(r);
+        for (int i = j + 1; i < K; i++) {
+            double v = S[i * K + j];
+            for (int k = 0; k < j; k++)
+                v -= L[i * K + k] * L[j * K + k];
+            L[i * K + j] = v / r;
+        }
+    }
+    for (int c = 0; c < K; c++) { /* forward substitution, column c of L^-1 */
+        for (int i = c; i < K; i++) {
+            double v = (i == c) ? 1.0 : 0.0;
+            for (int k = c; k < i; k++)
+                v -= L[i * K + k] * Li[k * K + c];
+            Li[i * K + c] = v / L[i * K + i];
+        }
+    }
+    *half_logdet = h;
+    return 1;
+}
+
+typedef struct {
+    double *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z;
+} work;
+
+INLINE int alloc_work(int K, int n, int j, work *wk)
+{
+    int KK = K * K;
+    size_t total = (size_t)KK * (3 * n + 2 * (j + 1) + 3) + n;
+    double *buf = calloc(total, sizeof(double));
+    if (!buf)
+        return 0;
+    wk->P = buf;
+    wk->M = wk->P + n * KK;
+    wk->N = wk->M + n * KK;
+    wk->Pc = wk->N + n * KK;
+    wk->Sc = wk->Pc + (j + 1) * KK;
+    wk->X = wk->Sc + (j + 1) * KK;
+    wk->Y = wk->X + KK;
+    wk->Z = wk->Y + KK;
+    wk->w = wk->Z + KK;
+    return 1;
+}
+
+/* returns 0 on success, -1 on allocation failure */
+INLINE int forward_impl(int K, int n, int j, double radius, int m, const double *A,
+                         const double *D, const double *S0, const double *s, double *Phi,
+                         double *Sig, double *L, double *Li, double *hld, int *ok)
+{
+    int KK = K * K;
+    work wk;
+    if (!alloc_work(K, n, j, &wk))
+        return -1;
+    coefficients(K, n, A, D, S0, wk.P, wk.M, wk.N, wk.X);
+    for (int i = 0; i < m; i++) {
+        double *Ph = Phi + i * KK, *Sg = Sig + i * KK;
+        if (fabs(s[i]) <= radius) {
+            taylor_weights(n, s[i], wk.w);
+            series(K, n, wk.w, wk.P, Ph);
+            series(K, n, wk.w, wk.M, Sg);
+        } else {
+            chain(K, n, j, ldexp(s[i], -j), wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            const double *Pj = wk.Pc + j * KK;
+            memcpy(Ph, Pj, sizeof(double) * KK);
+            gemm(K, 0, Pj, 0, S0, 0.0, wk.X);
+            memcpy(wk.Y, wk.Sc + j * KK, sizeof(double) * KK);
+            gemm(K, 0, wk.X, 1, Pj, 1.0, wk.Y); /* Y = P S0 P^T + Sn */
+            for (int a = 0; a < K; a++)
+                for (int b = 0; b < K; b++)
+                    Sg[a * K + b] = 0.5 * (wk.Y[a * K + b] + wk.Y[b * K + a]);
+        }
+        ok[i] = cholesky(K, Sg, L + i * KK, Li + i * KK, hld + i);
+    }
+    free(wk.P);
+    return 0;
+}
+
+/* adjoint of the forward above with respect to A and D (accumulated into gA, gD, which
+   the caller zeroes); gPhi, gSig, gL, gLi are (m, K, K), ghld (m).  L and Li are the
+   forward's outputs (every ok[i] = 1). */
+INLINE int backward_impl(int K, int n, int j, double radius, int m, const double *A,
+                          const double *D, const double *S0, const double *s, const double *L,
+                          const double *Li, const double *gPhi, const double *gSig,
+                          const double *gL, const double *gLi, const double *ghld, double *gA,
+                          double *gD)
+{
+    int KK = K * K;
+    work wk;
+    if (!alloc_work(K, n, j, &wk))
+        return -1;
+    double *gP = calloc((size_t)3 * n * KK + 4 * KK, sizeof(double));
+    if (!gP) {
+        free(wk.P);
+        return -1;
+    }
+    double *gM = gP + n * KK, *gN = gM + n * KK, *gS = gN + n * KK, *Lb = gS + KK;
+    double *U = Lb + KK, *V = U + KK;
+    coefficients(K, n, A, D, S0, wk.P, wk.M, wk.N, wk.X);
+    for (int i = 0; i < m; i++) {
+        const double *Lm = L + i * KK, *Lim = Li + i * KK;
+        /* Lbar: gL (lower part), - L^-T gLi L^-T, and ghld / L_kk on the diagonal */
+        gemm(K, 1, Lim, 0, gLi + i * KK, 0.0, wk.X);
+        gemm(K, 0, wk.X, 1, Lim, 0.0, Lb);
+        for (int a = 0; a < K; a++)
+            for (int b = 0; b < K; b++)
+                Lb[a * K + b] = (b <= a) ? gL[i * KK + a * K + b] - Lb[a * K + b] : 0.0;
+        for (int a = 0; a < K; a++)
+            Lb[a * K + a] += ghld[i] / Lm[a * K + a];
+        /* Sigma bar = sym(L^-T Phi(L^T Lbar) L^-1) + sym(gSig), Phi = lower part, diagonal halved */
+        gemm(K, 1, Lm, 0, Lb, 0.0, U);
+        for (int a = 0; a < K; a++)
+            for (int b = 0; b < K; b++)
+                U[a * K + b] = (b < a) ? U[a * K + b] : (b == a ? 0.5 * U[a * K + b] : 0.0);
+        gemm(K, 1, Lim, 0, U, 0.0, V);
+        gemm(K, 0, V, 0, Lim, 0.0, U);
+        const double *gSg = gSig + i * KK;
+        for (int a = 0; a < K; a++)
+            for (int b = 0; b < K; b++)
+                gS[a * K + b] = 0.5 * (U[a * K + b] + U[b * K + a] + gSg[a * K + b] + gSg[b * K + a]);
+        if (fabs(s[i]) <= radius) {
+            taylor_weights(n, s[i], wk.w);
+            for (int k = 0; k < n; k++) {
+                axpy(KK, wk.w[k], gPhi + i * KK, gP + k * KK);
+                axpy(KK, wk.w[k], gS, gM + k * KK);
+            }
+            continue;
+        }
+        double h = ldexp(s[i], -j);
+        chain(K, n, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+        /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
+        const double *Pj = wk.Pc + j * KK;
+        double *Pb = U, *Sb = V;
+        gemm(K, 0, gS, 0, Pj, 0.0, wk.X);
+        memcpy(Pb, gPhi + i * KK, sizeof(double) * KK);
+        gemm(K, 0, wk.X, 0, S0, 1.0, Pb);
+        gemm(K, 0, wk.X, 0, S0, 1.0, Pb);
+        memcpy(Sb, gS, sizeof(double) * KK);
+        for (int l = j - 1; l >= 0; l--) {
+            /* P' = P P, S' = S + P S P^T, with Pbar', Sbar' (Sb symmetric) */
+            const double *Pl = wk.Pc + l * KK, *Sl = wk.Sc + l * KK;
+            gemm(K, 0, Pb, 1, Pl, 0.0, wk.Y);        /* Pbar' P^T */
+            gemm(K, 1, Pl, 0, Pb, 1.0, wk.Y);        /* + P^T Pbar' */
+            gemm(K, 0, Sb, 0, Pl, 0.0, wk.X);        /* Sbar' P */
+            gemm(K, 0, wk.X, 1, Sl, 1.0, wk.Y);      /* + Sbar' P Sl^T */
+            gemm(K, 1, Sb, 0, Pl, 0.0, wk.Z);        /* Sbar'^T P */
+            gemm(K, 0, wk.Z, 0, Sl, 1.0, wk.Y);      /* + Sbar'^T P Sl */
+            memcpy(Pb, wk.Y, sizeof(double) * KK);
+            gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
+        }
+        taylor_weights(n, h, wk.w);
+        for (int k = 0; k < n; k++) {
+            axpy(KK, wk.w[k], Pb, gP + k * KK);
+            axpy(KK, wk.w[k], Sb, gN + k * KK);
+        }
+    }
+    /* P_{k+1} = A P_k */
+    for (int k = n - 2; k >= 0; k--) {
+        gemm(K, 0, gP + (k + 1) * KK, 1, wk.P + k * KK, 1.0, gA);
+        gemm(K, 1, A, 0, gP + (k + 1) * KK, 1.0, gP + k * KK);
+    }
+    /* M_{k+1} = A M_k + M_k A^T (k >= 1), M_1 = A S0 + S0 A^T + 2 D; N likewise from 0 */
+    for (int which = 0; which < 2; which++) {
+        double *gC = which ? gN : gM;
+        const double *C = which ? wk.N : wk.M;
+        for (int k = n - 2; k >= 1; k--) {
+            const double *Gb = gC + (k + 1) * KK, *Ck = C + k * KK;
+            gemm(K, 0, Gb, 1, Ck, 1.0, gA);
+            gemm(K, 1, Gb, 0, Ck, 1.0, gA);
+            gemm(K, 1, A, 0, Gb, 1.0, gC + k * KK);
+            gemm(K, 0, Gb, 0, A, 1.0, gC + k * KK);
+        }
+        if (n < 2)
+            continue;
+        if (!which) {
+            gemm(K, 0, gC + KK, 1, S0, 1.0, gA);
+            gemm(K, 1, gC + KK, 0, S0, 1.0, gA);
+        }
+        for (int a = 0; a < K; a++) /* D symmetric: its adjoint is the symmetric part */
+            for (int b = 0; b < K; b++)
+                gD[a * K + b] += gC[KK + a * K + b] + gC[KK + b * K + a];
+    }
+    free(gP);
+    free(wk.P);
+    return 0;
+}
+
+/* Entry points: K = 2, 3, 4 get copies of the code with K a constant (unrolled loops). */
+int sdec_kernels_forward(int K, int n, int j, double radius, int m, const double *A,
+                         const double *D, const double *S0, const double *s, double *Phi,
+                         double *Sig, double *L, double *Li, double *hld, int *ok)
+{
+    switch (K) {
+    case 2: return forward_impl(2, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    case 3: return forward_impl(3, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    case 4: return forward_impl(4, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    default: return forward_impl(K, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    }
+}
+
+int sdec_kernels_backward(int K, int n, int j, double radius, int m, const double *A,
+                          const double *D, const double *S0, const double *s, const double *L,
+                          const double *Li, const double *gPhi, const double *gSig,
+                          const double *gL, const double *gLi, const double *ghld, double *gA,
+                          double *gD)
+{
+    switch (K) {
+    case 2: return backward_impl(2, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    case 3: return backward_impl(3, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    case 4: return backward_impl(4, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    default: return backward_impl(K, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    }
+}

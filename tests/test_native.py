@@ -1,0 +1,126 @@
+"""The native K x K pipeline (sdec/emit/kernel_native.c) against the torch path and against
+finite differences, its Cholesky failures, and its fallback when there is no C compiler."""
+import os
+import sys
+
+import pytest
+import torch
+
+import sdec
+from sdec.emit import kernel_native
+
+F64 = torch.float64
+NATIVE_SPECS = ("alda", "malda", "learned2", "learned3")   # K > 1 without a closed-form Φ
+SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
+
+
+def compiled(name, monkeypatch, native):
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    proc = sdec.compile(os.path.join(SPECS, f"{name}.sde"))
+    assert proc._native_ok() == native
+    return proc
+
+
+def own_scale(Sig_ref, err):
+    L = torch.linalg.cholesky(Sig_ref)
+    W = torch.linalg.solve_triangular(L, err, upper=False)
+    return float(torch.linalg.solve_triangular(L, W.mT, upper=False).abs().max())
+
+
+@pytest.mark.parametrize("name", NATIVE_SPECS)
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_native_transition_matches_the_torch_path(name, hybrid, monkeypatch):
+    t = torch.tensor([1e-3, 0.01, 0.1, 0.3, 0.5, 0.77, 1.0], dtype=F64)
+    Phi_n, Sig_n = compiled(name, monkeypatch, True).transition(t, hybrid)
+    Phi_t, Sig_t = compiled(name, monkeypatch, False).transition(t, hybrid)
+    assert float((Phi_n - Phi_t).abs().max()) < 1e-14
+    keep = t >= (1e-2 if name == "alda" else 1e-3)  # alda's Σ at 1e-3 is rounding-limited (kernel_base doc)
+    assert own_scale(Sig_t[keep], (Sig_n - Sig_t)[keep]) < 1e-12
+
+
+@pytest.mark.parametrize("name", ("learned2", "learned3"))
+def test_native_elbo_and_gradients_match_the_torch_path(name, monkeypatch):
+    x = torch.randn(16, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for native in (True, False):
+        proc = compiled(name, monkeypatch, native)
+        terms = proc.elbo(x, lambda y, t: -y, time_sampler="importance",
+                          generator=torch.Generator().manual_seed(1))
+        terms.total.mean().backward()
+        grads = [p.grad.clone() for p in proc.parameters()]
+        results.append((terms.as_dict(), grads))
+    (a, ga), (b, gb) = results
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-11, atol=1e-11), key
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, rtol=1e-9, atol=1e-12)
+        assert float(u.abs().max()) > 0
+
+
+def test_native_adjoint_matches_central_differences(monkeypatch):
+    """d/dA and d/dD (D = S Sᵀ kept symmetric) of a weighted sum of all five outputs, both
+    branches (s below and above the series radius), against central differences."""
+    proc = compiled("learned3", monkeypatch, True)
+    c = proc._coeffs(True)
+    A0, D0 = (m.detach() for m in proc._A_D())
+    S_0 = torch.linalg.cholesky(D0)
+    s = proc._B(torch.tensor([2e-3, 0.05, 0.4, 0.9, 1.0], dtype=F64))
+    j = proc._squarings(s, c, None)
+    assert j > 0 and bool((s.abs() <= c["radius"]).any()) and bool((s.abs() > c["radius"]).any())
+    gen = torch.Generator().manual_seed(3)
+    W = [torch.randn(5, 3, 3, dtype=F64, generator=gen) for _ in range(4)] + [torch.randn(5, dtype=F64, generator=gen)]
+
+    def loss(A, S):
+        out = kernel_native.NativeKernels.apply(A, S @ S.mT, c["S0"], s, j, c["radius"], 48)
+        assert bool(out[5].all())
+        return sum((w * o).sum() for w, o in zip(W, out[:5]))
+
+    A = A0.clone().requires_grad_(True)
+    S = S_0.clone().requires_grad_(True)
+    loss(A, S).backward()
+    h = 1e-6
+    for var, grad in ((A0, A.grad), (S_0, S.grad)):
+        for idx in [(0, 0), (1, 0), (2, 1), (1, 2), (2, 2)]:
+            if var is S_0 and idx[1] > idx[0]:
+                continue
+            plus, minus = var.clone(), var.clone()
+            plus[idx] += h
+            minus[idx] -= h
+            args = lambda v: (v, S_0) if var is A0 else (A0, v)  # noqa: E731
+            with torch.no_grad():
+                fd = (loss(*args(plus)) - loss(*args(minus))) / (2 * h)
+            assert abs(float(fd) - float(grad[idx])) <= 1e-6 * max(1.0, abs(float(fd))), (idx, float(fd), float(grad[idx]))
+
+
+def test_native_cholesky_failure_names_t(monkeypatch):
+    proc = compiled("learned3", monkeypatch, True)
+    with pytest.raises(sdec.CholeskyError, match=r"t=0"):
+        proc.perturb(torch.zeros(2, 4, dtype=F64), torch.tensor([0.5, 0.0], dtype=F64), hybrid=False)
+
+
+def test_without_a_c_compiler_the_torch_path_runs_with_one_warning(monkeypatch, tmp_path):
+    proc = sdec.compile(os.path.join(SPECS, "learned3.sde"))
+    generated = sys.modules[type(proc).__module__]  # carries its own copy of kernel_native
+    monkeypatch.setattr(generated, "_NATIVE_STATE", {})
+    monkeypatch.setenv("SDEC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "sdec-no-such-compiler")
+    with pytest.warns(RuntimeWarning, match="native K x K pipeline could not be built"):
+        assert not proc._native_ok()
+    Phi, Sig = proc.transition(torch.tensor([0.5], dtype=F64))
+    with monkeypatch.context() as m:
+        m.setenv("SDEC_NATIVE", "0")
+        Phi_t, Sig_t = sdec.compile(os.path.join(SPECS, "learned3.sde")).transition(torch.tensor([0.5], dtype=F64))
+    assert torch.equal(Phi, Phi_t) and torch.equal(Sig, Sig_t)
+    assert not any(p.name.startswith("sdec_native_") for p in tmp_path.iterdir())
+
+
+def test_library_is_built_once_per_source(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel_native, "_NATIVE_STATE", {})
+    monkeypatch.setenv("SDEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    lib = kernel_native.native_library()
+    built = [p.name for p in tmp_path.iterdir()]
+    assert lib is not None and len(built) == 1 and built[0].endswith(".so")
+    monkeypatch.setattr(kernel_native, "_NATIVE_STATE", {})
+    kernel_native.native_library()
+    assert [p.name for p in tmp_path.iterdir()] == built
