@@ -124,3 +124,33 @@ def test_library_is_built_once_per_source(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel_native, "_NATIVE_STATE", {})
     kernel_native.native_library()
     assert [p.name for p in tmp_path.iterdir()] == built
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("tri", [None, "lower", "upper"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_col", [True, False])
+def test_native_apply_matches_a_float64_product(K, tri, batched, with_col):
+    from sdec.emit.kernel_base import _apply
+    gen = torch.Generator().manual_seed(K)
+    B, shape = 5, (2, 3, 7)
+    mat = torch.randn((B, K, K) if batched else (K, K), generator=gen)
+    mat = mat.tril() if tri == "lower" else mat.triu() if tri == "upper" else mat
+    y = torch.randn((B, K) + shape, generator=gen)
+    col = torch.randn(B, K, generator=gen) if with_col else None
+    x = torch.randn((B,) + shape, generator=gen) if with_col else None
+    assert kernel_native.native_apply(mat, y, tri, col, x) is not None
+    out = _apply(mat, y, tri, col, x)
+    ref = mat.double().expand(B, K, K) @ y.double().reshape(B, K, -1)
+    if with_col:
+        ref = ref + col.double()[:, :, None] * x.double().reshape(B, 1, -1)
+    ref = ref.reshape(y.shape)
+    assert out.dtype == torch.float32 and out.shape == y.shape
+    assert float((out.double() - ref).abs().max()) < 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_native_apply_declines_what_it_does_not_cover():
+    y = torch.randn(3, 2, 4)
+    assert kernel_native.native_apply(torch.randn(3, 2, 2, dtype=F64), y, None, None, None) is None
+    assert kernel_native.native_apply(torch.randn(3, 2, 2), y.double(), None, None, None) is None
+    assert kernel_native.native_apply(torch.randn(1, 2, 2), y, None, None, None) is None  # broadcast batch

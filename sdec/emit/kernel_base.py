@@ -68,7 +68,7 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import NativeKernels, native_library  # package only: generated modules carry it inline
+from .kernel_native import NativeKernels, native_apply, native_library  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -167,6 +167,9 @@ def _apply_unrolled(mat, y, tri, col, x):
     a zero triangle's diagonals are skipped.  2 + (K - 1) ops for a triangle instead of one
     per entry, with the same passes over the data."""
     K = y.shape[1]
+    out = native_apply(mat, y, tri, col, x)
+    if out is not None:
+        return out
     dtype = mat.dtype
     for v in (y, col, x):
         if v is not None:
@@ -505,10 +508,8 @@ class DiffusionBase(torch.nn.Module):
 
     def _native_ok(self):
         """Whether Φ, Σ and their factors come from the native pipeline (kernel_native): K > 1,
-        no closed-form Φ (the lowering's closed forms stay exact), on the CPU, and the library
-        is available."""
-        return (self.K > 1 and type(self)._phi_closed is DiffusionBase._phi_closed
-                and self._device().type == "cpu" and native_library() is not None)
+        on the CPU, and the library is available."""
+        return self.K > 1 and self._device().type == "cpu" and native_library() is not None
 
     def _time(self, t):
         """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
@@ -597,6 +598,9 @@ class DiffusionBase(torch.nn.Module):
             Phi, Sig, L, Li, _, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
                                                          _SERIES_TERMS)
             Sig._sdec_factors = (L, Li, ok)  # read by _cholesky and _inverse_T
+            closed = self._phi_closed(s) if j > 0 else None
+            if closed is not None:  # the lowering's closed form above the series radius
+                Phi = torch.where((s.detach().abs() <= c["radius"])[:, None, None], Phi, closed.to(torch.float64))
             return Phi, Sig
         if j == 0:
             return self._series(s, c)

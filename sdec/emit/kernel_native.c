@@ -323,3 +323,41 @@ int sdec_kernels_backward(int K, int n, int j, double radius, int m, const doubl
     default: return backward_impl(K, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
     }
 }
+
+/* The state apply for float32 states: out[b, i] = sum_j mat[b, i, j] y[b, j] + col[b, i] x[b]
+   over N data coordinates, for y (B, K, N) and mat (B, K, K) (mat_stride = K K) or one (K, K)
+   (mat_stride = 0); col (B, K) and x (B, N) may be NULL; tri = -1 (mat lower triangular),
+   1 (upper) or 0 skips the zero triangle.  One pass over the data: each output row is built
+   while its inputs are in cache. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))  /* the vector width torch's own kernels use */
+#endif
+void sdec_apply_f32(int B, int K, long N, const float *mat, int mat_stride,
+                    const float *restrict y, const float *col, const float *restrict x, int tri,
+                    float *restrict out)
+{
+    for (int b = 0; b < B; b++) {
+        const float *M = mat + (long)b * mat_stride;
+        const float *yb = y + (long)b * K * N;
+        const float *xb = x ? x + (long)b * N : 0;
+        for (int i = 0; i < K; i++) {
+            float *restrict o = out + ((long)b * K + i) * N;
+            int j0 = tri > 0 ? i : 0, j1 = tri < 0 ? i : K - 1;
+            float m = M[i * K + j0];
+            const float *restrict yj = yb + (long)j0 * N;
+            for (long n = 0; n < N; n++)
+                o[n] = m * yj[n];
+            if (xb) {
+                float c = col[b * K + i];
+                for (long n = 0; n < N; n++)
+                    o[n] += c * xb[n];
+            }
+            for (int j = j0 + 1; j <= j1; j++) {
+                m = M[i * K + j];
+                yj = yb + (long)j * N;
+                for (long n = 0; n < N; n++)
+                    o[n] += m * yj[n];
+            }
+        }
+    }
+}

@@ -50,7 +50,7 @@ def _native_build():
         with open(stem + ".c", "w", encoding="utf-8") as handle:
             handle.write(src)
         try:  # no -ffast-math, no FMA contraction: IEEE float64 as written
-            subprocess.run([*cc, "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-o", stem + ".so",
+            subprocess.run([*cc, "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-o", stem + ".so",
                             stem + ".c", "-lm"], check=True, capture_output=True, timeout=300)
             os.replace(stem + ".so", path)
         finally:
@@ -62,6 +62,8 @@ def _native_build():
     lib.sdec_kernels_forward.argtypes = [i, i, i, d, i] + [p] * 10
     lib.sdec_kernels_backward.argtypes = [i, i, i, d, i] + [p] * 13
     lib.sdec_kernels_forward.restype = lib.sdec_kernels_backward.restype = i
+    lib.sdec_apply_f32.argtypes = [i, i, ctypes.c_long, p, i, p, p, p, i, p]
+    lib.sdec_apply_f32.restype = None
     return lib
 
 
@@ -119,3 +121,33 @@ class NativeKernels(torch.autograd.Function):
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gA, gD, None, None, None, None, None
+
+
+_TRI = {None: 0, "lower": -1, "upper": 1}
+
+
+def native_apply(mat, y, tri, col, x):
+    """out[:, i] = Σ_j mat[..., i, j] y[:, j] + col[:, i] x in one pass over the data, for float32
+    CPU states (no graph), or None where the torch ops must run (another dtype or device, or
+    no library)."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or mat.dtype != torch.float32:
+        return None
+    if col is not None and (col.dtype != torch.float32 or x.dtype != torch.float32 or col.dim() != 2):
+        return None
+    B, K = y.shape[0], y.shape[1] if y.dim() >= 2 else 0
+    if mat.shape[-2:] != (K, K) or mat.dim() not in (2, 3) or (mat.dim() == 3 and mat.shape[0] != B):
+        return None
+    if col is not None and (col.shape != (B, K) or x.shape != (B,) + tuple(y.shape[2:])):
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    N = y[0, 0].numel() if B else 0
+    mat, y = mat.contiguous(), y.contiguous()
+    out = torch.empty_like(y)
+    if col is not None:
+        col, x = col.contiguous(), x.contiguous()
+    lib.sdec_apply_f32(B, K, N, _ptr(mat), K * K if mat.dim() == 3 else 0, _ptr(y),
+                       None if col is None else _ptr(col), None if x is None else _ptr(x),
+                       _TRI[tri], _ptr(out))
+    return out
