@@ -20,7 +20,9 @@ ratio is the median over repeats of the time over the baseline's time in the sam
 4. Compile time per spec: parse, proofs, lowering, emit, import, warm in this process (the
    second compile of each spec) and cold (``sdec compile SPEC -o FILE`` in a new process).
 5. ELBO machinery per training step of each process (through ``proc.elbo`` with a zero
-   score, importance times, batch 128 on 1x8x8 data, backward, an SGD step on Q, D).
+   score, importance times, batch 128 on 1x8x8 data, backward, an SGD step on Q, D; each
+   step starts from the spec's initial Q, D, so the process does not drift with the number
+   of steps run).
 6. A full training step (Adam) of one fixed small network (the ``tiny`` U-Net) with the
    compiled ELBO against the same network with a hand-written VP noise-prediction loss.
 
@@ -338,8 +340,12 @@ def elbo_table(reps):
         params = [p for p in proc.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-4) if params else None
         gen = torch.Generator().manual_seed(1)
+        start = [p.detach().clone() for p in params]
 
-        def step(proc=proc, opt=opt, gen=gen):
+        def step(proc=proc, opt=opt, gen=gen, params=params, start=start):
+            with torch.no_grad():  # every step from the initial process: with a zero score the
+                for p, v in zip(params, start):  # SGD steps would grow D (and the squarings)
+                    p.copy_(v)                   # the longer the benchmark ran
             terms = proc.elbo(x, lambda y, t: torch.zeros_like(y), time_sampler="importance",
                               generator=gen)
             if opt is not None:
