@@ -68,7 +68,7 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import NativeKernels, native_apply, native_gram, native_library  # package only: generated modules carry it inline
+from .kernel_native import NativeKernels, native_apply, native_library  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -213,43 +213,18 @@ class _SmallApply(torch.autograd.Function):
         gf = g.reshape(n, K, -1)
         d_mat = d_y = d_col = d_x = None
         if ctx.needs_input_grad[0]:
-            d_mat = native_gram(g, y)  # float64 sums in one pass, or a batched product
-            d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT if d_mat is None else d_mat
+            d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT
             d_mat = d_mat.tril() if tri == "lower" else d_mat.triu() if tri == "upper" else d_mat
             d_mat = (d_mat if mat.dim() == 3 else d_mat.sum(0)).to(mat.dtype)
         if ctx.needs_input_grad[1]:
             flip = {"lower": "upper", "upper": "lower"}.get(tri)
             d_y = _apply(mat.mT.to(g.dtype), g, flip).to(y.dtype)
         if ctx.needs_input_grad[2]:
-            d_col = native_gram(g, x[:, None])
             # as x gᵀ, (n, 1, N) @ (n, N, K): 5x cheaper than g x, (n, K, N) @ (n, N, 1), at N = 3072
-            d_col = (x.reshape(n, 1, -1).to(g.dtype) @ gf.mT).squeeze(1) if d_col is None else d_col[:, :, 0]
-            d_col = d_col.to(col.dtype)
+            d_col = (x.reshape(n, 1, -1).to(g.dtype) @ gf.mT).squeeze(1).to(col.dtype)
         if ctx.needs_input_grad[3]:
             d_x = (_col(col.to(g.dtype), g) * g).sum(1).to(x.dtype)
         return d_mat, d_y, d_col, d_x, None
-
-
-def _gram(d):
-    """d dᵀ per example for d (B, K, N): native float64 sums for float32 CPU tensors (rounded to
-    d's dtype), else a batched product; with a graph, the backward is one apply (g + gᵀ) d."""
-    if torch.is_grad_enabled() and d.requires_grad:
-        return _Gram.apply(d)
-    return _Gram.forward(None, d)
-
-
-class _Gram(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, d):
-        if ctx is not None:
-            ctx.save_for_backward(d)
-        out = native_gram(d)
-        return torch.matmul(d, d.mT) if out is None else out.to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (d,) = ctx.saved_tensors
-        return _apply((g + g.mT).to(d.dtype), d)
 
 
 def _cholesky_small(S):
@@ -903,7 +878,7 @@ class DiffusionBase(torch.nn.Module):
         diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
         # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j>: one K x K Gram matrix per
         # example (a reduction over the data) instead of a batched K x K apply to diff
-        gram = _gram(diff)
+        gram = torch.matmul(diff, diff.mT)
         score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()

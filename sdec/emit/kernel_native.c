@@ -361,33 +361,3 @@ void sdec_apply_f32(int B, int K, long N, const float *mat, int mat_stride,
         }
     }
 }
-
-/* Per-example Gram products in float64: out[b, i, j] = sum_n a[b, i, n] c[b, j, n] for a
-   (B, Ka, N) and c (B, Kc, N); with c == a (sym = 1) only j <= i is summed and mirrored, so
-   the result is exactly symmetric.  Four partial sums per product. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void sdec_gram_f32(int B, int Ka, int Kc, long N, const float *a, const float *c, int sym,
-                   double *out)
-{
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < Ka; i++)
-            for (int j = 0; j < (sym ? i + 1 : Kc); j++) {
-                const float *p = a + ((long)b * Ka + i) * N, *q = c + ((long)b * Kc + j) * N;
-                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-                long n = 0;
-                for (; n + 4 <= N; n += 4) {
-                    s0 += (double)p[n] * q[n];
-                    s1 += (double)p[n + 1] * q[n + 1];
-                    s2 += (double)p[n + 2] * q[n + 2];
-                    s3 += (double)p[n + 3] * q[n + 3];
-                }
-                for (; n < N; n++)
-                    s0 += (double)p[n] * q[n];
-                double v = (s0 + s1) + (s2 + s3);
-                out[((long)b * Ka + i) * Kc + j] = v;
-                if (sym)
-                    out[((long)b * Ka + j) * Kc + i] = v;
-            }
-}
