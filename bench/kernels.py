@@ -341,11 +341,17 @@ def elbo_table(reps):
         opt = torch.optim.SGD(params, lr=1e-4) if params else None
         gen = torch.Generator().manual_seed(1)
         start = [p.detach().clone() for p in params]
+        count = [0]
 
-        def step(proc=proc, opt=opt, gen=gen, params=params, start=start):
-            with torch.no_grad():  # every step from the initial process: with a zero score the
-                for p, v in zip(params, start):  # SGD steps would grow D (and the squarings)
-                    p.copy_(v)                   # the longer the benchmark ran
+        def step(proc=proc, opt=opt, gen=gen, params=params, start=start, count=count):
+            # every step from (nearly) the initial process: with a zero score the SGD steps
+            # would grow D (and the squarings) the longer the benchmark ran; the offset makes
+            # each step's parameters new values, as in training (the importance table and the
+            # cached values are rebuilt, as after an optimizer step)
+            count[0] += 1
+            with torch.no_grad():
+                for p, v in zip(params, start):
+                    p.copy_(v + 1e-9 * count[0])
             terms = proc.elbo(x, lambda y, t: torch.zeros_like(y), time_sampler="importance",
                               generator=gen)
             if opt is not None:

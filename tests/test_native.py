@@ -71,7 +71,7 @@ def test_native_adjoint_matches_central_differences(monkeypatch):
     W = [torch.randn(5, 3, 3, dtype=F64, generator=gen) for _ in range(4)] + [torch.randn(5, dtype=F64, generator=gen)]
 
     def loss(A, S):
-        out = kernel_native.NativeKernels.apply(A, S @ S.mT, c["S0"], s, j, c["radius"], 48)
+        out = kernel_native.NativeKernels.apply(A, S @ S.mT, c["S0"], s, j, c["radius"], c["norm"], 48)
         assert bool(out[5].all())
         return sum((w * o).sum() for w, o in zip(W, out[:5]))
 

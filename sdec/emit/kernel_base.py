@@ -492,7 +492,7 @@ class DiffusionBase(torch.nn.Module):
         evaluates all three."""
         A, D = self._A_D()
         norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
-        c = {"A": A, "D": D, "S0": self._sigma0(hybrid), "native": self._native_ok(),
+        c = {"A": A, "D": D, "S0": self._sigma0(hybrid), "native": self._native_ok(), "norm": norm,
              "radius": _SERIES_TAU / norm if norm > 0 else math.inf,
              "s_T": float(self._B_at([self.T]).detach().max())}
         if not c["native"]:
@@ -596,7 +596,7 @@ class DiffusionBase(torch.nn.Module):
         j = self._squarings(s, c, s_max)
         if c["native"] and not s.requires_grad:
             Phi, Sig, L, Li, _, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
-                                                         _SERIES_TERMS)
+                                                         c["norm"], _SERIES_TERMS)
             Sig._sdec_factors = (L, Li, ok)  # read by _cholesky and _inverse_T
             closed = self._phi_closed(s) if j > 0 else None
             if closed is not None:  # the lowering's closed form above the series radius

@@ -72,6 +72,20 @@ INLINE void taylor_weights(int n, double s, double *w)
         w[k] = w[k - 1] * s / k;
 }
 
+/* Terms of the series at h: the first k with (2 x)^k / k! <= 1e-24, x = |h| ||A||_2 (the
+   global truncation bound of the 48-term series at s ||A||_2 = 3, kernel_base's doc), plus
+   2 K - 1 terms, the highest order at which an entry of Sigma can start (structurally small
+   entries such as CLD's s^3 keep that bound relative to their own leading term); at most n. */
+INLINE int terms_at(int K, int n, double h, double anorm)
+{
+    double x2 = 2.0 * fabs(h) * anorm, b = 1.0;
+    int k = 0;
+    while (k < n && b > 1e-24)
+        b *= x2 / ++k;
+    k += 2 * K - 1;
+    return k < n ? k : n;
+}
+
 /* out = sum_k w_k C_k */
 INLINE void series(int K, int n, const double *w, const double *C, double *out)
 {
@@ -86,7 +100,7 @@ INLINE void chain(int K, int n, int j, double h, const double *P, const double *
                   double *Pc, double *Sc, double *X)
 {
     int KK = K * K;
-    taylor_weights(n, h, w);
+    taylor_weights(n, h, w);  /* n: the terms at h (terms_at) */
     series(K, n, w, P, Pc);
     series(K, n, w, N, Sc);
     for (int l = 0; l < j; l++) {
@@ -156,7 +170,7 @@ INLINE int alloc_work(int K, int n, int j, work *wk)
 }
 
 /* returns 0 on success, -1 on allocation failure */
-INLINE int forward_impl(int K, int n, int j, double radius, int m, const double *A,
+INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
                          double *Sig, double *L, double *Li, double *hld, int *ok)
 {
@@ -168,11 +182,13 @@ INLINE int forward_impl(int K, int n, int j, double radius, int m, const double 
     for (int i = 0; i < m; i++) {
         double *Ph = Phi + i * KK, *Sg = Sig + i * KK;
         if (fabs(s[i]) <= radius) {
-            taylor_weights(n, s[i], wk.w);
-            series(K, n, wk.w, wk.P, Ph);
-            series(K, n, wk.w, wk.M, Sg);
+            int ni = terms_at(K, n, s[i], anorm);
+            taylor_weights(ni, s[i], wk.w);
+            series(K, ni, wk.w, wk.P, Ph);
+            series(K, ni, wk.w, wk.M, Sg);
         } else {
-            chain(K, n, j, ldexp(s[i], -j), wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            double h = ldexp(s[i], -j);
+            chain(K, terms_at(K, n, h, anorm), j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             const double *Pj = wk.Pc + j * KK;
             memcpy(Ph, Pj, sizeof(double) * KK);
             gemm(K, 0, Pj, 0, S0, 0.0, wk.X);
@@ -191,7 +207,7 @@ INLINE int forward_impl(int K, int n, int j, double radius, int m, const double 
 /* adjoint of the forward above with respect to A and D (accumulated into gA, gD, which
    the caller zeroes); gPhi, gSig, gL, gLi are (m, K, K), ghld (m).  L and Li are the
    forward's outputs (every ok[i] = 1). */
-INLINE int backward_impl(int K, int n, int j, double radius, int m, const double *A,
+INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m, const double *A,
                           const double *D, const double *S0, const double *s, const double *L,
                           const double *Li, const double *gPhi, const double *gSig,
                           const double *gL, const double *gLi, const double *ghld, double *gA,
@@ -231,15 +247,17 @@ INLINE int backward_impl(int K, int n, int j, double radius, int m, const double
             for (int b = 0; b < K; b++)
                 gS[a * K + b] = 0.5 * (U[a * K + b] + U[b * K + a] + gSg[a * K + b] + gSg[b * K + a]);
         if (fabs(s[i]) <= radius) {
-            taylor_weights(n, s[i], wk.w);
-            for (int k = 0; k < n; k++) {
+            int ni = terms_at(K, n, s[i], anorm);
+            taylor_weights(ni, s[i], wk.w);
+            for (int k = 0; k < ni; k++) {
                 axpy(KK, wk.w[k], gPhi + i * KK, gP + k * KK);
                 axpy(KK, wk.w[k], gS, gM + k * KK);
             }
             continue;
         }
         double h = ldexp(s[i], -j);
-        chain(K, n, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+        int nh = terms_at(K, n, h, anorm);
+        chain(K, nh, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
         /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
         const double *Pj = wk.Pc + j * KK;
         double *Pb = U, *Sb = V;
@@ -260,8 +278,8 @@ INLINE int backward_impl(int K, int n, int j, double radius, int m, const double
             memcpy(Pb, wk.Y, sizeof(double) * KK);
             gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
         }
-        taylor_weights(n, h, wk.w);
-        for (int k = 0; k < n; k++) {
+        taylor_weights(nh, h, wk.w);
+        for (int k = 0; k < nh; k++) {
             axpy(KK, wk.w[k], Pb, gP + k * KK);
             axpy(KK, wk.w[k], Sb, gN + k * KK);
         }
@@ -298,29 +316,29 @@ INLINE int backward_impl(int K, int n, int j, double radius, int m, const double
 }
 
 /* Entry points: K = 2, 3, 4 get copies of the code with K a constant (unrolled loops). */
-int sdec_kernels_forward(int K, int n, int j, double radius, int m, const double *A,
+int sdec_kernels_forward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
                          double *Sig, double *L, double *Li, double *hld, int *ok)
 {
     switch (K) {
-    case 2: return forward_impl(2, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    case 3: return forward_impl(3, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    case 4: return forward_impl(4, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    default: return forward_impl(K, n, j, radius, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    case 2: return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    case 3: return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    case 4: return forward_impl(4, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    default: return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
     }
 }
 
-int sdec_kernels_backward(int K, int n, int j, double radius, int m, const double *A,
+int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                           const double *D, const double *S0, const double *s, const double *L,
                           const double *Li, const double *gPhi, const double *gSig,
                           const double *gL, const double *gLi, const double *ghld, double *gA,
                           double *gD)
 {
     switch (K) {
-    case 2: return backward_impl(2, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    case 3: return backward_impl(3, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    case 4: return backward_impl(4, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    default: return backward_impl(K, n, j, radius, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    case 2: return backward_impl(2, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    case 3: return backward_impl(3, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    case 4: return backward_impl(4, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    default: return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
     }
 }
 

@@ -59,8 +59,8 @@ def _native_build():
                     os.remove(leftover)
     lib = ctypes.CDLL(path)
     i, d, p = ctypes.c_int, ctypes.c_double, ctypes.c_void_p
-    lib.sdec_kernels_forward.argtypes = [i, i, i, d, i] + [p] * 10
-    lib.sdec_kernels_backward.argtypes = [i, i, i, d, i] + [p] * 13
+    lib.sdec_kernels_forward.argtypes = [i, i, i, d, d, i] + [p] * 10
+    lib.sdec_kernels_backward.argtypes = [i, i, i, d, d, i] + [p] * 13
     lib.sdec_kernels_forward.restype = lib.sdec_kernels_backward.restype = i
     lib.sdec_apply_f32.argtypes = [i, i, ctypes.c_long, p, i, p, p, p, i, p]
     lib.sdec_apply_f32.restype = None
@@ -88,24 +88,24 @@ def _ptr(t):
 
 
 class NativeKernels(torch.autograd.Function):
-    """(A, D, S0, s, j, radius, terms) -> Φ, Σ, L, L⁻¹, Σ_k log L_kk (each per s) and ok
+    """(A, D, S0, s, j, radius, anorm, terms) -> Φ, Σ, L, L⁻¹, Σ_k log L_kk (each per s) and ok
     (int32, 0 where Σ's Cholesky pivot is not > 0; L, L⁻¹ are then zero from that row).
     A, D, S0 (K, K) and s (m,) are float64 on the CPU; D and S0 symmetric.  Gradients reach A
     and D (the adjoint for symmetric changes of D); s and S0 are constants."""
 
     @staticmethod
-    def forward(ctx, A, D, S0, s, j, radius, terms):
+    def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
         lib = native_library()
         A, D, S0, s = (v.detach().contiguous() for v in (A, D, S0, s))
         K, m = A.shape[-1], s.shape[0]
         Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
         hld = A.new_empty(m)
         ok = torch.empty(m, dtype=torch.int32)
-        rc = lib.sdec_kernels_forward(K, terms, j, radius, m, *map(_ptr, (A, D, S0, s, Phi, Sig, L, Li, hld, ok)))
+        rc = lib.sdec_kernels_forward(K, terms, j, radius, anorm, m, *map(_ptr, (A, D, S0, s, Phi, Sig, L, Li, hld, ok)))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         ctx.save_for_backward(A, D, S0, s, L, Li)
-        ctx.j, ctx.radius, ctx.terms = j, radius, terms
+        ctx.j, ctx.radius, ctx.anorm, ctx.terms = j, radius, anorm, terms
         ctx.mark_non_differentiable(ok)
         return Phi, Sig, L, Li, hld, ok
 
@@ -116,11 +116,11 @@ class NativeKernels(torch.autograd.Function):
         A, D, S0, s, L, Li = ctx.saved_tensors
         grads = [g.to(torch.float64).contiguous() for g in (gPhi, gSig, gL, gLi, ghld)]
         gA, gD = torch.zeros_like(A), torch.zeros_like(D)
-        rc = lib.sdec_kernels_backward(A.shape[-1], ctx.terms, ctx.j, ctx.radius, s.shape[0],
+        rc = lib.sdec_kernels_backward(A.shape[-1], ctx.terms, ctx.j, ctx.radius, ctx.anorm, s.shape[0],
                                        *map(_ptr, (A, D, S0, s, L, Li, *grads, gA, gD)))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        return gA, gD, None, None, None, None, None
+        return gA, gD, None, None, None, None, None, None
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
