@@ -175,3 +175,15 @@ def test_apply_gradients_with_the_native_forward_match_float64_autograd():
     for got, ref in ((L.grad, L64.grad), (col.grad, col64.grad)):
         assert float((got.double() - ref).abs().max()) < 1e-4 * float(ref.abs().max())
         assert float(ref.abs().max()) > 0
+
+
+@pytest.mark.parametrize("tri", [None, "lower", "upper"])
+def test_native_gram_matches_a_float64_product(tri):
+    gen = torch.Generator().manual_seed(7)
+    a, c = torch.randn(4, 3, 2, 13, generator=gen), torch.randn(4, 2, 2, 13, generator=gen)
+    ref = a.double().reshape(4, 3, -1) @ c.double().reshape(4, 2, -1).mT
+    ref = ref.tril() if tri == "lower" else ref.triu() if tri == "upper" else ref
+    got = kernel_native.native_gram(a, c, tri)
+    assert got.dtype == torch.float32 and got.shape == (4, 3, 2)
+    assert float((got.double() - ref).abs().max()) < 1e-5
+    assert kernel_native.native_gram(a.double(), c.double()) is None

@@ -68,7 +68,7 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import NativeKernels, native_apply, native_library  # package only: generated modules carry it inline
+from .kernel_native import NativeKernels, native_apply, native_gram, native_library  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -213,8 +213,10 @@ class _SmallApply(torch.autograd.Function):
         gf = g.reshape(n, K, -1)
         d_mat = d_y = d_col = d_x = None
         if ctx.needs_input_grad[0]:
-            d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT
-            d_mat = d_mat.tril() if tri == "lower" else d_mat.triu() if tri == "upper" else d_mat
+            d_mat = native_gram(g, y, tri)  # one pass, only the triangle (float32 CPU), or:
+            if d_mat is None:
+                d_mat = gf @ y.reshape(n, K, -1).to(g.dtype).mT
+                d_mat = d_mat.tril() if tri == "lower" else d_mat.triu() if tri == "upper" else d_mat
             d_mat = (d_mat if mat.dim() == 3 else d_mat.sum(0)).to(mat.dtype)
         if ctx.needs_input_grad[1]:
             flip = {"lower": "upper", "upper": "lower"}.get(tri)

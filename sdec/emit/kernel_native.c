@@ -379,3 +379,33 @@ void sdec_apply_f32(int B, int K, long N, const float *mat, int mat_stride,
         }
     }
 }
+
+/* Per-example products out[b, i, j] = sum_n a[b, i, n] c[b, j, n] for float32 a (B, Ka, N)
+   and c (B, Kc, N) (the gradients of the state apply's matrix and column), in float32 like
+   torch's batched products: eight running sums per product (one vector register), added
+   pairwise at the end.  tri = -1 / 1 sums only j <= i / j >= i (the rest is left zero). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_gram_f32(int B, int Ka, int Kc, long N, const float *a, const float *c, int tri,
+                   float *out)
+{
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < Ka; i++)
+            for (int j = 0; j < Kc; j++) {
+                float *o = out + ((long)b * Ka + i) * Kc + j;
+                if ((tri < 0 && j > i) || (tri > 0 && j < i)) {
+                    *o = 0.0f;
+                    continue;
+                }
+                const float *p = a + ((long)b * Ka + i) * N, *q = c + ((long)b * Kc + j) * N;
+                float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+                long n = 0;
+                for (; n + 8 <= N; n += 8)
+                    for (int l = 0; l < 8; l++)
+                        acc[l] += p[n + l] * q[n + l];
+                for (; n < N; n++)
+                    acc[n % 8] += p[n] * q[n];
+                *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            }
+}

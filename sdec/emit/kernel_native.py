@@ -64,6 +64,8 @@ def _native_build():
     lib.sdec_kernels_forward.restype = lib.sdec_kernels_backward.restype = i
     lib.sdec_apply_f32.argtypes = [i, i, ctypes.c_long, p, i, p, p, p, i, p]
     lib.sdec_apply_f32.restype = None
+    lib.sdec_gram_f32.argtypes = [i, i, i, ctypes.c_long, p, p, i, p]
+    lib.sdec_gram_f32.restype = None
     return lib
 
 
@@ -150,4 +152,23 @@ def native_apply(mat, y, tri, col, x):
     lib.sdec_apply_f32(B, K, N, _ptr(mat), K * K if mat.dim() == 3 else 0, _ptr(y),
                        None if col is None else _ptr(col), None if x is None else _ptr(x),
                        _TRI[tri], _ptr(out))
+    return out
+
+
+def native_gram(a, c, tri=None):
+    """(B, Ka, Kc) products Σ_n a[:, i, n] c[:, j, n] of float32 CPU tensors a (B, Ka, *data) and
+    c (B, Kc, *data) in float32 (tri "lower" / "upper": that triangle only, the rest zero), or
+    None where torch must do it."""
+    if (a.dtype != torch.float32 or c.dtype != torch.float32 or a.device.type != "cpu"
+            or c.device.type != "cpu" or a.dim() < 2 or c.dim() < 2 or a.shape[0] != c.shape[0]
+            or a.shape[2:] != c.shape[2:]):
+        return None
+    lib = native_library()
+    if lib is None:
+        return None
+    B, Ka, Kc = a.shape[0], a.shape[1], c.shape[1]
+    a, c = a.contiguous(), c.contiguous()
+    out = torch.empty(B, Ka, Kc, dtype=torch.float32)
+    N = a[0, 0].numel() if B and Ka else 0
+    lib.sdec_gram_f32(B, Ka, Kc, N, _ptr(a), _ptr(c), _TRI[tri], _ptr(out))
     return out
