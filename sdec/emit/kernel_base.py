@@ -384,7 +384,8 @@ class DiffusionBase(torch.nn.Module):
 
     def _snapshot(self):
         """What cached values are built from: T and a copy of every parameter and buffer."""
-        return self.T, [(name, v.detach().clone()) for name, v in self._state_tensors()]
+        with torch.no_grad():  # a clone without a graph, one op per tensor
+            return self.T, [(name, v.clone()) for name, v in self._state_tensors()]
 
     def _unchanged_since(self, snapshot):
         """True iff T and every parameter and buffer (name, dtype, device, shape and values)
@@ -597,9 +598,9 @@ class DiffusionBase(torch.nn.Module):
         c = self._coeffs(hybrid)
         j = self._squarings(s, c, s_max)
         if c["native"] and not s.requires_grad:
-            Phi, Sig, L, Li, _, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
+            Phi, Sig, L, Li, hld, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
                                                          c["norm"], _SERIES_TERMS)
-            Sig._sdec_factors = (L, Li, ok)  # read by _cholesky and _inverse_T
+            Sig._sdec_factors = (L, Li, hld, ok)  # read by _cholesky, _inverse_T, _log_det
             closed = self._phi_closed(s) if j > 0 else None
             if closed is not None:  # the lowering's closed form above the series radius
                 Phi = torch.where((s.detach().abs() <= c["radius"])[:, None, None], Phi, closed.to(torch.float64))
@@ -634,8 +635,8 @@ class DiffusionBase(torch.nn.Module):
     def _cholesky(self, Sig, t64):
         native = getattr(Sig, "_sdec_factors", None)
         if native is not None:  # Σ from the native pipeline, which factored it
-            L, Li, ok = native
-            L._sdec_inverse = Li
+            L, Li, hld, ok = native
+            L._sdec_inverse, L._sdec_half_log_det = Li, hld
             bad = ok == 0
         elif self.K == 1:
             L = torch.sqrt(Sig)
@@ -660,6 +661,14 @@ class DiffusionBase(torch.nn.Module):
                 f"eigenvalue {lam:.3e}. The kernel is singular as t -> 0: use a larger "
                 f"t_min (currently {self.t_min}).")
         return L
+
+    @staticmethod
+    def _log_det(L):
+        """log det Σ from its (n, K, K) Cholesky factors (the native pipeline's sum, if it made L)."""
+        half = getattr(L, "_sdec_half_log_det", None)
+        if half is not None:
+            return 2.0 * half
+        return 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
 
     def _kernel_factors(self, t, hybrid):
         """Φ, L = chol Σ and L⁻ᵀ in float64 for flat t (any float dtype)."""
@@ -716,9 +725,9 @@ class DiffusionBase(torch.nn.Module):
         L = self._cholesky(Sig, t64)
         Li = getattr(L, "_sdec_inverse", None)  # the native pipeline's L⁻¹, else built on use
         memo[("factors", id(t), True)] = (t, t._version, [Phi[:n], L[:n], None if Li is None else Li[:n].mT])
-        R = (2.0 * torch.log(L[n:].diagonal(dim1=-2, dim2=-1)).sum(-1)
-             - 2.0 * self._A_D()[0].diagonal().sum() * B[n:])
+        R = self._log_det(L)[n:] - 2.0 * self._A_D()[0].diagonal().sum() * B[n:]
         memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
+        memo[("B_ends", t_min)] = B[n:]
         memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
 
     def _batch_time(self, t, n, like):
@@ -823,8 +832,7 @@ class DiffusionBase(torch.nn.Module):
         (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
         B = self._B(t64)
         L = self._cholesky(self._phi_sigma(B, True, s_max)[1], t64)
-        logdet = 2.0 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
-        return logdet - 2.0 * self._A_D()[0].diagonal().sum() * B
+        return self._log_det(L) - 2.0 * self._A_D()[0].diagonal().sum() * B
 
     def _score_norm_per_dim(self, t_min):
         """½ ∫_{t_min}^T tr(Σ_t⁻¹ G Gᵀ) dt = ½ (R(T) - R(t_min)): two Cholesky factors."""
@@ -884,7 +892,8 @@ class DiffusionBase(torch.nn.Module):
         score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
-        B = self._B_at([t_min, self.T])
+        B = self._call_memo.get(("B_ends", t_min))  # set by _elbo_kernels
+        B = self._B_at([t_min, self.T]) if B is None else B
         ones = x.new_ones(n)
         return ELBOTerms(
             prior=self._prior_term(x), score=score,

@@ -98,7 +98,7 @@ class NativeKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
         lib = native_library()
-        A, D, S0, s = (v.detach().contiguous() for v in (A, D, S0, s))
+        A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))  # (forward runs without grad)
         K, m = A.shape[-1], s.shape[0]
         Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
         hld = A.new_empty(m)
