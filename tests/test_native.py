@@ -126,7 +126,7 @@ def test_library_is_built_once_per_source(monkeypatch, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == built
 
 
-@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
 @pytest.mark.parametrize("tri", [None, "lower", "upper"])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("with_col", [True, False])
@@ -139,8 +139,9 @@ def test_native_apply_matches_a_float64_product(K, tri, batched, with_col):
     y = torch.randn((B, K) + shape, generator=gen)
     col = torch.randn(B, K, generator=gen) if with_col else None
     x = torch.randn((B,) + shape, generator=gen) if with_col else None
-    assert kernel_native.native_apply(mat, y, tri, col, x) is not None
-    out = _apply(mat, y, tri, col, x)
+    native = kernel_native.native_apply(mat, y, tri, col, x)
+    out = _apply(mat, y, tri, col, x)  # the native pass for K <= 4, torch.matmul above
+    assert float((native - out).abs().max()) < 1e-5 * max(1.0, float(out.abs().max()))
     ref = mat.double().expand(B, K, K) @ y.double().reshape(B, K, -1)
     if with_col:
         ref = ref + col.double()[:, :, None] * x.double().reshape(B, 1, -1)
@@ -154,6 +155,7 @@ def test_native_apply_declines_what_it_does_not_cover():
     assert kernel_native.native_apply(torch.randn(3, 2, 2, dtype=F64), y, None, None, None) is None
     assert kernel_native.native_apply(torch.randn(3, 2, 2), y.double(), None, None, None) is None
     assert kernel_native.native_apply(torch.randn(1, 2, 2), y, None, None, None) is None  # broadcast batch
+    assert kernel_native.native_apply(torch.randn(3, 1, 1), torch.randn(3, 1, 4), None, None, None) is None  # K = 1
 
 
 def test_apply_gradients_with_the_native_forward_match_float64_autograd():

@@ -38,11 +38,16 @@ correctly rounded Σ is off by 5e-6 in its own scale at t = 1e-3 and is indefini
 
 K = 1 has a closed form at every s (``_scalar``).
 
-Speed.  For K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
-multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky factors and triangular
-inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call each, with autograd's
-backward), of more (the importance table's bin edges) entry by entry across the batch; and
-``perturb`` computes the mean, the score and L⁻ᵀ only when they are read.  No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
+Speed.  On the CPU, K > 1, Φ, Σ, L = chol Σ, L⁻¹ and log det Σ of a batch come from the
+native pipeline (kernel_native: the same method in C, its exact adjoint in one backward call;
+a closed-form Φ still replaces the squared one above the series radius), and float32 state
+applies are one native pass over the data.  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
+for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
+multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
+factors and triangular inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call
+each, with autograd's backward), of more (the importance table's bin edges) entry by entry
+across the batch.  ``perturb`` computes the mean, the score and L⁻ᵀ only when they are read.
+No jitter is ever added: a failed Cholesky factorisation raises CholeskyError.
 
 Caching.  Quantities that do not depend on the batch (A, D, the series coefficients, the
 score-norm integral, the importance-sampling table) are cached while no gradient into the

@@ -1,10 +1,12 @@
-/* sdec's native K x K pipeline (see kernel_base.py, "Native pipeline").
+/* sdec's native K x K pipeline and state apply (loaded by kernel_native.py; the method is
+   kernel_base.py's, whose module doc has the numerics).
 
    For a batch of s = B(t), from A, D (K x K, float64, row-major) and Sigma0:
      Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
-   |s| <= radius, else the series at h = s 2^-j and j doublings), and the reverse-mode
-   adjoint of all five outputs with respect to A and D.
+   |s| <= radius, else the series at h = s 2^-j and j doublings; each series with the terms
+   its element needs, terms_at), and the reverse-mode adjoint of all five outputs with
+   respect to A and D.  After them: the float32 state apply and its gradient's products.
 
    Series coefficients: P_k = A^k, M_k (from Sigma0) and N_k (from 0):
      M_0 = Sigma0, M_1 = A Sigma0 + Sigma0 A^T + 2 D, M_{k+1} = A M_k + M_k A^T,

@@ -1,17 +1,22 @@
-"""The native K x K pipeline: Φ, Σ, L = chol Σ, L⁻¹ and log det Σ for a batch of times, with
-their reverse-mode adjoint, as two calls into a small C library (kernel_native.c).
+"""The native K x K pipeline and state apply: a small C library (kernel_native.c) called
+through ctypes.
 
-The torch path issues ~250 small ATen ops (series coefficients, Taylor products, squarings,
-Cholesky, triangular solves) and as many backward nodes for one learned ELBO step, each a
-few µs of dispatch on a 3 x 3 matrix.  The C code runs the same method (the series about
-s = 0 where |s| <= radius, else the series at s 2^-j and j doublings; see kernel_base) in
-float64 loops and its exact adjoint, so a step costs two calls.  Results agree with the torch
-path to rounding (tests/test_native.py).
+NativeKernels: Φ, Σ, L = chol Σ, L⁻¹ and log det Σ for a batch of s = B(t), and their exact
+reverse-mode adjoint into A and D, in one call each.  The torch path issues a few hundred
+small ATen ops (series coefficients, Taylor products, squarings, Cholesky, triangular
+solves) and as many backward nodes per learned ELBO step, each a few µs of dispatch on a
+3 x 3 matrix.  The C code runs the same method (the series about s = 0 where |s| <= radius,
+else the series at s 2^-j and j doublings; see kernel_base) in float64 loops, with the terms
+each element needs (terms_at in the C source), and agrees with the torch path to rounding
+(tests/test_native.py).
+
+native_apply: y[:, i] = Σ_j M[:, i, j] y[:, j] + col[:, i] x for float32 CPU states in one pass
+over the data; native_gram: the per-example products Σ_n g_i y_j of its matrix gradient.
 
 The library is compiled once per machine with the C compiler ($CC, default cc) into the
 compiled-module cache ($SDEC_CACHE, else <tmp>/sdec-cache-<uid>), named by the hash of its
-source, compiler and platform.  Without a compiler (or with SDEC_NATIVE=0) every process
-uses the torch path, with one warning when a compiler was expected but failed.  CPU only.
+source, compiler and platform.  Without a compiler (or with SDEC_NATIVE=0) the torch path
+runs, with one warning when building failed.  CPU only.
 """
 import ctypes
 import hashlib
@@ -130,9 +135,11 @@ _TRI = {None: 0, "lower": -1, "upper": 1}
 
 def native_apply(mat, y, tri, col, x):
     """out[:, i] = Σ_j mat[..., i, j] y[:, j] + col[:, i] x in one pass over the data, for float32
-    CPU states (no graph), or None where the torch ops must run (another dtype or device, or
-    no library)."""
-    if y.dtype != torch.float32 or y.device.type != "cpu" or mat.dtype != torch.float32:
+    CPU states (no graph) with K >= 2, or None where the torch ops must run (another dtype or
+    device, no library, or K = 1, whose two torch passes measured as fast: vpsde perturb 2.55
+    vs 2.61 ms)."""
+    if (y.dtype != torch.float32 or y.device.type != "cpu" or mat.dtype != torch.float32
+            or y.dim() < 2 or y.shape[1] < 2):
         return None
     if col is not None and (col.dtype != torch.float32 or x.dtype != torch.float32 or col.dim() != 2):
         return None
