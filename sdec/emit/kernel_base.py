@@ -40,8 +40,9 @@ K = 1 has a closed form at every s (``_scalar``).
 
 Speed.  On the CPU, K > 1, Φ, Σ, L = chol Σ, L⁻¹ and log det Σ of a batch come from the
 native pipeline (kernel_native: the same method in C, its exact adjoint in one backward call;
-a closed-form Φ still replaces the squared one above the series radius), and float32 state
-applies are one native pass over the data.  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
+its squared Φ also where the lowering found a closed form, which it matches to 1.1e-15 on
+CLD and which costs more ops than the whole native call), and float32 state applies with
+K >= 2 are one native pass over the data.  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
 for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
 factors and triangular inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call
@@ -606,10 +607,7 @@ class DiffusionBase(torch.nn.Module):
             Phi, Sig, L, Li, hld, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
                                                          c["norm"], _SERIES_TERMS)
             Sig._sdec_factors = (L, Li, hld, ok)  # read by _cholesky, _inverse_T, _log_det
-            closed = self._phi_closed(s) if j > 0 else None
-            if closed is not None:  # the lowering's closed form above the series radius
-                Phi = torch.where((s.detach().abs() <= c["radius"])[:, None, None], Phi, closed.to(torch.float64))
-            return Phi, Sig
+            return Phi, Sig  # Φ squared, also where a closed form exists (CLD: within 1.1e-15 of it)
         if j == 0:
             return self._series(s, c)
         m = s.shape[0]
