@@ -317,17 +317,18 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
     return 0;
 }
 
-/* Entry points: K = 2, 3, 4 get copies of the code with K a constant (unrolled loops). */
+/* Entry points: K = 2 and 3 (every shipped spec with auxiliaries) get copies of the code with
+   K a constant, whose loops unroll; other K share one copy (more copies cost compile time:
+   about 2.5 s each at -O3). */
 int sdec_kernels_forward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
                          double *Sig, double *L, double *Li, double *hld, int *ok)
 {
-    switch (K) {
-    case 2: return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    case 3: return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    case 4: return forward_impl(4, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    default: return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    }
+    if (K == 2)
+        return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    if (K == 3)
+        return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
 }
 
 int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int m, const double *A,
@@ -336,12 +337,11 @@ int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int 
                           const double *gL, const double *gLi, const double *ghld, double *gA,
                           double *gD)
 {
-    switch (K) {
-    case 2: return backward_impl(2, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    case 3: return backward_impl(3, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    case 4: return backward_impl(4, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    default: return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    }
+    if (K == 2)
+        return backward_impl(2, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    if (K == 3)
+        return backward_impl(3, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+    return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
 }
 
 /* The state apply for float32 states: out[b, i] = sum_j mat[b, i, j] y[b, j] + col[b, i] x[b]
