@@ -9,8 +9,9 @@ factors are computed once; then, interleaved in one process and each with a fres
 ``randn(B, K, 3, 32, 32)``:
 
 - floor: ``z = randn; z *= b; z += a * x`` (as in bench/kernels.py);
-- eager: sdec's ``_apply(L, eps, "lower", Φ[:, :, 0], x)`` (one multiply-add per nonzero
-  diagonal of L and one for Φ's first column, each a pass over the data);
+- eager: sdec's ``_apply(L, eps, "lower", Φ[:, :, 0], x)``: on the CPU in float32 the native
+  one-pass apply (kernel_native.c), else one multiply-add per nonzero diagonal of L and one
+  for Φ's first column, each a pass over the data (``SDEC_NATIVE=0`` measures those);
 - fused: y_i = Φ_i0 x + Σ_{j <= i} L_ij eps_j written per row and compiled by torch.compile,
   which emits one loop over the data.
 
