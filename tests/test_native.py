@@ -189,3 +189,24 @@ def test_native_gram_matches_a_float64_product(tri):
     assert got.dtype == torch.float32 and got.shape == (4, 3, 2)
     assert float((got.double() - ref).abs().max()) < 1e-5
     assert kernel_native.native_gram(a.double(), c.double()) is None
+
+
+
+
+class _Transition(torch.nn.Module):
+    def __init__(self, proc):
+        super().__init__()
+        self.proc = proc
+
+    def forward(self):
+        return self.proc.transition(torch.tensor([0.3, 0.9], dtype=F64))[1].sum()
+
+
+def test_torch_func_transforms_get_a_clear_error_and_the_torch_path_works(monkeypatch):
+    def grad_of(proc):
+        theta = proc.theta_Q.detach().clone()
+        return torch.func.grad(lambda th: torch.func.functional_call(_Transition(proc), {"proc.theta_Q": th}, ()))(theta)
+    with pytest.raises(RuntimeError, match="SDEC_NATIVE=0"):
+        grad_of(compiled("learned3", monkeypatch, True))
+    g = grad_of(compiled("learned3", monkeypatch, False))
+    assert bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0

@@ -94,6 +94,17 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _pointers(*tensors):
+    """The data pointers of plain CPU tensors; a clear error for the storage-less tensors of
+    torch.func transforms, which the C code cannot read."""
+    try:
+        return [_ptr(v) for v in tensors]
+    except RuntimeError as err:
+        raise RuntimeError(f"sdec: the native K x K pipeline needs plain CPU tensors ({err}); "
+                           f"under torch.func transforms (grad, vmap, jacrev) set SDEC_NATIVE=0 "
+                           f"for the torch path") from None
+
+
 class NativeKernels(torch.autograd.Function):
     """(A, D, S0, s, j, radius, anorm, terms) -> Φ, Σ, L, L⁻¹, Σ_k log L_kk (each per s) and ok
     (int32, 0 where Σ's Cholesky pivot is not > 0; L, L⁻¹ are then zero from that row).
@@ -101,30 +112,35 @@ class NativeKernels(torch.autograd.Function):
     and D (the adjoint for symmetric changes of D); s and S0 are constants."""
 
     @staticmethod
-    def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
+    def forward(A, D, S0, s, j, radius, anorm, terms):
         lib = native_library()
         A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))  # (forward runs without grad)
         K, m = A.shape[-1], s.shape[0]
         Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
         hld = A.new_empty(m)
         ok = torch.empty(m, dtype=torch.int32)
-        rc = lib.sdec_kernels_forward(K, terms, j, radius, anorm, m, *map(_ptr, (A, D, S0, s, Phi, Sig, L, Li, hld, ok)))
+        rc = lib.sdec_kernels_forward(K, terms, j, radius, anorm, m,
+                                      *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        ctx.save_for_backward(A, D, S0, s, L, Li)
-        ctx.j, ctx.radius, ctx.anorm, ctx.terms = j, radius, anorm, terms
-        ctx.mark_non_differentiable(ok)
         return Phi, Sig, L, Li, hld, ok
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (separate, so torch.func reaches forward's message)
+        A, D, S0, s, j, radius, anorm, terms = inputs
+        ctx.save_for_backward(A, D, S0, s, output[2], output[3])
+        ctx.j, ctx.radius, ctx.anorm, ctx.terms = j, radius, anorm, terms
+        ctx.mark_non_differentiable(output[5])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gPhi, gSig, gL, gLi, ghld, _gok):
         lib = native_library()
-        A, D, S0, s, L, Li = ctx.saved_tensors
+        A, D, S0, s, L, Li = (v.contiguous() for v in ctx.saved_tensors)
         grads = [g.to(torch.float64).contiguous() for g in (gPhi, gSig, gL, gLi, ghld)]
         gA, gD = torch.zeros_like(A), torch.zeros_like(D)
         rc = lib.sdec_kernels_backward(A.shape[-1], ctx.terms, ctx.j, ctx.radius, ctx.anorm, s.shape[0],
-                                       *map(_ptr, (A, D, S0, s, L, Li, *grads, gA, gD)))
+                                       *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gA, gD, None, None, None, None, None, None
