@@ -606,7 +606,8 @@ class DiffusionBase(torch.nn.Module):
         if c["native"] and not s.requires_grad:
             Phi, Sig, L, Li, hld, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
                                                          c["norm"], _SERIES_TERMS)
-            Sig._sdec_factors = (L, Li, hld, ok)  # read by _cholesky, _inverse_T, _log_det
+            L._sdec_inverse, L._sdec_half_log_det = Li, hld  # read by _inverse_T and _log_det
+            Sig._sdec_factors = (L, ok)  # read by _cholesky
             return Phi, Sig  # Φ squared, also where a closed form exists (CLD: within 1.1e-15 of it)
         if j == 0:
             return self._series(s, c)
@@ -638,8 +639,7 @@ class DiffusionBase(torch.nn.Module):
     def _cholesky(self, Sig, t64):
         native = getattr(Sig, "_sdec_factors", None)
         if native is not None:  # Σ from the native pipeline, which factored it
-            L, Li, hld, ok = native
-            L._sdec_inverse, L._sdec_half_log_det = Li, hld
+            L, ok = native
             bad = ok == 0
         elif self.K == 1:
             L = torch.sqrt(Sig)
@@ -895,8 +895,7 @@ class DiffusionBase(torch.nn.Module):
         score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
-        B = self._call_memo.get(("B_ends", t_min))  # set by _elbo_kernels
-        B = self._B_at([t_min, self.T]) if B is None else B
+        B = self._call_memo[("B_ends", t_min)]  # B(t_min), B(T), from _elbo_kernels
         ones = x.new_ones(n)
         return ELBOTerms(
             prior=self._prior_term(x), score=score,

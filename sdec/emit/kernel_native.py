@@ -154,12 +154,11 @@ def native_apply(mat, y, tri, col, x):
     CPU states (no graph) with K >= 2, or None where the torch ops must run (another dtype or
     device, no library, or K = 1, whose two torch passes measured as fast: vpsde perturb 2.55
     vs 2.61 ms)."""
-    if (y.dtype != torch.float32 or y.device.type != "cpu" or mat.dtype != torch.float32
+    given = [v for v in (mat, y, col, x) if v is not None]
+    if (any(v.dtype != torch.float32 or v.device.type != "cpu" for v in given)
             or y.dim() < 2 or y.shape[1] < 2):
         return None
-    if col is not None and (col.dtype != torch.float32 or x.dtype != torch.float32 or col.dim() != 2):
-        return None
-    B, K = y.shape[0], y.shape[1] if y.dim() >= 2 else 0
+    B, K = y.shape[0], y.shape[1]
     if mat.shape[-2:] != (K, K) or mat.dim() not in (2, 3) or (mat.dim() == 3 and mat.shape[0] != B):
         return None
     if col is not None and (col.shape != (B, K) or x.shape != (B,) + tuple(y.shape[2:])):
