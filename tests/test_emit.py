@@ -293,7 +293,9 @@ D = diag(0, 0, 0, 9)
 
 def test_t_min_raised_where_the_float64_series_loses_the_small_directions(monkeypatch):
     """Found by Hypothesis: noise on u reaches x, v, w at the same order, so Σ_t(x, v, w) is
-    nearly rank one at small t and the float64 kernel's Σ(1e-3 | y0) is not even PD."""
+    nearly rank one at small t and the float64 kernel's Σ(1e-3 | y0) is not even PD (on the
+    torch path; the native pipeline rounds differently and may land on a PD matrix, no more
+    accurate: the lowering raises t_min for both)."""
     from sdec.backend.lower import lower
     spec = sdec.parse(CHAIN4, "chain4.sde")
     plan = lower(spec)
