@@ -496,9 +496,8 @@ class DiffusionBase(torch.nn.Module):
         return self._cached(("coeffs", hybrid), lambda: self._build_coeffs(hybrid))
 
     def _build_coeffs(self, hybrid):
-        """A, D and the series coefficients of Φ, of Σ from Σ0 (hybrid or not) and of its
-        noise part Σn (from 0), as one (n, 3 K²) stack: one product with the Taylor weights
-        evaluates all three."""
+        """A, D, Σ0, ‖A‖₂, the series radius, B(T), whether the native pipeline runs, and on the
+        torch path the stacked series coefficients (_series_stacks)."""
         A, D = self._A_D()
         norm = float(torch.linalg.matrix_norm(A.detach(), ord=2))
         c = {"A": A, "D": D, "S0": self._sigma0(hybrid), "native": self._native_ok(), "norm": norm,
@@ -728,7 +727,7 @@ class DiffusionBase(torch.nn.Module):
         L = self._cholesky(Sig, t64)
         Li = getattr(L, "_sdec_inverse", None)  # the native pipeline's L⁻¹, else built on use
         memo[("factors", id(t), True)] = (t, t._version, [Phi[:n], L[:n], None if Li is None else Li[:n].mT])
-        R = self._log_det(L)[n:] - 2.0 * self._A_D()[0].diagonal().sum() * B[n:]
+        R = self._rate_antiderivative(L, B)[n:]
         memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
         memo[("B_ends", t_min)] = B[n:]
         memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
@@ -834,7 +833,10 @@ class DiffusionBase(torch.nn.Module):
         tr(Σ_t⁻¹ G Gᵀ(t)): Σ_t solves Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula
         (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
         B = self._B(t64)
-        L = self._cholesky(self._phi_sigma(B, True, s_max)[1], t64)
+        return self._rate_antiderivative(self._cholesky(self._phi_sigma(B, True, s_max)[1], t64), B)
+
+    def _rate_antiderivative(self, L, B):
+        """R = log det Σ - 2 tr(A) B from Σ's Cholesky factors L and B = B(t) (see _rate_integral)."""
         return self._log_det(L) - 2.0 * self._A_D()[0].diagonal().sum() * B
 
     def _score_norm_per_dim(self, t_min):
