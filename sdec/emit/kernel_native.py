@@ -100,21 +100,28 @@ def _pointers(*tensors):
     try:
         return [_ptr(v) for v in tensors]
     except RuntimeError as err:
-        raise RuntimeError(f"sdec: the native K x K pipeline needs plain CPU tensors ({err}); "
-                           f"under torch.func transforms (grad, vmap, jacrev) set SDEC_NATIVE=0 "
-                           f"for the torch path") from None
+        raise RuntimeError(_FUNC_HINT.format(err=err)) from None
+
+
+_FUNC_HINT = ("sdec: the native K x K pipeline needs plain CPU tensors ({err}); under torch.func "
+              "transforms (grad, vmap, jacrev) set SDEC_NATIVE=0 for the torch path")
 
 
 class NativeKernels(torch.autograd.Function):
     """(A, D, S0, s, j, radius, anorm, terms) -> Φ, Σ, L, L⁻¹, Σ_k log L_kk (each per s) and ok
     (int32, 0 where Σ's Cholesky pivot is not > 0; L, L⁻¹ are then zero from that row).
     A, D, S0 (K, K) and s (m,) are float64 on the CPU; D and S0 symmetric.  Gradients reach A
-    and D (the adjoint for symmetric changes of D); s and S0 are constants."""
+    and D (the adjoint for symmetric changes of D); s and S0 are constants.  Call it through
+    native_kernels.
+
+    forward takes ctx (no setup_context): torch 2.14 binds a setup_context Function's
+    arguments with inspect.signature on every call, about 60 us, more than the C work for a
+    batch; the price is that torch.func transforms cannot run it (native_kernels says so)."""
 
     @staticmethod
-    def forward(A, D, S0, s, j, radius, anorm, terms):
+    def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
         lib = native_library()
-        A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))  # (forward runs without grad)
+        A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))
         K, m = A.shape[-1], s.shape[0]
         Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
         hld = A.new_empty(m)
@@ -123,14 +130,10 @@ class NativeKernels(torch.autograd.Function):
                                       *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        return Phi, Sig, L, Li, hld, ok
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # (separate, so torch.func reaches forward's message)
-        A, D, S0, s, j, radius, anorm, terms = inputs
-        ctx.save_for_backward(A, D, S0, s, output[2], output[3])
+        ctx.save_for_backward(A, D, S0, s, L, Li)
         ctx.j, ctx.radius, ctx.anorm, ctx.terms = j, radius, anorm, terms
-        ctx.mark_non_differentiable(output[5])
+        ctx.mark_non_differentiable(ok)
+        return Phi, Sig, L, Li, hld, ok
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -144,6 +147,16 @@ class NativeKernels(torch.autograd.Function):
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gA, gD, None, None, None, None, None, None
+
+
+def native_kernels(A, D, S0, s, j, radius, anorm, terms):
+    """NativeKernels.apply, with an error that says what to do under torch.func transforms."""
+    try:
+        return NativeKernels.apply(A, D, S0, s, j, radius, anorm, terms)
+    except RuntimeError as err:
+        if "functorch transforms" not in str(err):
+            raise
+        raise RuntimeError(_FUNC_HINT.format(err=err)) from None
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
