@@ -276,6 +276,34 @@ def test_float_double_round_trip(name):
     assert torch.equal(half["no_grad:transition(True)[1]"], after["no_grad:transition(True)[1]"])
 
 
+def _write_buffers(proc, route, values):
+    for n, v in values.items():
+        if route == "data":
+            getattr(proc, n).data.copy_(v)
+        elif route == "copy_":
+            with torch.no_grad():
+                getattr(proc, n).copy_(v)
+        elif route == "numpy":
+            getattr(proc, n).numpy()[...] = v.numpy()
+        elif route == "replace":
+            setattr(proc, n, v.clone())
+    if route == "load_state_dict":
+        proc.load_state_dict(proc.state_dict() | values)
+
+
+@pytest.mark.parametrize("route", ["data", "copy_", "numpy", "replace", "load_state_dict"])
+@pytest.mark.parametrize("name", LEARNED)
+def test_buffer_routes_while_parameters_stay(name, route):
+    """Σ∞⁻¹, log det Σ∞ and the aux entropy are held across parameter versions (_constant),
+    keyed on the buffers alone: each way of writing Σ∞ and Σ_aux of a learned process, its
+    parameters untouched, is seen (warmed with and without a graph first)."""
+    proc = compiled(name)
+    before = outputs(proc)
+    names = ["_sigma_inf", "_aux_init_cov"]
+    _write_buffers(proc, route, new_values(proc, names, 0))
+    assert_matches_fresh(name, proc, before)
+
+
 # ------------------------------------------------------------------ cache behaviour
 def test_cache_is_reused_while_nothing_changes():
     proc = compiled("learned3")

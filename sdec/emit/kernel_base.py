@@ -57,7 +57,9 @@ they are rebuilt on every call, except that one ``elbo`` call builds each of the
 evaluates Φ, Σ and one Cholesky factorisation once for all the times it needs (the batch's,
 t_min and T), shared by the perturbation, the score, the score norm and the prior term.
 Exception: while a gradient is needed, the importance table is reused for up to
-``table_refresh`` parameter versions (see _time_table); it stays an exact proposal.  The cache holds a copy of every parameter and buffer
+``table_refresh`` parameter versions (see _time_table); it stays an exact proposal.
+What depends on the buffers Σ∞ and Σ_aux alone (Σ∞⁻¹, log det Σ∞, the aux entropy) is held
+across parameter versions (_constant), keyed on copies of those two buffers.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -74,7 +76,7 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import NativeKernels, native_apply, native_gram, native_library  # package only: generated modules carry it inline
+from .kernel_native import native_apply, native_gram, native_kernels, native_library  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -357,6 +359,8 @@ class DiffusionBase(torch.nn.Module):
         self._call_memo = None   # a dict while one elbo() call runs (see _cached)
         self._versions = 0       # parameter/buffer states seen so far (see _sync_state)
         self._held_tables = {}   # t_min -> (table, T, device, version built at): _time_table
+        self._constants = {}     # key -> (copies of Σ∞ and Σ_aux, value): _constant
+        self._indices = {}       # (values, device) -> long tensor: _index
 
     # ----------------------------------------------------------------- hooks
     def _beta(self, t):
@@ -471,8 +475,40 @@ class DiffusionBase(torch.nn.Module):
         return self._sigma_inf.device
 
     def _index(self, values):
-        """Long index tensor on the module's device (used by generated learnable blocks)."""
-        return torch.tensor(values, dtype=torch.long, device=self._device())
+        """Long index tensor on the module's device (used by generated learnable blocks), made
+        once per (values, device): a constant of the generated code."""
+        key = (values, self._device())
+        indices = self.__dict__.setdefault("_indices", {})
+        if key not in indices:
+            indices[key] = torch.tensor(values, dtype=torch.long, device=key[1])
+        return indices[key]
+
+    def _constant(self, key, build):
+        """build() once per value of the buffers Σ∞ and Σ_aux, for what depends on nothing else
+        (Σ∞⁻¹, log det Σ∞, the aux entropy): the parameters change at every training step, and
+        _cached would rebuild these with them.  Like _cached, it keeps copies of both buffers
+        (dtype, device, shape and values) and compares them on every lookup, so any way of
+        writing a buffer (.data, load_state_dict, .to(), in place) is seen."""
+        sources = (self._sigma_inf, self._aux_init_cov)
+        if any(v.requires_grad for v in sources):  # a graph into a buffer: nothing to hold
+            return build()
+        held = self.__dict__.setdefault("_constants", {})
+        hit = held.get(key)
+        if hit is not None and all(
+                v.dtype == c.dtype and v.device == c.device and v.shape == c.shape and torch.equal(v, c)
+                for v, c in zip(sources, hit[0])):
+            return hit[1]
+        with torch.no_grad():
+            value = build()
+        held[key] = (tuple(v.clone() for v in sources), value)
+        return value
+
+    def _stationary_inverse(self):
+        """Σ∞⁻¹ (float64, symmetric), from its Cholesky factor."""
+        def build():
+            P = torch.cholesky_inverse(torch.linalg.cholesky(self.stationary_cov))
+            return 0.5 * (P + P.mT)
+        return self._constant("stationary_inverse", build)
 
     def _A_D(self):
         """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
@@ -480,7 +516,7 @@ class DiffusionBase(torch.nn.Module):
 
     def _build_A_D(self):
         Q, D = (m.to(torch.float64) for m in self._blocks())
-        return -torch.linalg.solve(self.stationary_cov, (Q + D).mT).mT, D
+        return (Q + D) @ -self._stationary_inverse(), D
 
     def _G_factor(self):
         return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
@@ -603,8 +639,8 @@ class DiffusionBase(torch.nn.Module):
         c = self._coeffs(hybrid)
         j = self._squarings(s, c, s_max)
         if c["native"] and not s.requires_grad:
-            Phi, Sig, L, Li, hld, ok = NativeKernels.apply(c["A"], c["D"], c["S0"], s, j, c["radius"],
-                                                         c["norm"], _SERIES_TERMS)
+            Phi, Sig, L, Li, hld, ok = native_kernels(c["A"], c["D"], c["S0"], s, j, c["radius"],
+                                                      c["norm"], _SERIES_TERMS)
             L._sdec_inverse, L._sdec_half_log_det = Li, hld  # read by _inverse_T and _log_det
             Sig._sdec_factors = (L, ok)  # read by _cholesky
             return Phi, Sig  # Φ squared, also where a closed form exists (CLD: within 1.1e-15 of it)
@@ -809,11 +845,11 @@ class DiffusionBase(torch.nn.Module):
         memo = getattr(self, "_call_memo", None)
         at_T = memo.get(("at_T",)) if memo is not None else None
         Phi, Sig = at_T if at_T is not None else self._phi_sigma(self._B_at([self.T]), True)
-        Linf = torch.linalg.cholesky(self.stationary_cov)
-        c = Phi[0, :, :1]
-        quad = torch.cholesky_solve(c, Linf)[:, 0] @ c[:, 0]
-        trace = torch.cholesky_solve(Sig[0], Linf).diagonal().sum()
-        logdet = 2.0 * torch.log(Linf.diagonal()).sum()
+        P = self._stationary_inverse()
+        logdet = self._constant("stationary_log_det", lambda: torch.linalg.slogdet(self.stationary_cov)[1])
+        c = Phi[0, :, 0]
+        quad = c @ (P @ c)
+        trace = (P * Sig[0]).sum()  # tr(Σ∞⁻¹ Σ_T), both symmetric
         const = -0.5 * d * (K * math.log(2 * math.pi) + logdet + trace)
         sq = (x * x).reshape(x.shape[0], -1).sum(1)
         return const.to(x.dtype) - 0.5 * quad.to(x.dtype) * sq
@@ -845,10 +881,12 @@ class DiffusionBase(torch.nn.Module):
         return 0.5 * (R[1] - R[0])
 
     def _aux_entropy_per_dim(self):
-        if self.K == 1:
-            return torch.zeros((), dtype=torch.float64, device=self._device())
-        logdet = torch.linalg.slogdet(self.aux_init_cov)[1]
-        return 0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi)) + 0.5 * logdet
+        def build():
+            if self.K == 1:
+                return torch.zeros((), dtype=torch.float64, device=self._device())
+            logdet = torch.linalg.slogdet(self.aux_init_cov)[1]
+            return 0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi)) + 0.5 * logdet
+        return self._constant("aux_entropy", build)
 
     def _elbo_times(self, n, t, sampler, t_min, generator, like):
         if sampler not in _TIME_SAMPLERS:
