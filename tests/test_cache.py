@@ -294,7 +294,7 @@ def _write_buffers(proc, route, values):
 @pytest.mark.parametrize("route", ["data", "copy_", "numpy", "replace", "load_state_dict"])
 @pytest.mark.parametrize("name", LEARNED)
 def test_buffer_routes_while_parameters_stay(name, route):
-    """Σ∞⁻¹, log det Σ∞ and the aux entropy are held across parameter versions (_constant),
+    """Σ∞⁻¹, log det Σ∞ and the aux entropy are held across parameter versions (_constants),
     keyed on the buffers alone: each way of writing Σ∞ and Σ_aux of a learned process, its
     parameters untouched, is seen (warmed with and without a graph first)."""
     proc = compiled(name)

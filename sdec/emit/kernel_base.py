@@ -59,7 +59,7 @@ t_min and T), shared by the perturbation, the score, the score norm and the prio
 Exception: while a gradient is needed, the importance table is reused for up to
 ``table_refresh`` parameter versions (see _time_table); it stays an exact proposal.
 What depends on the buffers Σ∞ and Σ_aux alone (Σ∞⁻¹, log det Σ∞, the aux entropy) is held
-across parameter versions (_constant), keyed on copies of those two buffers.  The cache holds a copy of every parameter and buffer
+across parameter versions (_constants), keyed on copies of those two buffers.  The cache holds a copy of every parameter and buffer
 (name, dtype, device, shape and values) and T, and each lookup compares the module's
 current state with it, so no way of writing a parameter can serve stale numbers: writes
 through ``.data`` or a numpy view, replaced Parameters, ``load_state_dict``, optimizer
@@ -359,7 +359,7 @@ class DiffusionBase(torch.nn.Module):
         self._call_memo = None   # a dict while one elbo() call runs (see _cached)
         self._versions = 0       # parameter/buffer states seen so far (see _sync_state)
         self._held_tables = {}   # t_min -> (table, T, device, version built at): _time_table
-        self._constants = {}     # key -> (copies of Σ∞ and Σ_aux, value): _constant
+        self._held_constants = None  # (copies of Σ∞ and Σ_aux, values): _constants
         self._indices = {}       # (values, device) -> long tensor: _index
 
     # ----------------------------------------------------------------- hooks
@@ -439,10 +439,16 @@ class DiffusionBase(torch.nn.Module):
 
     def _sync_state(self):
         """Start a new cache (and count a new version) when T or any parameter or buffer
-        differs from the cache's snapshot."""
+        differs from the cache's snapshot.  Within one elbo() call the state is compared
+        once: the parameters cannot change inside the call (the memo relies on it too)."""
+        memo = getattr(self, "_call_memo", None)
+        if memo is not None and memo.get("_synced") is self._cache:
+            return
         if "_state" not in self._cache or not self._unchanged_since(self._cache["_state"]):
             self._cache = {"_state": self._snapshot()}
             self._versions = getattr(self, "_versions", 0) + 1
+        if memo is not None:
+            memo["_synced"] = self._cache
 
     # ------------------------------------------------------- basic quantities
     @property
@@ -483,32 +489,41 @@ class DiffusionBase(torch.nn.Module):
             indices[key] = torch.tensor(values, dtype=torch.long, device=key[1])
         return indices[key]
 
-    def _constant(self, key, build):
-        """build() once per value of the buffers Σ∞ and Σ_aux, for what depends on nothing else
-        (Σ∞⁻¹, log det Σ∞, the aux entropy): the parameters change at every training step, and
+    def _constants(self):
+        """What depends on the buffers Σ∞ and Σ_aux alone, built together once per value of
+        those buffers: P = Σ∞⁻¹ (symmetric, from its Cholesky factor), -P, log det Σ∞ and the
+        aux entropy per data dimension.  The parameters change at every training step, and
         _cached would rebuild these with them.  Like _cached, it keeps copies of both buffers
-        (dtype, device, shape and values) and compares them on every lookup, so any way of
-        writing a buffer (.data, load_state_dict, .to(), in place) is seen."""
+        (dtype, device, shape and values) and compares them on every lookup (once per elbo()
+        call), so any way of writing a buffer (.data, load_state_dict, .to(), in place) is seen."""
+        memo = getattr(self, "_call_memo", None)
+        if memo is not None and "_constants" in memo:
+            return memo["_constants"]
         sources = (self._sigma_inf, self._aux_init_cov)
-        if any(v.requires_grad for v in sources):  # a graph into a buffer: nothing to hold
-            return build()
-        held = self.__dict__.setdefault("_constants", {})
-        hit = held.get(key)
-        if hit is not None and all(
-                v.dtype == c.dtype and v.device == c.device and v.shape == c.shape and torch.equal(v, c)
-                for v, c in zip(sources, hit[0])):
-            return hit[1]
-        with torch.no_grad():
-            value = build()
-        held[key] = (tuple(v.clone() for v in sources), value)
+        if any(v.requires_grad for v in sources):  # a graph into a buffer: hold nothing
+            value = self._build_constants()
+        else:
+            held = self.__dict__.get("_held_constants")
+            if held is None or not all(
+                    v.dtype == c.dtype and v.device == c.device and v.shape == c.shape and torch.equal(v, c)
+                    for v, c in zip(sources, held[0])):
+                with torch.no_grad():
+                    held = self._held_constants = (tuple(v.clone() for v in sources), self._build_constants())
+            value = held[1]
+        if memo is not None:
+            memo["_constants"] = value
         return value
 
-    def _stationary_inverse(self):
-        """Σ∞⁻¹ (float64, symmetric), from its Cholesky factor."""
-        def build():
-            P = torch.cholesky_inverse(torch.linalg.cholesky(self.stationary_cov))
-            return 0.5 * (P + P.mT)
-        return self._constant("stationary_inverse", build)
+    def _build_constants(self):
+        Sinf = self.stationary_cov
+        Linf = torch.linalg.cholesky(Sinf)
+        P = torch.cholesky_inverse(Linf)
+        P = 0.5 * (P + P.mT)
+        aux = torch.zeros((), dtype=torch.float64, device=Sinf.device)
+        if self.K > 1:
+            aux = (0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi))
+                   + 0.5 * torch.linalg.slogdet(self.aux_init_cov)[1])
+        return {"P": P, "-P": -P, "log_det_inf": 2.0 * torch.log(Linf.diagonal()).sum(), "aux_entropy": aux}
 
     def _A_D(self):
         """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
@@ -516,7 +531,7 @@ class DiffusionBase(torch.nn.Module):
 
     def _build_A_D(self):
         Q, D = (m.to(torch.float64) for m in self._blocks())
-        return (Q + D) @ -self._stationary_inverse(), D
+        return (Q + D) @ self._constants()["-P"], D
 
     def _G_factor(self):
         return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
@@ -845,8 +860,8 @@ class DiffusionBase(torch.nn.Module):
         memo = getattr(self, "_call_memo", None)
         at_T = memo.get(("at_T",)) if memo is not None else None
         Phi, Sig = at_T if at_T is not None else self._phi_sigma(self._B_at([self.T]), True)
-        P = self._stationary_inverse()
-        logdet = self._constant("stationary_log_det", lambda: torch.linalg.slogdet(self.stationary_cov)[1])
+        const = self._constants()
+        P, logdet = const["P"], const["log_det_inf"]
         c = Phi[0, :, 0]
         quad = c @ (P @ c)
         trace = (P * Sig[0]).sum()  # tr(Σ∞⁻¹ Σ_T), both symmetric
@@ -879,14 +894,6 @@ class DiffusionBase(torch.nn.Module):
         """½ ∫_{t_min}^T tr(Σ_t⁻¹ G Gᵀ) dt = ½ (R(T) - R(t_min)): two Cholesky factors."""
         R = self._rate_integral(torch.tensor([t_min, self.T], dtype=torch.float64, device=self._device()))
         return 0.5 * (R[1] - R[0])
-
-    def _aux_entropy_per_dim(self):
-        def build():
-            if self.K == 1:
-                return torch.zeros((), dtype=torch.float64, device=self._device())
-            logdet = torch.linalg.slogdet(self.aux_init_cov)[1]
-            return 0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi)) + 0.5 * logdet
-        return self._constant("aux_entropy", build)
 
     def _elbo_times(self, n, t, sampler, t_min, generator, like):
         if sampler not in _TIME_SAMPLERS:
@@ -942,7 +949,7 @@ class DiffusionBase(torch.nn.Module):
             score_norm=(d * norm).to(x.dtype) * ones,
             divergence=(d * trA * (B[1] - B[0])).to(x.dtype) * ones,
             truncation=(d * trA * B[0]).to(x.dtype) * ones,
-            aux_entropy=(d * self._aux_entropy_per_dim()).to(x.dtype) * ones,
+            aux_entropy=(d * self._constants()["aux_entropy"]).to(x.dtype) * ones,
             t=t, weight=weight)
 
     # ------------------------------------------------ importance time sampler
