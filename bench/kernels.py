@@ -257,7 +257,7 @@ def backward_table(reps, name="learned3"):
 
     def sdec_fb():  # fixed upstream gradients: the kernel's own backward, no loss computation
         proc.zero_grad(set_to_none=True)
-        p = proc.perturb(x, t)
+        p = proc.perturb(x, t, with_score=True)  # y and score both read: one pass over eps
         torch.autograd.backward([p.y, p.score], [gy, gs])
 
     mdm = mdm_generic(proc, x, t, score=True)

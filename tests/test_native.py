@@ -210,3 +210,44 @@ def test_torch_func_transforms_get_a_clear_error_and_the_torch_path_works(monkey
         grad_of(compiled("learned3", monkeypatch, True))
     g = grad_of(compiled("learned3", monkeypatch, False))
     assert bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", ("learned2", "learned3"))
+@pytest.mark.parametrize("read", ["both", "y", "score"])
+def test_perturb_with_score_is_the_lazy_perturbation_bit_for_bit(name, read):
+    """with_score=True runs y and the score in one native pass over eps (and their matrix
+    gradients in one more): the same floats as the two separate applies, values and
+    gradients into the parameters, whichever outputs the loss reads."""
+    proc = sdec.compile(os.path.join(SPECS, f"{name}.sde"))
+    leaves = list(proc.parameters())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 5, generator=g)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(6, generator=g)
+    eps = torch.randn(6, proc.K, 2, 5, generator=g)
+    gy, gs = torch.randn(eps.shape, generator=g), torch.randn(eps.shape, generator=g)
+    outs = []
+    for with_score in (True, False):
+        p = proc.perturb(x, t, eps=eps, with_score=with_score)
+        assert callable(p._score) != with_score  # the fused pass ran, or the score is lazy
+        pairs = {"both": [(p.y, gy), (p.score, gs)], "y": [(p.y, gy)], "score": [(p.score, gs)]}[read]
+        grads = torch.autograd.grad([v for v, _ in pairs], leaves, [w for _, w in pairs], allow_unused=True)
+        outs.append(([p.y.detach(), p.score.detach()], grads))
+    (v1, g1), (v2, g2) = outs
+    assert all(torch.equal(a, b) for a, b in zip(v1, v2))
+    assert any(a is not None and float(a.abs().max()) > 0 for a in g1)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_perturb_with_score_matches_a_float64_computation():
+    proc = sdec.compile(os.path.join(SPECS, "learned3.sde"))
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(5, 7, generator=g), 1e-3 + (1 - 1e-3) * torch.rand(5, generator=g)
+    eps = torch.randn(5, 3, 7, generator=g)
+    with torch.no_grad():
+        p = proc.perturb(x, t, eps=eps, with_score=True)
+        Phi, L, LiT = proc._kernel_factors(t, True)
+    y = Phi[:, :, :1] * x.double()[:, None] + L @ eps.double()
+    score = -LiT @ eps.double()
+    assert torch.allclose(p.y.double(), y, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(p.score.double(), score, rtol=1e-5, atol=1e-4 * float(score.abs().max()))
+    assert p.y.dtype == p.score.dtype == torch.float32

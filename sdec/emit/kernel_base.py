@@ -76,7 +76,7 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import native_apply, native_gram, native_kernels, native_library  # package only: generated modules carry it inline
+from .kernel_native import native_apply, native_apply2, native_apply2_ok, native_gram, native_gram2, native_kernels, native_library  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -235,6 +235,45 @@ class _SmallApply(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             d_x = (_col(col.to(g.dtype), g) * g).sum(1).to(x.dtype)
         return d_mat, d_y, d_col, d_x, None
+
+
+def _apply_pair(L, U, col, x, eps):
+    """(L eps + col x, U eps) for the perturbation and its score, L lower and U upper (B, K, K),
+    in one native pass over eps (see native_apply2), or None where the two _apply calls must
+    run (not float32 on the CPU, K = 1, no library, or a graph into x or eps)."""
+    if x.requires_grad or eps.requires_grad or not native_apply2_ok(L, U, col, x, eps):
+        return None
+    if torch.is_grad_enabled() and (L.requires_grad or U.requires_grad or col.requires_grad):
+        return _PairApply.apply(L, U, col, x, eps)
+    return native_apply2(L, U, col, x, eps)
+
+
+class _PairApply(torch.autograd.Function):
+    """_apply_pair with a graph into L, U and col (x and eps are constants): the native pass
+    forward; backward d L = tril(gy epsᵀ) and d U = triu(gs epsᵀ) in one pass over eps, and
+    d col = gy xᵀ as in _SmallApply, so every gradient equals the two _SmallApply calls'."""
+
+    @staticmethod
+    def forward(ctx, L, U, col, x, eps):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(L, U, col, x, eps)
+        return native_apply2(L, U, col, x, eps)
+
+    @staticmethod
+    def backward(ctx, gy, gs):
+        L, U, col, x, eps = ctx.saved_tensors
+        dL = dU = dcol = None
+        if gy is not None and gs is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            dL, dU = native_gram2(gy, gs, eps)
+        else:
+            if gy is not None and ctx.needs_input_grad[0]:
+                dL = native_gram(gy, eps, "lower")
+            if gs is not None and ctx.needs_input_grad[1]:
+                dU = native_gram(gs, eps, "upper")
+        if gy is not None and ctx.needs_input_grad[2]:
+            n, K = gy.shape[0], gy.shape[1]
+            dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
+        return dL, dU, dcol, None, None
 
 
 def _cholesky_small(S):
@@ -788,8 +827,11 @@ class DiffusionBase(torch.nn.Module):
             t = torch.full((n,), float(t), dtype=like.dtype, device=like.device)
         return t.reshape(-1).expand(n) if t.numel() == 1 else t
 
-    def perturb(self, x, t, hybrid=True, eps=None, generator=None):
-        """Sample y_t given x (hybrid) or given y0 (hybrid=False); t has shape (B,)."""
+    def perturb(self, x, t, hybrid=True, eps=None, generator=None, with_score=False):
+        """Sample y_t given x (hybrid) or given y0 (hybrid=False); t has shape (B,).
+
+        ``score`` is computed when first read; with_score=True computes it now, in the same
+        pass over eps as y where the native apply runs (for callers that will read it)."""
         n, K = x.shape[0], self.K
         t = self._batch_time(t, n, x)
         entry = self._factor_entry(t, hybrid)
@@ -798,14 +840,20 @@ class DiffusionBase(torch.nn.Module):
         if eps is None:
             eps = torch.randn(shape, generator=generator, dtype=x.dtype,
                               device=x.device)
+        U = lambda: -self._factors_with_inverse(entry)[2].to(x.dtype)  # noqa: E731 - -L⁻ᵀ
+        pair = _apply_pair(L, U(), Phi[:, :, 0], x, eps) if hybrid and with_score and K > 1 else None
+        if pair is not None:
+            y, score = pair
+        else:
+            score = lambda: _apply(U(), eps, "upper")  # noqa: E731
         if hybrid:
             col = Phi[:, :, 0]
-            y = _apply(L, eps, "lower", col, x)  # Φ[:, :, 0] x + L eps in one set of passes
+            if pair is None:
+                y = _apply(L, eps, "lower", col, x)  # Φ[:, :, 0] x + L eps in one set of passes
             mean = lambda: _col(col, x[:, None]) * x[:, None]  # noqa: E731 - lazy
         else:
             mean = _apply(Phi, x)
             y = mean + _apply(L, eps, "lower")
-        score = lambda: _apply(-self._factors_with_inverse(entry)[2].to(x.dtype), eps, "upper")  # noqa: E731
         return Perturbed(y, eps, mean, L, score)
 
     def score_from_eps(self, eps_fn, hybrid=True):
@@ -934,7 +982,7 @@ class DiffusionBase(torch.nn.Module):
         self._elbo_kernels(t, t_min, sampled)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
-        pert = self.perturb(x, t, hybrid=True, eps=eps)
+        pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
         diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
         # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j>: one K x K Gram matrix per
         # example (a reduction over the data) instead of a batched K x K apply to diff

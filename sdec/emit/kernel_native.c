@@ -348,7 +348,32 @@ int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int 
    over N data coordinates, for y (B, K, N) and mat (B, K, K) (mat_stride = K K) or one (K, K)
    (mat_stride = 0); col (B, K) and x (B, N) may be NULL; tri = -1 (mat lower triangular),
    1 (upper) or 0 skips the zero triangle.  One pass over the data: each output row is built
-   while its inputs are in cache. */
+   while its inputs are in cache.  apply_one is one example (inlined into each vector clone). */
+static inline __attribute__((always_inline))
+void apply_one(int K, long N, const float *M, const float *restrict yb, const float *cb,
+               const float *restrict xb, int tri, float *restrict ob)
+{
+    for (int i = 0; i < K; i++) {
+        float *restrict o = ob + (long)i * N;
+        int j0 = tri > 0 ? i : 0, j1 = tri < 0 ? i : K - 1;
+        float m = M[i * K + j0];
+        const float *restrict yj = yb + (long)j0 * N;
+        for (long n = 0; n < N; n++)
+            o[n] = m * yj[n];
+        if (xb) {
+            float c = cb[i];
+            for (long n = 0; n < N; n++)
+                o[n] += c * xb[n];
+        }
+        for (int j = j0 + 1; j <= j1; j++) {
+            m = M[i * K + j];
+            yj = yb + (long)j * N;
+            for (long n = 0; n < N; n++)
+                o[n] += m * yj[n];
+        }
+    }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))  /* the vector width torch's own kernels use */
 #endif
@@ -356,36 +381,55 @@ void sdec_apply_f32(int B, int K, long N, const float *mat, int mat_stride,
                     const float *restrict y, const float *col, const float *restrict x, int tri,
                     float *restrict out)
 {
+    for (int b = 0; b < B; b++)
+        apply_one(K, N, mat + (long)b * mat_stride, y + (long)b * K * N, col ? col + (long)b * K : 0,
+                  x ? x + (long)b * N : 0, tri, out + (long)b * K * N);
+}
+
+/* The perturbation's two applies in one pass over eps: y[b] = L[b] eps[b] + col[b] x[b]
+   (L lower) and s[b] = U[b] eps[b] (U upper), each example's eps read once for both; the
+   arithmetic of each is sdec_apply_f32's, so the results are bit-identical to two calls. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_apply2_f32(int B, int K, long N, const float *L, const float *U, const float *col,
+                     const float *restrict x, const float *restrict eps, float *restrict y,
+                     float *restrict s)
+{
     for (int b = 0; b < B; b++) {
-        const float *M = mat + (long)b * mat_stride;
-        const float *yb = y + (long)b * K * N;
-        const float *xb = x ? x + (long)b * N : 0;
-        for (int i = 0; i < K; i++) {
-            float *restrict o = out + ((long)b * K + i) * N;
-            int j0 = tri > 0 ? i : 0, j1 = tri < 0 ? i : K - 1;
-            float m = M[i * K + j0];
-            const float *restrict yj = yb + (long)j0 * N;
-            for (long n = 0; n < N; n++)
-                o[n] = m * yj[n];
-            if (xb) {
-                float c = col[b * K + i];
-                for (long n = 0; n < N; n++)
-                    o[n] += c * xb[n];
-            }
-            for (int j = j0 + 1; j <= j1; j++) {
-                m = M[i * K + j];
-                yj = yb + (long)j * N;
-                for (long n = 0; n < N; n++)
-                    o[n] += m * yj[n];
-            }
-        }
+        long o = (long)b * K * N;
+        apply_one(K, N, L + (long)b * K * K, eps + o, col + (long)b * K, x + (long)b * N, -1, y + o);
+        apply_one(K, N, U + (long)b * K * K, eps + o, 0, 0, 1, s + o);
     }
 }
 
 /* Per-example products out[b, i, j] = sum_n a[b, i, n] c[b, j, n] for float32 a (B, Ka, N)
    and c (B, Kc, N) (the gradients of the state apply's matrix and column), in float32 like
    torch's batched products: eight running sums per product (one vector register), added
-   pairwise at the end.  tri = -1 / 1 sums only j <= i / j >= i (the rest is left zero). */
+   pairwise at the end.  tri = -1 / 1 sums only j <= i / j >= i (the rest is left zero).
+   gram_one is one example. */
+static inline __attribute__((always_inline))
+void gram_one(int Ka, int Kc, long N, const float *ab, const float *cb, int tri, float *ob)
+{
+    for (int i = 0; i < Ka; i++)
+        for (int j = 0; j < Kc; j++) {
+            float *o = ob + (long)i * Kc + j;
+            if ((tri < 0 && j > i) || (tri > 0 && j < i)) {
+                *o = 0.0f;
+                continue;
+            }
+            const float *p = ab + (long)i * N, *q = cb + (long)j * N;
+            float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            long n = 0;
+            for (; n + 8 <= N; n += 8)
+                for (int l = 0; l < 8; l++)
+                    acc[l] += p[n + l] * q[n + l];
+            for (; n < N; n++)
+                acc[n % 8] += p[n] * q[n];
+            *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -393,21 +437,20 @@ void sdec_gram_f32(int B, int Ka, int Kc, long N, const float *a, const float *c
                    float *out)
 {
     for (int b = 0; b < B; b++)
-        for (int i = 0; i < Ka; i++)
-            for (int j = 0; j < Kc; j++) {
-                float *o = out + ((long)b * Ka + i) * Kc + j;
-                if ((tri < 0 && j > i) || (tri > 0 && j < i)) {
-                    *o = 0.0f;
-                    continue;
-                }
-                const float *p = a + ((long)b * Ka + i) * N, *q = c + ((long)b * Kc + j) * N;
-                float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-                long n = 0;
-                for (; n + 8 <= N; n += 8)
-                    for (int l = 0; l < 8; l++)
-                        acc[l] += p[n + l] * q[n + l];
-                for (; n < N; n++)
-                    acc[n % 8] += p[n] * q[n];
-                *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            }
+        gram_one(Ka, Kc, N, a + (long)b * Ka * N, c + (long)b * Kc * N, tri, out + (long)b * Ka * Kc);
+}
+
+/* The matrix gradients of sdec_apply2_f32 in one pass over eps: dL[b] = tril(gy[b] eps[b]ᵀ)
+   and dU[b] = triu(gs[b] eps[b]ᵀ), each bit-identical to its sdec_gram_f32 call. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_gram2_f32(int B, int K, long N, const float *gy, const float *gs, const float *eps,
+                    float *dL, float *dU)
+{
+    for (int b = 0; b < B; b++) {
+        long o = (long)b * K * N, m = (long)b * K * K;
+        gram_one(K, K, N, gy + o, eps + o, -1, dL + m);
+        gram_one(K, K, N, gs + o, eps + o, 1, dU + m);
+    }
 }

@@ -71,6 +71,10 @@ def _native_build():
     lib.sdec_apply_f32.restype = None
     lib.sdec_gram_f32.argtypes = [i, i, i, ctypes.c_long, p, p, i, p]
     lib.sdec_gram_f32.restype = None
+    lib.sdec_apply2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 7
+    lib.sdec_apply2_f32.restype = None
+    lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
+    lib.sdec_gram2_f32.restype = None
     return lib
 
 
@@ -207,3 +211,34 @@ def native_gram(a, c, tri=None):
     N = a[0, 0].numel() if B and Ka else 0
     lib.sdec_gram_f32(B, Ka, Kc, N, _ptr(a), _ptr(c), _TRI[tri], _ptr(out))
     return out
+
+
+def native_apply2_ok(L, U, col, x, eps):
+    """Whether native_apply2 runs on these: float32 CPU tensors L, U (B, K, K), col (B, K),
+    x (B, *data), eps (B, K, *data), K >= 2, and the library is available."""
+    if any(v.dtype != torch.float32 or v.device.type != "cpu" for v in (L, U, col, x, eps)):
+        return False
+    B, K = eps.shape[0], eps.shape[1] if eps.dim() >= 2 else 0
+    return (K >= 2 and L.shape == (B, K, K) and U.shape == (B, K, K) and col.shape == (B, K)
+            and x.shape == (B,) + tuple(eps.shape[2:]) and native_library() is not None)
+
+
+def native_apply2(L, U, col, x, eps):
+    """(y, s) = (L eps + col x, U eps) per example in one pass over eps (L lower, U upper; see
+    native_apply2_ok for what it takes), bit-identical to two native_apply calls."""
+    L, U, col, x, eps = (v.contiguous() for v in (L, U, col, x, eps))
+    y, s = torch.empty_like(eps), torch.empty_like(eps)
+    B, N = eps.shape[0], eps[0, 0].numel() if eps.shape[0] else 0
+    native_library().sdec_apply2_f32(B, eps.shape[1], N, *_pointers(L, U, col, x, eps, y, s))
+    return y, s
+
+
+def native_gram2(gy, gs, eps):
+    """(tril(gy epsᵀ), triu(gs epsᵀ)) per example for float32 CPU (B, K, *data) tensors, in one
+    pass over eps; each bit-identical to its native_gram call."""
+    B, K = eps.shape[0], eps.shape[1]
+    gy, gs, eps = (v.contiguous() for v in (gy, gs, eps))
+    dL, dU = (torch.empty(B, K, K, dtype=torch.float32) for _ in range(2))
+    N = eps[0, 0].numel() if B else 0
+    native_library().sdec_gram2_f32(B, K, N, *_pointers(gy, gs, eps, dL, dU))
+    return dL, dU
