@@ -175,6 +175,10 @@ def _apply_unrolled(mat, y, tri, col, x):
     a zero triangle's diagonals are skipped.  2 + (K - 1) ops for a triangle instead of one
     per entry, with the same passes over the data."""
     K = y.shape[1]
+    ones = (1,) * (y.dim() - 2)
+    if K == 1:  # (VP): one multiply and one multiply-add, torch's dtype promotion
+        out = torch.mul(y, mat.reshape(mat.shape[:-2] + (1,) + ones))
+        return out if col is None else out.addcmul_(x[:, None], col.reshape(col.shape + ones))
     out = native_apply(mat, y, tri, col, x)
     if out is not None:
         return out
@@ -182,7 +186,6 @@ def _apply_unrolled(mat, y, tri, col, x):
     for v in (y, col, x):
         if v is not None:
             dtype = torch.promote_types(dtype, v.dtype)
-    ones = (1,) * (y.dim() - 2)
 
     def diag(k):  # mat's k-th diagonal shaped to broadcast against y[:, rows]
         d = torch.diagonal(mat, k, -2, -1)
@@ -677,10 +680,9 @@ class DiffusionBase(torch.nn.Module):
     def _scalar(self, s, hybrid):
         """K = 1 in closed form: Φ = e^{as}, Σ = -Σ∞ expm1(2as) (Σ0 = 0: no auxiliaries; no
         cancellation: a <= 0, so expm1 keeps Σ's relative accuracy at small s)."""
-        a_s = self._A_D()[0][0, 0] * s
-        Phi = torch.exp(a_s)
-        Sig = -self.stationary_cov[0, 0] * torch.expm1(2.0 * a_s)
-        return Phi[:, None, None], Sig[:, None, None]
+        a, neg_sinf = self._cached("scalar", lambda: (self._A_D()[0][0, 0], -self.stationary_cov[0, 0]))
+        a_s = a * s
+        return torch.exp(a_s).reshape(-1, 1, 1), (neg_sinf * torch.expm1(2.0 * a_s)).reshape(-1, 1, 1)
 
     def _phi_sigma(self, s, hybrid, s_max=None):
         """Φ(s), Σ(s) for flat float64 s (see the module doc): the series where s ||A||₂ <=
@@ -732,14 +734,14 @@ class DiffusionBase(torch.nn.Module):
             bad = ok == 0
         elif self.K == 1:
             L = torch.sqrt(Sig)
-            bad = ~(Sig > 0).reshape(-1)
+            bad = None if bool((Sig > 0).all()) else ~(Sig > 0).reshape(-1)  # one sync when all pass
         elif self._entrywise(Sig.shape[0]):
             L, ok = _cholesky_small(Sig)
             bad = ~ok
         else:
             L, info = torch.linalg.cholesky_ex(Sig)
             bad = info > 0
-        if bool(bad.any()):
+        if bad is not None and bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             S = Sig[i].detach()
             if not bool(torch.isfinite(S).all()):  # eigvalsh cannot even report on these
