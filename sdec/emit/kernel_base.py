@@ -1041,18 +1041,27 @@ class DiffusionBase(torch.nn.Module):
         midpoint rule instead, so the density stays positive wherever the rate is."""
         if not 0.0 < t_min < self.T:
             raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
-        dev = self._device()
-        edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
-                                         dtype=torch.float64, device=dev))
-        edges[0], edges[-1] = t_min, self.T
+        edges, widths = self._table_grid(t_min)
         R = self._rate_integral(edges, self._coeffs(True)["s_T"] if self.K > 1 else None)
         mass = R[1:] - R[:-1]
-        bad = ~(mass > 0)
-        if bool(bad.any()):
+        if not bool((mass > 0).all()):
+            bad = ~(mass > 0)
             mid = torch.sqrt(edges[1:] * edges[:-1])[bad]
-            mass[bad] = self._trace_rate(mid) * (edges[1:] - edges[:-1])[bad]
+            mass[bad] = self._trace_rate(mid) * widths[bad]
         probs = mass / mass.sum()
-        return edges, probs, probs / (edges[1:] - edges[:-1])
+        return edges, probs, probs / widths
+
+    def _table_grid(self, t_min):
+        """The table's bin edges (geometric from t_min to T, both exact) and widths, float64,
+        made once per (t_min, T, device): they depend on nothing else."""
+        key = (t_min, float(self.T), self._device())
+        grids = self.__dict__.setdefault("_grids", {})
+        if key not in grids:
+            edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
+                                             dtype=torch.float64, device=key[2]))
+            edges[0], edges[-1] = t_min, self.T
+            grids[key] = (edges, edges[1:] - edges[:-1])
+        return grids[key]
 
     def time_density(self, t, t_min=None):
         """Importance density p(t) on [t_min, T] (0 outside), same dtype as t."""
