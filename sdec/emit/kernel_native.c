@@ -454,3 +454,51 @@ void sdec_gram2_f32(int B, int K, long N, const float *gy, const float *gs, cons
         gram_one(K, K, N, gs + o, eps + o, 1, dU + m);
     }
 }
+
+/* ||A||_2 of a K x K double matrix A (row-major), its largest singular value, by one-sided
+   Jacobi (Hestenes): plane rotations of pairs of columns of a copy of A until every pair is
+   orthogonal to rounding (|a_p . a_q| <= eps |a_p| |a_q|); the singular values are then the
+   column norms, with a relative accuracy of a few eps.  -1 if out of memory. */
+double sdec_norm2(int K, const double *A)
+{
+    double *U = malloc(sizeof(double) * (size_t)(K > 0 ? K * K : 1));
+    if (!U)
+        return -1.0;
+    memcpy(U, A, sizeof(double) * (size_t)K * K);
+    for (int sweep = 0; sweep < 64; sweep++) {
+        int rotated = 0;
+        for (int p = 0; p < K; p++)
+            for (int q = p + 1; q < K; q++) {
+                double alpha = 0.0, beta = 0.0, gamma = 0.0;
+                for (int k = 0; k < K; k++) {
+                    double up = U[k * K + p], uq = U[k * K + q];
+                    alpha += up * up;
+                    beta += uq * uq;
+                    gamma += up * uq;
+                }
+                if (fabs(gamma) <= 2.220446049250313e-16 * sqrt(alpha * beta))
+                    continue;
+                rotated = 1;
+                double zeta = (beta - alpha) / (2.0 * gamma);
+                double t = (zeta >= 0.0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
+                double c = 1.0 / sqrt(1.0 + t * t), s = c * t;
+                for (int k = 0; k < K; k++) {
+                    double up = U[k * K + p], uq = U[k * K + q];
+                    U[k * K + p] = c * up - s * uq;
+                    U[k * K + q] = s * up + c * uq;
+                }
+            }
+        if (!rotated)
+            break;
+    }
+    double top = 0.0;
+    for (int p = 0; p < K; p++) {
+        double acc = 0.0;
+        for (int k = 0; k < K; k++)
+            acc += U[k * K + p] * U[k * K + p];
+        if (acc > top)
+            top = acc;
+    }
+    free(U);
+    return sqrt(top);
+}

@@ -75,6 +75,8 @@ def _native_build():
     lib.sdec_apply2_f32.restype = None
     lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
     lib.sdec_gram2_f32.restype = None
+    lib.sdec_norm2.argtypes = [i, p]
+    lib.sdec_norm2.restype = d
     return lib
 
 
@@ -242,3 +244,12 @@ def native_gram2(gy, gs, eps):
     N = eps[0, 0].numel() if B else 0
     native_library().sdec_gram2_f32(B, K, N, *_pointers(gy, gs, eps, dL, dU))
     return dL, dU
+
+
+def native_norm2(A):
+    """||A||₂ of a (K, K) float64 CPU matrix (its largest singular value) as a float."""
+    A = A.detach().contiguous()
+    value = native_library().sdec_norm2(A.shape[-1], *_pointers(A))
+    if value < 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return value
