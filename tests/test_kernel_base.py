@@ -920,3 +920,16 @@ def test_shared_core_imports_only_math_torch_and_the_standard_library():
     exec(compile(native_source() + base_source(), "<pasted core>", "exec"), namespace)
     assert issubclass(namespace["DiffusionBase"], torch.nn.Module)
     assert namespace["_NATIVE_C"] == open(kernel_native.__file__[:-3] + ".c").read().rstrip("\n") + "\n"
+
+
+@pytest.mark.parametrize("mat_dtype", [torch.float32, torch.float64])
+def test_scalar_state_apply_promotes_like_torch_and_matches_float64(mat_dtype):
+    """K = 1 (VP) applies are one multiply and one multiply-add; float64 coefficients on a
+    float32 state give a float64 result (torch's promotion), as the general path does."""
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.randn(4, 1, 5, generator=g), torch.randn(4, 5, generator=g)
+    mat, col = torch.randn(4, 1, 1, generator=g, dtype=F64), torch.randn(4, 1, generator=g, dtype=F64)
+    out = kb._apply_unrolled(mat.to(mat_dtype), y, "lower", col.to(mat_dtype), x)
+    ref = mat * y.double() + col[:, :, None] * x.double()[:, None]
+    assert out.dtype == mat_dtype and out.shape == y.shape
+    assert torch.allclose(out.double(), ref, rtol=1e-6 if mat_dtype == torch.float32 else 1e-15, atol=1e-6)

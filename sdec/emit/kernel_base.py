@@ -177,7 +177,8 @@ def _apply_unrolled(mat, y, tri, col, x):
     per entry, with the same passes over the data."""
     K = y.shape[1]
     ones = (1,) * (y.dim() - 2)
-    if K == 1:  # (VP): one multiply and one multiply-add, torch's dtype promotion
+    if K == 1 and (col is None or col.dtype == x.dtype == y.dtype == mat.dtype):
+        # (VP): one multiply and one multiply-add; mixed dtypes take the general path below
         out = torch.mul(y, mat.reshape(mat.shape[:-2] + (1,) + ones))
         return out if col is None else out.addcmul_(x[:, None], col.reshape(col.shape + ones))
     out = native_apply(mat, y, tri, col, x)
