@@ -276,3 +276,26 @@ def test_native_norm2_is_the_largest_singular_value():
             ref = max(mpmath.svd_r(mpmath.matrix(A.tolist()), compute_uv=False))
             assert abs(kernel_native.native_norm2(A) - ref) <= 4e-15 * ref
     assert kernel_native.native_norm2(torch.zeros(3, 3, dtype=F64)) == 0.0
+
+
+@pytest.mark.parametrize("shape, B", [((1,), 1), ((7,), 3), ((3, 5), 2), ((2, 3, 9), 4)])
+def test_native_apply2_equals_two_applies_on_odd_shapes_and_strides(shape, B):
+    """One pass for (L eps + col x, U eps) on data sizes that are no multiple of the vector
+    width, one example, and non-contiguous inputs: bit-identical to two native_apply calls."""
+    g = torch.Generator().manual_seed(B)
+    for K in (2, 3, 4):
+        L = torch.randn(B, K, K, generator=g).tril()
+        U = torch.randn(B, K, K, generator=g).triu()
+        col = torch.randn(K, B, generator=g).T  # non-contiguous
+        x = torch.randn(B, *shape, generator=g)
+        eps = torch.randn(K, B, *shape, generator=g).transpose(0, 1)  # non-contiguous
+        assert kernel_native.native_apply2_ok(L, U, col, x, eps)
+        y, s = kernel_native.native_apply2(L, U, col, x, eps)
+        assert torch.equal(y, kernel_native.native_apply(L, eps, "lower", col, x))
+        assert torch.equal(s, kernel_native.native_apply(U, eps, "upper", None, None))
+        gy, gs = torch.randn(eps.shape, generator=g), torch.randn(eps.shape, generator=g)
+        dL, dU = kernel_native.native_gram2(gy, gs, eps)
+        assert torch.equal(dL, kernel_native.native_gram(gy, eps, "lower"))
+        assert torch.equal(dU, kernel_native.native_gram(gs, eps, "upper"))
+    assert not kernel_native.native_apply2_ok(L.double(), U, col, x, eps)  # float32 only
+    assert not kernel_native.native_apply2_ok(L[:, :1, :1], U[:, :1, :1], col[:, :1], x, eps[:, :1])  # K = 1
