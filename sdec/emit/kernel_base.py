@@ -42,7 +42,8 @@ Speed.  On the CPU, K > 1, Φ, Σ, L = chol Σ, L⁻¹ and log det Σ of a batch
 native pipeline (kernel_native: the same method in C, its exact adjoint in one backward call;
 its squared Φ also where the lowering found a closed form, which it matches to 1.1e-15 on
 CLD and which costs more ops than the whole native call), and float32 state applies with
-K >= 2 are one native pass over the data.  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
+K >= 2 are one native pass over the data (perturb(with_score=True): y and the score in one
+pass over ε, as the ELBO asks).  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
 for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
 factors and triangular inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call
