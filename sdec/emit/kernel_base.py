@@ -846,12 +846,15 @@ class DiffusionBase(torch.nn.Module):
         if eps is None:
             eps = torch.randn(shape, generator=generator, dtype=x.dtype,
                               device=x.device)
-        U = lambda: -self._factors_with_inverse(entry)[2].to(x.dtype)  # noqa: E731 - -L⁻ᵀ
-        pair = _apply_pair(L, U(), Phi[:, :, 0], x, eps) if hybrid and with_score and K > 1 else None
+        neg_inv_T = lambda: -self._factors_with_inverse(entry)[2].to(x.dtype)  # noqa: E731 - -L⁻ᵀ
+        U = neg_inv_T() if with_score else None
+        pair = _apply_pair(L, U, Phi[:, :, 0], x, eps) if U is not None and hybrid and K > 1 else None
         if pair is not None:
             y, score = pair
+        elif U is not None:
+            score = _apply(U, eps, "upper")
         else:
-            score = lambda: _apply(U(), eps, "upper")  # noqa: E731
+            score = lambda: _apply(neg_inv_T(), eps, "upper")  # noqa: E731
         if hybrid:
             col = Phi[:, :, 0]
             if pair is None:

@@ -6,7 +6,8 @@
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
    |s| <= radius, else the series at h = s 2^-j and j doublings; each series with the terms
    its element needs, terms_at), and the reverse-mode adjoint of all five outputs with
-   respect to A and D.  After them: the float32 state apply and its gradient's products.
+   respect to A and D.  After them: the float32 state apply and its gradient's products
+   (single and paired), and ||A||_2.
 
    Series coefficients: P_k = A^k, M_k (from Sigma0) and N_k (from 0):
      M_0 = Sigma0, M_1 = A Sigma0 + Sigma0 A^T + 2 D, M_{k+1} = A M_k + M_k A^T,

@@ -12,6 +12,8 @@ each element needs (terms_at in the C source), and agrees with the torch path to
 
 native_apply: y[:, i] = Σ_j M[:, i, j] y[:, j] + col[:, i] x for float32 CPU states in one pass
 over the data; native_gram: the per-example products Σ_n g_i y_j of its matrix gradient.
+native_apply2 / native_gram2: the perturbation's two applies (y and the score) and their two
+matrix gradients, each pair in one pass over ε.  native_norm2: ‖A‖₂ (one-sided Jacobi).
 
 The library is compiled once per machine with the C compiler ($CC, default cc) into the
 compiled-module cache ($SDEC_CACHE, else <tmp>/sdec-cache-<uid>), named by the hash of its
