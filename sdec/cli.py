@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import importlib
 import os
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import traceback
 
 from . import __version__
@@ -240,6 +243,7 @@ def _run_verify(args) -> int:
 
 
 RUNTIME_COMMANDS = ("train", "eval", "sample", "data")
+TORCH_COMMANDS = ("verify",) + RUNTIME_COMMANDS  # (check, fmt and compile never import torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +284,12 @@ def _main(argv: list) -> int:
                 _to_stderr(f"sdec: error: cannot write to standard output ({exc.strerror or exc})")
                 return 2
         raise
+    try:
+        if args.command in TORCH_COMMANDS:
+            _import_holding_sigint("torch")
+    except KeyboardInterrupt:
+        _to_stderr(f"sdec {args.command}: interrupted")
+        return 130
     if args.command in RUNTIME_COMMANDS:
         return _run_runtime(args)
     try:
@@ -296,6 +306,25 @@ def _main(argv: list) -> int:
     except KeyboardInterrupt:
         _to_stderr(f"sdec {args.command}: interrupted")
         return 130
+
+
+def _import_holding_sigint(name: str) -> None:
+    """Import a module with SIGINT held (blocked) until the import is done, then delivered.
+
+    torch's C initialisation imports numpy and discards any error raised inside it: a
+    KeyboardInterrupt there is lost (the command runs on as if never interrupted) or leaves
+    numpy half-imported (a later AttributeError); both were seen with Ctrl-C in the first
+    second of `sdec verify`.  Held, the interrupt arrives right after the import, where the
+    command's handler turns it into one line and exit 130.  Main thread, POSIX only."""
+    if name in sys.modules or not hasattr(signal, "pthread_sigmask") \
+            or threading.current_thread() is not threading.main_thread():
+        importlib.import_module(name)
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        importlib.import_module(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _to_stderr(text: str) -> None:
