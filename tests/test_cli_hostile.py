@@ -196,8 +196,11 @@ def test_sigint_during_a_held_import_arrives_after_it(tmp_path):
             "try:\n    load('interrupts_itself')\nexcept KeyboardInterrupt:\n"
             "    print('interrupted after the import:', 'interrupts_itself' in sys.modules)\n")
     env = sdec_process_env(PYTHONPATH=str(tmp_path) + os.pathsep + str(REPO))
+    # (SIGINT back to its default in the child: a shell's background job starts with it ignored,
+    # and Python then installs no KeyboardInterrupt handler)
     out = {how: subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True, text=True,
-                               timeout=60).stdout.strip() for how in ("held", "plain")}
+                               timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+                               ).stdout.strip() for how in ("held", "plain")}
     assert out == {"held": "interrupted after the import: True", "plain": "interrupted after the import: False"}
 
 
