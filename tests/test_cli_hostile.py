@@ -161,27 +161,36 @@ def test_the_command_line_reaches_main_before_importing_sympy_lark_or_torch():
     assert done.stdout.strip() == "[]"
 
 
-def test_sigint_during_verify_exits_130_with_one_line():
+def interrupt_verify(delay):
+    """Start `sdec verify` on learned3 (about 20 s of checks), send it SIGINT `delay` seconds
+    after libtorch is mapped (torch is being imported inside the command), and return
+    (whether it was still running when signalled, exit status, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "sdec", "verify", "specs/learned3.sde", "--samples", "200000"],
                             cwd=REPO, env=sdec_process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        # Interrupt once the command is running (torch is imported inside it, then the
-        # checks take ~20 s), not while Python is still importing sdec before main starts.
         maps, deadline = pathlib.Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
         while maps.exists() and time.monotonic() < deadline and proc.poll() is None:
             if "libtorch" in maps.read_text(errors="replace"):
                 break
-            time.sleep(0.05)
-        time.sleep(3.0)
-        assert proc.poll() is None, "verify finished before it could be interrupted"
+            time.sleep(0.01)
+        time.sleep(delay)
+        running = proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
+    return running, proc.returncode, err
+
+
+def test_sigint_during_verify_exits_130_with_one_line():
+    # Interrupt once the command is running (3 s after torch starts loading; the checks take
+    # ~20 s), not while Python is still importing sdec before main starts.
+    running, code, err = interrupt_verify(3.0)
+    assert running, "verify finished before it could be interrupted"
+    assert code == 130, err
     assert "Traceback" not in err and one_line(err) == "sdec verify: interrupted", err
 
 
@@ -212,25 +221,9 @@ def test_sigint_at_any_moment_of_verify_startup_exits_130_with_one_line():
     machine: exit 0, exit -2 or an AttributeError traceback)."""
     failures = []
     for i in range(16):
-        proc = subprocess.Popen([sys.executable, "-m", "sdec", "verify", "specs/learned3.sde", "--samples", "200000"],
-                                cwd=REPO, env=sdec_process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            maps, deadline = pathlib.Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline:
-                if "libtorch" in maps.read_text(errors="replace"):
-                    break
-                time.sleep(0.01)
-            time.sleep(0.1 * i)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        lines = err.strip("\n").split("\n")
-        if proc.returncode != 130 or lines != ["sdec verify: interrupted"]:
-            failures.append((0.1 * i, proc.returncode, err[-300:]))
+        running, code, err = interrupt_verify(0.1 * i)
+        if not running or code != 130 or err.strip("\n").split("\n") != ["sdec verify: interrupted"]:
+            failures.append((0.1 * i, running, code, err[-300:]))
     assert not failures, failures
 
 
