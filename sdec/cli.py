@@ -11,9 +11,9 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
-import importlib
 import os
 import signal
 import stat
