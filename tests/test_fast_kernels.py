@@ -147,10 +147,14 @@ def test_lazy_score_and_mean_equal_their_definitions(name):
     assert p.score is p.score  # computed once
 
 
-def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(monkeypatch, fused):
     proc = compiled("learned3")
-    counts = {"coeffs": 0, "phi_sigma": 0, "cholesky": 0}
-    build, phi_sigma, cholesky = proc._build_coeffs, proc._phi_sigma, proc._cholesky
+    if fused and not proc._native_ok():
+        pytest.skip("the native library is not available (SDEC_NATIVE=0 or no C compiler)")
+    counts = {"coeffs": 0, "phi_sigma": 0, "cholesky": 0, "fused": 0}
+    build, phi_sigma, cholesky, fused_call = (proc._build_coeffs, proc._phi_sigma, proc._cholesky,
+                                              proc._fused_elbo_kernels)
 
     def counted_build(hybrid):
         counts["coeffs"] += 1
@@ -165,15 +169,27 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
         counts["cholesky"] += 1
         return cholesky(Sig, t64)
 
+    def counted_fused(t, t64, B, s_max, like):
+        out = fused_call(t, t64, B, s_max, like) if fused else None
+        if out is not None:
+            assert B.shape == (4 + 2,)  # the batch's times, t_min and T in one call
+            counts["fused"] += 1
+        return out
+
     monkeypatch.setattr(proc, "_build_coeffs", counted_build)
     monkeypatch.setattr(proc, "_phi_sigma", counted_phi_sigma)
     monkeypatch.setattr(proc, "_cholesky", counted_cholesky)
+    monkeypatch.setattr(proc, "_fused_elbo_kernels", counted_fused)
     x = torch.randn(4, 6, generator=gen(0), dtype=F64)
     score_fn = proc.score_from_eps(lambda y, t: 0.5 * y)
     e = proc.elbo(x, score_fn, generator=gen(1))
     # one coefficient build; one Φ/Σ and one Cholesky for the batch's times (shared by
-    # perturb and score_fn), the score norm's t_min and T, and the prior at T
-    assert counts == {"coeffs": 1, "phi_sigma": 1, "cholesky": 1}
+    # perturb and score_fn), the score norm's t_min and T, and the prior at T: in one native
+    # call where the fused path runs
+    if fused:
+        assert counts == {"coeffs": 1, "phi_sigma": 0, "cholesky": 0, "fused": 1}
+    else:
+        assert counts == {"coeffs": 1, "phi_sigma": 1, "cholesky": 1, "fused": 0}
     assert proc._call_memo is None
     e.total.sum().backward()
     with torch.no_grad():
@@ -181,6 +197,8 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
     e2 = proc.elbo(x, score_fn, generator=gen(1))
     fresh = compiled("learned3")
     fresh.load_state_dict(proc.state_dict())
+    if not fused:
+        monkeypatch.setattr(fresh, "_fused_elbo_kernels", lambda *args: None)
     e3 = fresh.elbo(x, fresh.score_from_eps(lambda y, t: 0.5 * y), generator=gen(1))
     for k in kb.ELBOTerms.TERMS:
         assert torch.equal(getattr(e2, k), getattr(e3, k)), k

@@ -299,3 +299,136 @@ def test_native_apply2_equals_two_applies_on_odd_shapes_and_strides(shape, B):
         assert torch.equal(dU, kernel_native.native_gram(gs, eps, "upper"))
     assert not kernel_native.native_apply2_ok(L.double(), U, col, x, eps)  # float32 only
     assert not kernel_native.native_apply2_ok(L[:, :1, :1], U[:, :1, :1], col[:, :1], x, eps[:, :1])  # K = 1
+
+
+# ------------------------------------------------------- the fused ELBO node
+FUSED_SPECS = ("cld", "alda", "malda", "learned2", "learned3")
+TERMS = ("prior", "score", "score_norm", "divergence", "truncation", "total")
+
+
+def _elbo_run(proc, x, score_fn, fused, weights, extra=()):
+    """The ELBO terms and the gradients of Σ_k weights[k] mean(term_k) (as the runtime's bits
+    per dimension weighs them) into the process's parameters and `extra`, with the fused
+    node or with it switched off (the unfused native path: per-quantity ops and nodes)."""
+    if not fused:
+        proc._fused_elbo_kernels = lambda *args: None
+    try:
+        terms = proc.elbo(x, score_fn, time_sampler="importance", generator=torch.Generator().manual_seed(1))
+    finally:
+        proc.__dict__.pop("_fused_elbo_kernels", None)
+    params = [p for p in (*proc.parameters(), *extra) if p.requires_grad]
+    for p in params:
+        p.grad = None
+    if params:
+        sum(w * getattr(terms, k).mean() for w, k in zip(weights, TERMS)).backward()
+    return {k: v.detach() for k, v in terms.as_dict().items()}, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("name", FUSED_SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [(0, 0, 0, 0, 0, 1), (1.5, -2.0, 0.25, 3.0, -0.5, 0.75)])
+def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, monkeypatch):
+    """One graph node for the K x K side of elbo() (native_elbo_kernels, its C adjoint, the
+    gram form and the terms' node): the terms bit for bit, the gradients of the total alone and
+    of every term weighted apart to rounding; and the node did run."""
+    proc = compiled(name, monkeypatch, True)
+    calls = []
+    fused_call = proc._fused_elbo_kernels
+
+    def counted(*args):
+        out = fused_call(*args)
+        calls.append(out is not None)
+        return out
+
+    x = torch.randn(32, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    score_fn = lambda y, t: -0.8 * y  # noqa: E731
+    monkeypatch.setattr(proc, "_fused_elbo_kernels", counted)
+    a, ga = _elbo_run(proc, x, score_fn, True, weights)
+    monkeypatch.undo()
+    assert calls == [True]
+    b, gb = _elbo_run(proc, x, score_fn, False, weights)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert len(ga) == len(gb) and (len(ga) > 0) == name.startswith("learned")
+    for u, v in zip(ga, gb):
+        assert float(v.abs().max()) > 0
+        assert torch.allclose(u, v, rtol=1e-12, atol=1e-14 * float(v.abs().max()))
+
+
+@pytest.mark.parametrize("name", ("cld", "learned3"))
+def test_fused_elbo_with_a_network_score_matches_the_unfused_path(name, monkeypatch):
+    """score_from_eps reads the fused node's -L⁻ᵀ: the same terms, and the same gradients into
+    the network (float32) and the process."""
+    proc = compiled(name, monkeypatch, True)
+    torch.manual_seed(0)
+    net = torch.nn.Conv1d(proc.K, proc.K, 3, padding=1)
+    score_fn = proc.score_from_eps(lambda y, t: net(y.reshape(y.shape[0], proc.K, -1)).reshape(y.shape))
+    x = torch.randn(16, 2, 4, generator=torch.Generator().manual_seed(0))
+    weights = (1.0, 2.0, 0.5, 1.0, 1.0, 1.0)
+    a, ga = _elbo_run(proc, x, score_fn, True, weights, extra=net.parameters())
+    b, gb = _elbo_run(proc, x, score_fn, False, weights, extra=net.parameters())
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6 * float(v.abs().max()))
+
+
+def test_fused_elbo_falls_back_to_the_cholesky_error(monkeypatch):
+    """A time whose Σ does not factor (hybrid ALDA at 1e-9, below its float64 floor) leaves the
+    fused node's outputs unwritten; the unfused path then raises the CholeskyError naming t."""
+    proc = compiled("alda", monkeypatch, True)
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.5, 1e-9, 0.2, 0.9], dtype=F64)
+    with pytest.raises(sdec.CholeskyError, match="t=1e-09"):
+        proc.elbo(x, lambda y, tt: -y, t=t)
+
+
+@pytest.mark.parametrize("name", FUSED_SPECS)
+def test_native_rate_table_matches_the_table_from_the_rate_integral(name, monkeypatch):
+    """The importance table from one C call equals the one from the native kernels and torch's
+    differences and sums (the same masses, summed in another order) to 1e-15."""
+    proc = compiled(name, monkeypatch, True)
+    with torch.no_grad():
+        fast = proc._build_table(proc.t_min)
+        module = sys.modules[type(proc).__module__]
+        monkeypatch.setattr(module, "native_rate_table", lambda *args: None)
+        slow = proc._build_table(proc.t_min)
+    assert torch.equal(fast[0], slow[0])
+    for u, v in zip(fast[1:], slow[1:]):
+        assert torch.allclose(u, v, rtol=1e-15, atol=0)
+        assert float(u.min()) > 0
+
+
+def test_native_rate_table_declines_a_table_it_cannot_make(monkeypatch):
+    """A bin edge whose Σ does not factor: native_rate_table returns None, and the table's own
+    path raises the CholeskyError."""
+    proc = compiled("alda", monkeypatch, True)
+    with torch.no_grad():
+        with pytest.raises(sdec.CholeskyError, match="t=1e-09"):
+            proc._build_table(1e-9)
+        c = proc._coeffs(True)
+        edges, widths, B = proc._table_grid(1e-9)
+        j = proc._squarings(B, c, c["s_T"])
+        assert kernel_native.native_rate_table(c["A"], c["D"], c["S0"], B, j, c["radius"], c["norm"], 48,
+                                               widths) is None
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_gram_form_gradients_match_float64_autograd(K):
+    """q = Σ_ij GG_ij <diff_i, diff_j> from the native Gram matrix and its one-call backward,
+    against autograd through the float64 products."""
+    from sdec.emit import kernel_base
+    g = torch.Generator().manual_seed(K)
+    diff = torch.randn(6, K, 2, 5, generator=g).requires_grad_()
+    GG = torch.randn(6, K, K, generator=g).requires_grad_()
+    w = torch.randn(6, generator=g)
+    q = kernel_base._gram_form(diff.reshape(6, K, -1), GG)
+    assert q.grad_fn is not None and "GramForm" in type(q.grad_fn).__name__
+    (w * q).sum().backward()
+    d64, G64 = diff.detach().double().requires_grad_(), GG.detach().double().requires_grad_()
+    flat = d64.reshape(6, K, -1)
+    q64 = ((flat @ flat.mT) * G64).sum((1, 2))
+    (w.double() * q64).sum().backward()
+    assert torch.allclose(q.double(), q64, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(diff.grad.double(), d64.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(GG.grad.double(), G64.grad, rtol=1e-5, atol=1e-5)

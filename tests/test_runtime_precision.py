@@ -32,14 +32,15 @@ def test_bf16_autocasts_the_network_only(tmp_path):
         seen["net"].append((torch.is_autocast_enabled("cpu"), output.dtype))
 
     run.net.out.register_forward_hook(net_hook)  # the network's last layer
-    real = run.proc.noise_cov
+    real = run.proc.perturb
 
-    def noise_cov(t):  # called by the ELBO's K x K algebra
-        out = real(t)
-        seen["process"].append((torch.is_autocast_enabled("cpu"), out.dtype))
+    def perturb(*args, **kwargs):  # called by the ELBO, with its K x K algebra
+        out = real(*args, **kwargs)
+        seen["process"].append((torch.is_autocast_enabled("cpu"), out.y.dtype))
+        seen["process"].append((torch.is_autocast_enabled("cpu"), out.chol.dtype))
         return out
 
-    run.proc.noise_cov = noise_cov
+    run.proc.perturb = perturb
     numbers = [train_step(run, s) for s in range(2)]
     assert seen["net"] and all(seen["net"][i] == (True, torch.bfloat16) for i in range(len(seen["net"])))
     assert seen["process"] and all(not on and dt in (torch.float32, torch.float64)

@@ -43,7 +43,15 @@ native pipeline (kernel_native: the same method in C, its exact adjoint in one b
 its squared Φ also where the lowering found a closed form, which it matches to 1.1e-15 on
 CLD and which costs more ops than the whole native call), and float32 state applies with
 K >= 2 are one native pass over the data (perturb(with_score=True): y and the score in one
-pass over ε, as the ELBO asks).  Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
+pass over ε, as the ELBO asks).  There an elbo() call is a handful of graph nodes, each one
+C call forward and one backward: the process side (Φ's first column, L, -L⁻ᵀ and G Gᵀ at the
+batch's times and the parameter-only terms, from one pipeline call over the batch's times,
+t_min and T: native_elbo_kernels), the perturbation and its score (_PairApply), the score's
+quadratic form (_GramForm) and the per-example terms with their total (_Terms); the
+importance table is one C call too (native_rate_table).  A training step's backward walks
+these and the spec's own parameter-to-(Q, D) ops, not about eighty K x K nodes: each node
+costs tens of µs of autograd and dispatch, more than its arithmetic.
+Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
 for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
 factors and triangular inverses of up to _LAPACK_MAX_N matrices come from LAPACK (one call
@@ -77,8 +85,10 @@ file's class instantiated directly has ``spec_hash`` but no ``spec_text``).
 import math
 import torch
 
-from .kernel_native import (native_apply, native_apply2, native_apply2_ok, native_gram, native_gram2,  # package only
-                            native_kernels, native_library, native_norm2)  # package only: generated modules carry it inline
+from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
+                            native_elbo_kernels, native_gram, native_gram2,  # package only
+                            native_gram_form_backward, native_kernels, native_library,  # package only
+                            native_norm2, native_rate_table)  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -123,10 +133,12 @@ class ELBOTerms:
     TERMS = ("prior", "score", "score_norm", "divergence", "truncation", "aux_entropy")
 
     def __init__(self, prior, score, score_norm, divergence, truncation, aux_entropy,
-                 t, weight):
+                 t, weight, total=None):
         self.prior, self.score, self.score_norm = prior, score, score_norm
         self.divergence, self.truncation, self.aux_entropy = divergence, truncation, aux_entropy
-        self.total = prior + score + score_norm + divergence + truncation + aux_entropy
+        if total is None:  # given: the same sum, formed by the caller (kernel_base._Terms)
+            total = prior + score + score_norm + divergence + truncation + aux_entropy
+        self.total = total
         self.t, self.weight = t, weight
 
     def as_dict(self):
@@ -280,6 +292,68 @@ class _PairApply(torch.autograd.Function):
             n, K = gy.shape[0], gy.shape[1]
             dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
         return dL, dU, dcol, None, None
+
+
+def _gram_form(diff, GG):
+    """Σ_ij GG[:, i, j] <diff[:, i], diff[:, j]> per example, for diff (n, K, N) and GG (n, K, K):
+    one K x K Gram matrix per example (a reduction over the data), from one native pass where
+    it runs (float32 on the CPU), else a batched product."""
+    gram = native_gram(diff, diff) if GG.dtype == diff.dtype else None
+    if gram is None:
+        return (torch.matmul(diff, diff.mT) * GG).sum((1, 2))
+    if torch.is_grad_enabled() and (diff.requires_grad or GG.requires_grad):
+        return _GramForm.apply(diff, GG, gram)
+    return (gram * GG).sum((1, 2))
+
+
+class _GramForm(torch.autograd.Function):
+    """_gram_form with a graph, from the native Gram matrix: d diff = (g (GG + GGᵀ)) diff per
+    example and d GG = g gram, in one C call (batched products cost two bmm)."""
+
+    @staticmethod
+    def forward(ctx, diff, GG, gram):
+        ctx.save_for_backward(diff, GG, gram)
+        return (gram * GG).sum((1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        diff, GG, gram = ctx.saved_tensors
+        d_diff, d_GG = native_gram_form_backward(g, GG, gram, diff, ctx.needs_input_grad[1])
+        return d_diff, d_GG, None
+
+
+class _Terms(torch.autograd.Function):
+    """The per-example ELBO terms from the fused path's five scalars (native_elbo_kernels:
+    the prior's constant and quadratic, the score norm, divergence and truncation), the score's
+    quadratic form q and the constants sq = |x|², weight and aux, with their total, as one
+    graph node (about fifteen elementwise nodes otherwise):
+    prior = const - ½ quad sq, score = -½ weight q, the three scalars per example, and
+    total = prior + score + score_norm + divergence + truncation + aux (ELBOTerms' order)."""
+
+    @staticmethod
+    def forward(ctx, scalars, q, sq, weight, aux):
+        const, quad, norm, div, trunc = scalars.unbind()
+        ones = torch.ones_like(sq)
+        prior, score = const - 0.5 * quad * sq, -0.5 * weight * q
+        norm, div, trunc = norm * ones, div * ones, trunc * ones
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(sq, weight)
+        return prior, score, norm, div, trunc, prior + score + norm + div + trunc + aux
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sq, weight = ctx.saved_tensors
+        total = grads[5]
+        g = [total if gi is None else gi if total is None else gi + total for gi in grads[:5]]
+        zero = sq.new_zeros(())
+        d_scalars = d_q = None
+        if ctx.needs_input_grad[0]:
+            sums = [zero if gi is None else gi.sum() for gi in g]
+            quad = zero if g[0] is None else -0.5 * (g[0] * sq).sum()
+            d_scalars = torch.stack([sums[0], quad, sums[2], sums[3], sums[4]])
+        if ctx.needs_input_grad[1] and g[1] is not None:
+            d_q = -0.5 * weight * g[1]
+        return d_scalars, d_q, None, None, None
 
 
 def _cholesky_small(S):
@@ -568,15 +642,20 @@ class DiffusionBase(torch.nn.Module):
         if self.K > 1:
             aux = (0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi))
                    + 0.5 * torch.linalg.slogdet(self.aux_init_cov)[1])
-        return {"P": P, "-P": -P, "log_det_inf": 2.0 * torch.log(Linf.diagonal()).sum(), "aux_entropy": aux}
+        return {"P": P, "-P": -P, "log_det_inf": 2.0 * torch.log(Linf.diagonal()).sum(), "aux_entropy": aux,
+                ("S0", True): self._sigma0(True), ("S0", False): self._sigma0(False)}
 
     def _A_D(self):
         """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
         return self._cached("A_D", self._build_A_D)
 
     def _build_A_D(self):
-        Q, D = (m.to(torch.float64) for m in self._blocks())
+        Q, D = self._Q_D()
         return (Q + D) @ self._constants()["-P"], D
+
+    def _Q_D(self):
+        """(Q, D) in float64, with their graph while one is needed (see _cached)."""
+        return self._cached("Q_D", lambda: tuple(m.to(torch.float64) for m in self._blocks()))
 
     def _G_factor(self):
         return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
@@ -597,9 +676,8 @@ class DiffusionBase(torch.nn.Module):
         A, D = self._A_D()
         native = self._native_ok()  # ‖A‖₂ by one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
         norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
-        c = {"A": A, "D": D, "S0": self._sigma0(hybrid), "native": native, "norm": norm,
-             "radius": _SERIES_TAU / norm if norm > 0 else math.inf,
-             "s_T": float(self._B_at([self.T]).detach().max())}
+        c = {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
+             "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T()}
         if not c["native"]:
             c["stacks"] = self._series_stacks(c)
         return c
@@ -808,17 +886,26 @@ class DiffusionBase(torch.nn.Module):
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).mT
 
-    def _elbo_kernels(self, t, t_min, sampled):
+    def _elbo_kernels(self, t, t_min, sampled, like):
         """One Φ, Σ and one Cholesky for every time an elbo() call needs, the batch's t and the
-        score norm's t_min and T, put in the call's memo: the batch's (Φ, L, L⁻ᵀ) for the
-        perturbation and the score, the score norm ½ (R(T) - R(t_min)) from the same factors
-        (see _rate_integral), and (Φ_T, Σ_T) for the prior term.  Times this call sampled lie
-        in [t_min, T], so the squarings come from B(T) without reading them."""
+        score norm's t_min and T.  Times this call sampled lie in [t_min, T], so the squarings
+        come from B(T) without reading them.
+
+        Where the native pipeline runs (and t and the buffers carry no gradient) it is one
+        graph node (native_elbo_kernels): the returned dict holds the batch's col, L, -L⁻ᵀ
+        and G Gᵀ in like's dtype (put in the call's memo for perturb and score_from_eps)
+        and the parameter-only terms.  Elsewhere (None is returned) the memo gets the batch's
+        (Φ, L, L⁻ᵀ) for the perturbation and the score, the score norm ½ (R(T) - R(t_min))
+        from the same factors (see _rate_integral), and (Φ_T, Σ_T) for the prior term."""
         memo, n = self._call_memo, t.shape[0]
         t64 = torch.cat([t.to(torch.float64),
                          torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
         B = self._B(t64)
         s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
+        fused = self._fused_elbo_kernels(t, t64, B, s_max, like)
+        if fused is not None:
+            memo[("cast", id(t), like.dtype)] = (t, t._version, fused)
+            return fused
         Phi, Sig = self._phi_sigma(B, True, s_max)
         L = self._cholesky(Sig, t64)
         Li = getattr(L, "_sdec_inverse", None)  # the native pipeline's L⁻¹, else built on use
@@ -827,6 +914,34 @@ class DiffusionBase(torch.nn.Module):
         memo[("score_norm", t_min)] = 0.5 * (R[1] - R[0])
         memo[("B_ends", t_min)] = B[n:]
         memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
+        return None
+
+    def _fused_elbo_kernels(self, t, t64, B, s_max, like):
+        """native_elbo_kernels for _elbo_kernels, or None where it does not apply (K = 1, the
+        torch path, data neither float32 nor float64, a time or buffer with a gradient, a
+        failed Cholesky factorisation: the other path then raises the CholeskyError)."""
+        if (self.K == 1 or like.dtype not in (torch.float32, torch.float64) or t.requires_grad
+                or B.requires_grad or self._sigma_inf.requires_grad or self._aux_init_cov.requires_grad):
+            return None
+        c = self._coeffs(True)
+        if not c["native"]:
+            return None
+        const, n = self._constants(), t.shape[0]
+        col, L, U, GG, terms, ok = native_elbo_kernels(
+            *self._Q_D(), c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
+            _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),
+            like.dtype)
+        if not bool(ok.all()):
+            return None
+        return {"col": col, "L": L, "U": U, "GG": GG, "terms": terms}
+
+    def _cast_factors(self, t, dtype):
+        """The fused (col, L, -L⁻ᵀ) of t in dtype that this elbo() call made, or None."""
+        memo = getattr(self, "_call_memo", None)
+        hit = memo.get(("cast", id(t), dtype)) if memo is not None else None
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            return None
+        return hit[2]["col"], hit[2]["L"], hit[2]["U"]
 
     def _batch_time(self, t, n, like):
         if not torch.is_tensor(t):
@@ -840,15 +955,21 @@ class DiffusionBase(torch.nn.Module):
         pass over eps as y where the native apply runs (for callers that will read it)."""
         n, K = x.shape[0], self.K
         t = self._batch_time(t, n, x)
-        entry = self._factor_entry(t, hybrid)
-        Phi, L = (m.to(x.dtype) for m in entry[:2])
+        cast = self._cast_factors(t, x.dtype) if hybrid else None
+        if cast is not None:  # this elbo() call's fused factors (see _elbo_kernels)
+            col, L, U_cast = cast
+            neg_inv_T = lambda: U_cast  # noqa: E731
+        else:
+            entry = self._factor_entry(t, hybrid)
+            Phi, L = (m.to(x.dtype) for m in entry[:2])
+            col = Phi[:, :, 0] if hybrid else None
+            neg_inv_T = lambda: -self._factors_with_inverse(entry)[2].to(x.dtype)  # noqa: E731 - -L⁻ᵀ
         shape = (n, K) + tuple(x.shape[1:]) if hybrid else tuple(x.shape)
         if eps is None:
             eps = torch.randn(shape, generator=generator, dtype=x.dtype,
                               device=x.device)
-        neg_inv_T = lambda: -self._factors_with_inverse(entry)[2].to(x.dtype)  # noqa: E731 - -L⁻ᵀ
         U = neg_inv_T() if with_score else None
-        pair = _apply_pair(L, U, Phi[:, :, 0], x, eps) if U is not None and hybrid and K > 1 else None
+        pair = _apply_pair(L, U, col, x, eps) if U is not None and hybrid and K > 1 else None
         if pair is not None:
             y, score = pair
         elif U is not None:
@@ -856,7 +977,6 @@ class DiffusionBase(torch.nn.Module):
         else:
             score = lambda: _apply(neg_inv_T(), eps, "upper")  # noqa: E731
         if hybrid:
-            col = Phi[:, :, 0]
             if pair is None:
                 y = _apply(L, eps, "lower", col, x)  # Φ[:, :, 0] x + L eps in one set of passes
             mean = lambda: _col(col, x[:, None]) * x[:, None]  # noqa: E731 - lazy
@@ -869,8 +989,9 @@ class DiffusionBase(torch.nn.Module):
         """score_fn(y, t) = -L_t⁻ᵀ eps_fn(y, t) for a noise-prediction network."""
         def score_fn(y, t):
             t = self._batch_time(t, y.shape[0], y)
-            LinvT = self._kernel_factors(t, hybrid)[2].to(y.dtype)
-            return _apply(-LinvT, eps_fn(y, t), "upper")
+            cast = self._cast_factors(t, y.dtype) if hybrid else None
+            U = cast[2] if cast is not None else -self._kernel_factors(t, hybrid)[2].to(y.dtype)
+            return _apply(U, eps_fn(y, t), "upper")
         return score_fn
 
     # ---------------------------------------------------------- prior and aux
@@ -936,11 +1057,11 @@ class DiffusionBase(torch.nn.Module):
             return ((M.mT @ M) * GG).sum((-2, -1))
         return torch.cholesky_solve(GG, L).diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def _rate_integral(self, t64, s_max=None):
+    def _rate_integral(self, t64, s_max=None, B=None):
         """R(t) = log det Σ_t - 2 tr(A) B(t) at flat float64 t, an antiderivative of the rate
         tr(Σ_t⁻¹ G Gᵀ(t)): Σ_t solves Σ' = F Σ + Σ Fᵀ + G Gᵀ, so by Jacobi's formula
-        (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A."""
-        B = self._B(t64)
+        (log det Σ)' = 2 tr F + tr(Σ⁻¹ G Gᵀ), and F = beta(t) A.  B: B(t64) if known."""
+        B = self._B(t64) if B is None else B
         return self._rate_antiderivative(self._cholesky(self._phi_sigma(B, True, s_max)[1], t64), B)
 
     def _rate_antiderivative(self, L, B):
@@ -988,26 +1109,29 @@ class DiffusionBase(torch.nn.Module):
             self._coeffs(True)   # the importance table (no grad) would build them again
         sampled = t is None
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
-        self._elbo_kernels(t, t_min, sampled)
+        fused = self._elbo_kernels(t, t_min, sampled, x)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
         diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
-        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j>: one K x K Gram matrix per
-        # example (a reduction over the data) instead of a batched K x K apply to diff
-        gram = torch.matmul(diff, diff.mT)
-        score = -0.5 * weight * (gram * self.noise_cov(t)).sum((1, 2))
+        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j> (_gram_form)
+        q = _gram_form(diff, fused["GG"] if fused is not None else self.noise_cov(t))
+        ones = x.new_ones(n)
+        aux = (d * self._constants()["aux_entropy"]).to(x.dtype) * ones
+        if fused is not None:
+            sq = (x * x).reshape(n, -1).sum(1)
+            prior, score, norm, div, trunc, total = _Terms.apply(fused["terms"], q, sq, weight, aux)
+            return ELBOTerms(prior=prior, score=score, score_norm=norm, divergence=div, truncation=trunc,
+                             aux_entropy=aux, t=t, weight=weight, total=total)
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
         B = self._call_memo[("B_ends", t_min)]  # B(t_min), B(T), from _elbo_kernels
-        ones = x.new_ones(n)
         return ELBOTerms(
-            prior=self._prior_term(x), score=score,
+            prior=self._prior_term(x), score=-0.5 * weight * q,
             score_norm=(d * norm).to(x.dtype) * ones,
             divergence=(d * trA * (B[1] - B[0])).to(x.dtype) * ones,
             truncation=(d * trA * B[0]).to(x.dtype) * ones,
-            aux_entropy=(d * self._constants()["aux_entropy"]).to(x.dtype) * ones,
-            t=t, weight=weight)
+            aux_entropy=aux, t=t, weight=weight)
 
     # ------------------------------------------------ importance time sampler
     def _time_table(self, t_min):
@@ -1048,8 +1172,14 @@ class DiffusionBase(torch.nn.Module):
         midpoint rule instead, so the density stays positive wherever the rate is."""
         if not 0.0 < t_min < self.T:
             raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
-        edges, widths = self._table_grid(t_min)
-        R = self._rate_integral(edges, self._coeffs(True)["s_T"] if self.K > 1 else None)
+        edges, widths, B = self._table_grid(t_min)
+        c = self._coeffs(True) if self.K > 1 else None
+        if c is not None and c["native"]:  # the same sums in one C call, unless a bin needs the below
+            done = native_rate_table(c["A"], c["D"], c["S0"], B, self._squarings(B, c, c["s_T"]),
+                                     c["radius"], c["norm"], _SERIES_TERMS, widths)
+            if done is not None:
+                return edges, done[0], done[1]
+        R = self._rate_integral(edges, c["s_T"] if c is not None else None, B)
         mass = R[1:] - R[:-1]
         if not bool((mass > 0).all()):
             bad = ~(mass > 0)
@@ -1059,15 +1189,24 @@ class DiffusionBase(torch.nn.Module):
         return edges, probs, probs / widths
 
     def _table_grid(self, t_min):
-        """The table's bin edges (geometric from t_min to T, both exact) and widths, float64,
-        made once per (t_min, T, device): they depend on nothing else."""
+        """The table's bin edges (geometric from t_min to T, both exact), widths and B at the
+        edges, float64, made once per (t_min, T, device): they depend on nothing else (the
+        time change beta(t) depends on t and constants only: the language allows no more)."""
         key = (t_min, float(self.T), self._device())
         grids = self.__dict__.setdefault("_grids", {})
         if key not in grids:
             edges = torch.exp(torch.linspace(math.log(t_min), math.log(self.T), _TABLE_BINS + 1,
                                              dtype=torch.float64, device=key[2]))
             edges[0], edges[-1] = t_min, self.T
-            grids[key] = (edges, edges[1:] - edges[:-1])
+            grids[key] = (edges, edges[1:] - edges[:-1], self._B(edges))
+        return grids[key]
+
+    def _B_T(self):
+        """B(T) as a float, once per (T, device) (see _table_grid)."""
+        key = ("B_T", float(self.T), self._device())
+        grids = self.__dict__.setdefault("_grids", {})
+        if key not in grids:
+            grids[key] = float(self._B_at([self.T]).detach().max())
         return grids[key]
 
     def time_density(self, t, t_min=None):

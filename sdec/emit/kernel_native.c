@@ -345,6 +345,169 @@ int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int 
     return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
 }
 
+/* One elbo() call's process quantities (kernel_native.NativeElboKernels), for m = n + 2 values
+   s = B(t): the batch's n times, then t_min and T.  The pipeline above runs on all m (Phi, Sig,
+   L, Li, hld, ok: m each; L, Li and Phi are kept for the backward); then, in float32 (f32) or
+   float64, for i < n: col[i] = Phi[i][:, 0], Lb[i] = L[i], U[i] = -L[i]^-T, GG[i] = 2 beta[i] D,
+   and terms[5]: the prior's constant -d/2 (K log 2pi + log det Sigma_inf + tr(P Sig_T)) and its
+   quadratic c^T P c (c = Phi_T[:, 0], P = Sigma_inf^-1), then d times the score norm
+   (R(T) - R(t_min)) / 2 with R = 2 hld - 2 tr(A) s, the divergence tr(A) (s_T - s_min) and the
+   truncation tr(A) s_min.  The outputs are left unwritten unless every ok[i] is 1. */
+#define STORE(p, f32, i, v) do { if (f32) ((float *)(p))[i] = (float)(v); else ((double *)(p))[i] = (v); } while (0)
+#define LOAD(p, f32, i) ((f32) ? (double)((const float *)(p))[i] : ((const double *)(p))[i])
+
+int sdec_elbo_forward(int K, int nterms, int j, double radius, double anorm, int n, const double *A,
+                      const double *D, const double *S0, const double *s, const double *beta,
+                      const double *P, double log_det_inf, double d, int f32, double *Phi,
+                      double *Sig, double *L, double *Li, double *hld, int *ok, void *col,
+                      void *Lb, void *U, void *GG, void *terms)
+{
+    int KK = K * K, m = n + 2;
+    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    if (rc != 0)
+        return rc;
+    for (int i = 0; i < m; i++)
+        if (!ok[i])
+            return 0;
+    for (int i = 0; i < n; i++) {
+        const double *Ph = Phi + i * KK, *Lm = L + i * KK, *Lim = Li + i * KK;
+        for (int a = 0; a < K; a++) {
+            STORE(col, f32, i * K + a, Ph[a * K]);
+            for (int b = 0; b < K; b++) {
+                int e = i * KK + a * K + b;
+                STORE(Lb, f32, e, Lm[a * K + b]);
+                STORE(U, f32, e, -Lim[b * K + a]);
+                STORE(GG, f32, e, (2.0 * beta[i]) * D[a * K + b]);
+            }
+        }
+    }
+    const double *PhT = Phi + (n + 1) * KK, *SgT = Sig + (n + 1) * KK;
+    double trA = 0.0, quad = 0.0, tr = 0.0;
+    for (int a = 0; a < K; a++) {
+        trA += A[a * K + a];
+        double Pc = 0.0;
+        for (int b = 0; b < K; b++) {
+            Pc += P[a * K + b] * PhT[b * K];
+            tr += P[a * K + b] * SgT[a * K + b];
+        }
+        quad += PhT[a * K] * Pc;
+    }
+    double R0 = 2.0 * hld[n] - 2.0 * trA * s[n], R1 = 2.0 * hld[n + 1] - 2.0 * trA * s[n + 1];
+    STORE(terms, f32, 0, -0.5 * d * (K * log(2.0 * 3.14159265358979323846) + log_det_inf + tr));
+    STORE(terms, f32, 1, quad);
+    STORE(terms, f32, 2, d * (0.5 * (R1 - R0)));
+    STORE(terms, f32, 3, d * trA * (s[n + 1] - s[n]));
+    STORE(terms, f32, 4, d * trA * s[n]);
+    return 0;
+}
+
+/* The importance table's bins from the rate's antiderivative R = 2 hld - 2 tr(A) s at the m
+   bin edges s = B(t) (kernel_base._build_table): mass[i] = R[i + 1] - R[i], probs = mass / sum,
+   dens = probs / widths (m - 1 each).  Returns 0, or 1 where the caller's own path must run (a
+   failed Cholesky factorisation or a bin whose mass is not > 0), -1 if out of memory. */
+int sdec_rate_table(int K, int nterms, int j, double radius, double anorm, int m, const double *A,
+                    const double *D, const double *S0, const double *s, const double *widths,
+                    double *probs, double *dens)
+{
+    int KK = K * K;
+    double *buf = malloc(sizeof(double) * ((size_t)4 * m * KK + 2 * (size_t)m));
+    int *ok = malloc(sizeof(int) * (size_t)(m > 0 ? m : 1));
+    if (!buf || !ok) {
+        free(buf);
+        free(ok);
+        return -1;
+    }
+    double *Phi = buf, *Sig = Phi + m * KK, *L = Sig + m * KK, *Li = L + m * KK, *hld = Li + m * KK;
+    double *R = hld + m;
+    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    double trA = 0.0, total = 0.0;
+    for (int a = 0; a < K; a++)
+        trA += A[a * K + a];
+    for (int i = 0; rc == 0 && i < m; i++) {
+        if (!ok[i])
+            rc = 1;
+        R[i] = 2.0 * hld[i] - 2.0 * trA * s[i];
+    }
+    for (int i = 0; rc == 0 && i + 1 < m; i++) {
+        probs[i] = R[i + 1] - R[i];
+        if (!(probs[i] > 0.0))
+            rc = 1;
+        total += probs[i];
+    }
+    for (int i = 0; rc == 0 && i + 1 < m; i++) {
+        probs[i] /= total;
+        dens[i] = probs[i] / widths[i];
+    }
+    free(buf);
+    free(ok);
+    return rc;
+}
+
+/* Its adjoint: the gradients of col, Lb, U, GG (each may be NULL: zero) and terms (5, or NULL)
+   in the forward's precision are folded into the pipeline's (Phi, Sig, L, Li, hld) gradients,
+   whose adjoint is accumulated into gA and gD (zeroed by the caller), with tr(A)'s and GG's own
+   terms; then, A being -(Q + D) P, gQ = -gA P and gD -= gA P.  -1 if out of memory. */
+int sdec_elbo_backward(int K, int nterms, int j, double radius, double anorm, int n,
+                       const double *A, const double *D, const double *S0, const double *s,
+                       const double *beta, const double *P, const double *Phi, const double *L,
+                       const double *Li, double d, int f32, const void *gcol, const void *gLb,
+                       const void *gU, const void *gGG, const void *gterms, double *gA, double *gQ,
+                       double *gD)
+{
+    int KK = K * K, m = n + 2;
+    double *gPhi = calloc((size_t)4 * m * KK + m, sizeof(double));
+    if (!gPhi)
+        return -1;
+    double *gSig = gPhi + m * KK, *gL = gSig + m * KK, *gLi = gL + m * KK, *ghld = gLi + m * KK;
+    for (int i = 0; i < n; i++)
+        for (int a = 0; a < K; a++) {
+            if (gcol)
+                gPhi[i * KK + a * K] = LOAD(gcol, f32, i * K + a);
+            for (int b = 0; b < K; b++) {
+                int e = i * KK + a * K + b;
+                if (gLb)
+                    gL[e] = LOAD(gLb, f32, e);
+                if (gU)
+                    gLi[e] = -LOAD(gU, f32, i * KK + b * K + a);
+                if (gGG)
+                    gD[a * K + b] += (2.0 * beta[i]) * LOAD(gGG, f32, e);
+            }
+        }
+    if (gterms) {
+        double g[5];
+        for (int k = 0; k < 5; k++)
+            g[k] = LOAD(gterms, f32, k);
+        const double *PhT = Phi + (n + 1) * KK;
+        for (int a = 0; a < K; a++) {
+            double Pc = 0.0;
+            for (int b = 0; b < K; b++) {
+                Pc += P[a * K + b] * PhT[b * K];
+                gSig[(n + 1) * KK + a * K + b] = (-0.5 * d * g[0]) * P[a * K + b];
+            }
+            gPhi[(n + 1) * KK + a * K] = (2.0 * g[1]) * Pc; /* P symmetric */
+        }
+        ghld[n + 1] = d * g[2];
+        ghld[n] = -d * g[2];
+        double gtrA = d * ((g[3] - g[2]) * (s[n + 1] - s[n]) + g[4] * s[n]);
+        for (int a = 0; a < K; a++)
+            gA[a * K + a] += gtrA;
+    }
+    int rc = sdec_kernels_backward(K, nterms, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig,
+                                   gL, gLi, ghld, gA, gD);
+    free(gPhi);
+    if (rc != 0)
+        return rc;
+    for (int a = 0; a < K; a++)
+        for (int b = 0; b < K; b++) {
+            double v = 0.0;
+            for (int k = 0; k < K; k++)
+                v += gA[a * K + k] * P[k * K + b];
+            gQ[a * K + b] = -v;
+            gD[a * K + b] -= v;
+        }
+    return 0;
+}
+
 /* The state apply for float32 states: out[b, i] = sum_j mat[b, i, j] y[b, j] + col[b, i] x[b]
    over N data coordinates, for y (B, K, N) and mat (B, K, K) (mat_stride = K K) or one (K, K)
    (mat_stride = 0); col (B, K) and x (B, N) may be NULL; tri = -1 (mat lower triangular),
@@ -453,6 +616,31 @@ void sdec_gram2_f32(int B, int K, long N, const float *gy, const float *gs, cons
         long o = (long)b * K * N, m = (long)b * K * K;
         gram_one(K, K, N, gy + o, eps + o, -1, dL + m);
         gram_one(K, K, N, gs + o, eps + o, 1, dU + m);
+    }
+}
+
+/* The gradient of the ELBO's quadratic form q[b] = sum_ij GG[b, i, j] gram[b, i, j] with
+   gram[b] = diff[b] diff[b]^T (kernel_base._GramForm), for float32 (B, K, N) diff:
+   d_diff[b] = (g[b] (GG[b] + GG[b]^T)) diff[b] by apply_one, and d_GG[b] = g[b] gram[b] (if
+   d_GG is not NULL), each rounded as the torch ops it replaces. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_gram_form_backward(int B, int K, long N, const float *g, const float *GG,
+                             const float *gram, const float *restrict diff, float *restrict d_diff,
+                             float *d_GG)
+{
+    float M[K * K];
+    for (int b = 0; b < B; b++) {
+        const float *Gb = GG + (long)b * K * K;
+        for (int i = 0; i < K; i++)
+            for (int j = 0; j < K; j++) {
+                float sym = Gb[i * K + j] + Gb[j * K + i];
+                M[i * K + j] = g[b] * sym;
+                if (d_GG)
+                    d_GG[(long)b * K * K + i * K + j] = g[b] * gram[(long)b * K * K + i * K + j];
+            }
+        apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
     }
 }
 

@@ -22,6 +22,7 @@ runs, with one warning when building failed.  CPU only.
 """
 import ctypes
 import hashlib
+import math
 import os
 import shlex
 import subprocess
@@ -77,6 +78,13 @@ def _native_build():
     lib.sdec_apply2_f32.restype = None
     lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
     lib.sdec_gram2_f32.restype = None
+    lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 11
+    lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 8
+    lib.sdec_elbo_forward.restype = lib.sdec_elbo_backward.restype = i
+    lib.sdec_rate_table.argtypes = [i, i, i, d, d, i] + [p] * 7
+    lib.sdec_rate_table.restype = i
+    lib.sdec_gram_form_backward.argtypes = [i, i, ctypes.c_long] + [p] * 6
+    lib.sdec_gram_form_backward.restype = None
     lib.sdec_norm2.argtypes = [i, p]
     lib.sdec_norm2.restype = d
     return lib
@@ -128,43 +136,117 @@ class NativeKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
-        lib = native_library()
         A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))
-        K, m = A.shape[-1], s.shape[0]
-        Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
-        hld = A.new_empty(m)
-        ok = torch.empty(m, dtype=torch.int32)
-        rc = lib.sdec_kernels_forward(K, terms, j, radius, anorm, m,
-                                      *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
-        if rc != 0:
-            raise MemoryError("sdec native pipeline: out of memory")
+        Phi, Sig, L, Li, hld, ok = _kernels_forward(A, D, S0, s, j, radius, anorm, terms)
         ctx.save_for_backward(A, D, S0, s, L, Li)
-        ctx.j, ctx.radius, ctx.anorm, ctx.terms = j, radius, anorm, terms
+        ctx.series = j, radius, anorm, terms
         ctx.mark_non_differentiable(ok)
         return Phi, Sig, L, Li, hld, ok
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gPhi, gSig, gL, gLi, ghld, _gok):
-        lib = native_library()
-        A, D, S0, s, L, Li = (v.contiguous() for v in ctx.saved_tensors)
-        grads = [g.to(torch.float64).contiguous() for g in (gPhi, gSig, gL, gLi, ghld)]
-        gA, gD = torch.zeros_like(A), torch.zeros_like(D)
-        rc = lib.sdec_kernels_backward(A.shape[-1], ctx.terms, ctx.j, ctx.radius, ctx.anorm, s.shape[0],
-                                       *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
-        if rc != 0:
-            raise MemoryError("sdec native pipeline: out of memory")
+        gA, gD = _kernels_backward(ctx.saved_tensors, ctx.series, (gPhi, gSig, gL, gLi, ghld))
         return gA, gD, None, None, None, None, None, None
 
 
-def native_kernels(A, D, S0, s, j, radius, anorm, terms):
-    """NativeKernels.apply, with an error that says what to do under torch.func transforms."""
+def _kernels_forward(A, D, S0, s, j, radius, anorm, terms):
+    """The C forward: Φ, Σ, L, L⁻¹, Σ_k log L_kk per s and ok, for contiguous float64 inputs."""
+    K, m = A.shape[-1], s.shape[0]
+    Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
+    hld = A.new_empty(m)
+    ok = torch.empty(m, dtype=torch.int32)
+    rc = native_library().sdec_kernels_forward(K, terms, j, radius, anorm, m,
+                                               *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
+    if rc != 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return Phi, Sig, L, Li, hld, ok
+
+
+def _kernels_backward(saved, series, grads):
+    """The C adjoint: (gA, gD) from the saved (A, D, S0, s, L, L⁻¹), the series settings
+    (j, radius, ‖A‖₂, terms) and the gradients of (Φ, Σ, L, L⁻¹, Σ log L_kk)."""
+    A, D, S0, s, L, Li = (v.contiguous() for v in saved)
+    grads = [g.to(torch.float64).contiguous() for g in grads]
+    gA, gD = torch.zeros_like(A), torch.zeros_like(D)
+    rc = native_library().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
+                                                s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
+    if rc != 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return gA, gD
+
+
+def _applied(function, *args):
+    """function.apply(*args), with an error that says what to do under torch.func transforms."""
     try:
-        return NativeKernels.apply(A, D, S0, s, j, radius, anorm, terms)
+        return function.apply(*args)
     except RuntimeError as err:
         if "functorch transforms" not in str(err):
             raise
         raise RuntimeError(_FUNC_HINT.format(err=err)) from None
+
+
+def native_kernels(A, D, S0, s, j, radius, anorm, terms):
+    """NativeKernels.apply (see _applied)."""
+    return _applied(NativeKernels, A, D, S0, s, j, radius, anorm, terms)
+
+
+class NativeElboKernels(torch.autograd.Function):
+    """What one elbo() call needs from the process, as one graph node: native_elbo_kernels.
+    Its gradients go to Q and D (A = -(Q + D) P is an input for its values only).
+    Forward and backward are one C call each (sdec_elbo_forward / _backward): the backward
+    folds every output's gradient into the pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients
+    and runs its adjoint, so autograd walks one node instead of about fifty K x K ones, and
+    no small ATen op runs on either side."""
+
+    @staticmethod
+    def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype):
+        A, D, S0, s, P, beta = (v.detach().contiguous() for v in (A, D, S0, s, P, beta))
+        K, m = A.shape[-1], s.shape[0]
+        n = m - 2
+        Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
+        hld, ok = A.new_empty(m), torch.empty(m, dtype=torch.int32)
+        col = torch.empty(n, K, dtype=dtype)
+        Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
+        out_terms = torch.empty(5, dtype=dtype)
+        rc = native_library().sdec_elbo_forward(
+            K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
+            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms))
+        if rc != 0:
+            raise MemoryError("sdec native pipeline: out of memory")
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li)
+        ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
+        ctx.mark_non_differentiable(ok)
+        return col, Lb, U, GG, out_terms, ok
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gcol, gL, gU, gGG, gterms, _gok):
+        A, D, S0, s, beta, P, Phi, L, Li = ctx.saved_tensors
+        j, radius, anorm, terms = ctx.series
+        grads = [None if g is None else _ptr(g.contiguous()) for g in (gcol, gL, gU, gGG, gterms)]
+        gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
+        rc = native_library().sdec_elbo_backward(
+            A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
+            ctx.d, ctx.f32, *grads, *_pointers(gA, gQ, gD))
+        if rc != 0:
+            raise MemoryError("sdec native pipeline: out of memory")
+        return gQ, gD, *([None] * 12)
+
+
+def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype):
+    """One elbo() call's process quantities from one native pipeline call, for s = B(t) of
+    the batch's n times followed by B(t_min) and B(T), and A = -(Q + D) P (its values: the
+    gradients go to Q and D, so autograd never walks A's own graph):
+
+    col (n, K) = Φ[:, :, 0], L (n, K, K) = chol Σ, U (n, K, K) = -L⁻ᵀ, GG (n, K, K) =
+    2 beta D (beta (n,) at the batch's times), each in ``dtype``; terms (5,) in ``dtype``:
+    the prior's constant -½ d (K log 2π + log det Σ∞ + tr(P Σ_T)) and its quad cᵀ P c
+    (c = Φ_T[:, 0], P = Σ∞⁻¹), then d times the score norm ½ (R(T) - R(t_min)), the
+    divergence tr A (s_T - s_min) and the truncation tr A s_min (d: data dimensions); and
+    ok (int32, 0 where Σ's Cholesky pivot is not > 0).  Gradients reach Q and D only."""
+    return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype)
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
@@ -246,6 +328,33 @@ def native_gram2(gy, gs, eps):
     N = eps[0, 0].numel() if B else 0
     native_library().sdec_gram2_f32(B, K, N, *_pointers(gy, gs, eps, dL, dU))
     return dL, dU
+
+
+def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
+    """(probs, dens) of the importance table from one C call (sdec_rate_table) for float64 CPU
+    A, D, S0 (K, K), s = B(edges) (m,) and widths (m - 1,), or None where kernel_base's own
+    path must run (a failed Cholesky factorisation or a bin whose mass is not > 0)."""
+    A, D, S0, s, widths = (v.detach().contiguous() for v in (A, D, S0, s, widths))
+    probs, dens = torch.empty_like(widths), torch.empty_like(widths)
+    rc = native_library().sdec_rate_table(A.shape[-1], terms, j, radius, anorm, s.shape[0],
+                                          *_pointers(A, D, S0, s, widths, probs, dens))
+    if rc < 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return (probs, dens) if rc == 0 else None
+
+
+def native_gram_form_backward(g, GG, gram, diff, want_GG):
+    """(d diff, d GG or None) of q = Σ_ij GG_ij gram_ij, gram = diff diffᵀ per example, for the
+    float32 CPU tensors of native_gram's forward (g (B,), GG and gram (B, K, K), diff (B, K, *data)):
+    d diff = (g (GG + GGᵀ)) diff, d GG = g gram, in one C call."""
+    g, GG, gram, diff = (v.contiguous() for v in (g, GG, gram, diff))
+    d_diff = torch.empty_like(diff)
+    d_GG = torch.empty_like(GG) if want_GG else None
+    B, K = diff.shape[0], diff.shape[1]
+    N = diff[0, 0].numel() if B and K else 0
+    native_library().sdec_gram_form_backward(B, K, N, *_pointers(g, GG, gram, diff, d_diff),
+                                             None if d_GG is None else _ptr(d_GG))
+    return d_diff, d_GG
 
 
 def native_norm2(A):
