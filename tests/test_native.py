@@ -327,10 +327,12 @@ def _elbo_run(proc, x, score_fn, fused, weights, extra=()):
 @pytest.mark.parametrize("name", FUSED_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weights", [(0, 0, 0, 0, 0, 1), (1.5, -2.0, 0.25, 3.0, -0.5, 0.75)])
-def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, monkeypatch):
-    """One graph node for the K x K side of elbo() (native_elbo_kernels, its C adjoint, the
-    gram form and the terms' node): the terms bit for bit, the gradients of the total alone and
-    of every term weighted apart to rounding; and the node did run."""
+@pytest.mark.parametrize("model", ["linear", "zero"])
+def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, model, monkeypatch):
+    """One graph node for the K x K side of elbo() (native_elbo_kernels, its C adjoint) and one
+    for the terms (_Terms, in C for float32): the terms bit for bit (in float32 the score's
+    quadratic form to rounding), the gradients of the total alone and of every term weighted
+    apart to rounding; and the node did run."""
     proc = compiled(name, monkeypatch, True)
     calls = []
     fused_call = proc._fused_elbo_kernels
@@ -341,18 +343,26 @@ def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, monkeypat
         return out
 
     x = torch.randn(32, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    score_fn = lambda y, t: -0.8 * y  # noqa: E731
+    if model == "linear":
+        score_fn = lambda y, t: -0.8 * y  # noqa: E731 - a graph through y into the process
+    else:
+        score_fn = lambda y, t: torch.zeros_like(y)  # noqa: E731 - only the target has a graph
     monkeypatch.setattr(proc, "_fused_elbo_kernels", counted)
     a, ga = _elbo_run(proc, x, score_fn, True, weights)
     monkeypatch.undo()
     assert calls == [True]
     b, gb = _elbo_run(proc, x, score_fn, False, weights)
     for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        assert a[key].dtype == b[key].dtype, key
+        if dtype == torch.float32 and key in ("score", "total"):  # q's nine products: C's order, not torch's
+            assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-6 * float(b[key].abs().max())), key
+        else:
+            assert torch.equal(a[key], b[key]), key
     assert len(ga) == len(gb) and (len(ga) > 0) == name.startswith("learned")
+    rtol = 1e-12 if dtype == F64 else 2e-6  # float32: the terms' gradients are summed in double in C
     for u, v in zip(ga, gb):
         assert float(v.abs().max()) > 0
-        assert torch.allclose(u, v, rtol=1e-12, atol=1e-14 * float(v.abs().max()))
+        assert torch.allclose(u, v, rtol=rtol, atol=rtol * 1e-2 * float(v.abs().max()))
 
 
 @pytest.mark.parametrize("name", ("cld", "learned3"))
@@ -368,7 +378,7 @@ def test_fused_elbo_with_a_network_score_matches_the_unfused_path(name, monkeypa
     a, ga = _elbo_run(proc, x, score_fn, True, weights, extra=net.parameters())
     b, gb = _elbo_run(proc, x, score_fn, False, weights, extra=net.parameters())
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-6 * float(b[key].abs().max())), key
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, rtol=1e-5, atol=1e-6 * float(v.abs().max()))
 

@@ -46,9 +46,9 @@ K >= 2 are one native pass over the data (perturb(with_score=True): y and the sc
 pass over ε, as the ELBO asks).  There an elbo() call is a handful of graph nodes, each one
 C call forward and one backward: the process side (Φ's first column, L, -L⁻ᵀ and G Gᵀ at the
 batch's times and the parameter-only terms, from one pipeline call over the batch's times,
-t_min and T: native_elbo_kernels), the perturbation and its score (_PairApply), the score's
-quadratic form (_GramForm) and the per-example terms with their total (_Terms); the
-importance table is one C call too (native_rate_table).  A training step's backward walks
+t_min and T: native_elbo_kernels), the perturbation and its score (_PairApply), and the
+score's quadratic form with the per-example terms and their total (_Terms, native_terms);
+the importance table is one C call too (native_rate_table).  A training step's backward walks
 these and the spec's own parameter-to-(Q, D) ops, not about eighty K x K nodes: each node
 costs tens of µs of autograd and dispatch, more than its arithmetic.
 Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
@@ -88,7 +88,8 @@ import torch
 from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
                             native_elbo_kernels, native_gram, native_gram2,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
-                            native_norm2, native_rate_table)  # package only: generated modules carry it inline
+                            native_norm2, native_rate_table, native_terms, native_terms_backward,  # package only
+                            native_terms_ok)  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
@@ -306,9 +307,18 @@ def _gram_form(diff, GG):
     return (gram * GG).sum((1, 2))
 
 
+def _gram_form_grads(g, diff, GG, gram, native, want_GG):
+    """(d diff, d GG) of _gram_form for the gradient g (n,) of its output: d diff = (g (GG + GGᵀ))
+    diff per example and d GG = g gram, in one C call where the Gram matrix was native."""
+    if native:
+        return native_gram_form_backward(g, GG, gram, diff, want_GG)
+    g = g[:, None, None]
+    return torch.matmul(g * (GG + GG.mT), diff), g * gram if want_GG else None
+
+
 class _GramForm(torch.autograd.Function):
-    """_gram_form with a graph, from the native Gram matrix: d diff = (g (GG + GGᵀ)) diff per
-    example and d GG = g gram, in one C call (batched products cost two bmm)."""
+    """_gram_form with a graph, from the native Gram matrix (_gram_form_grads: batched products
+    would cost two bmm)."""
 
     @staticmethod
     def forward(ctx, diff, GG, gram):
@@ -318,42 +328,68 @@ class _GramForm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         diff, GG, gram = ctx.saved_tensors
-        d_diff, d_GG = native_gram_form_backward(g, GG, gram, diff, ctx.needs_input_grad[1])
+        d_diff, d_GG = _gram_form_grads(g, diff, GG, gram, True, ctx.needs_input_grad[1])
         return d_diff, d_GG, None
 
 
 class _Terms(torch.autograd.Function):
-    """The per-example ELBO terms from the fused path's five scalars (native_elbo_kernels:
-    the prior's constant and quadratic, the score norm, divergence and truncation), the score's
-    quadratic form q and the constants sq = |x|², weight and aux, with their total, as one
-    graph node (about fifteen elementwise nodes otherwise):
+    """The per-example ELBO terms of the fused path as one graph node (about twenty small
+    nodes otherwise), from its five scalars (native_elbo_kernels: the prior's constant and
+    quadratic, the score norm, divergence and truncation), the model's and the target's
+    scores (n, K, ...) (or target None and model the difference (n, K, N)), G Gᵀ at the
+    batch's times and the constants sq = |x|², weight and aux:
+    diff = model - target, q = Σ_ij GG_ij <diff_i, diff_j> (_gram_form's arithmetic),
     prior = const - ½ quad sq, score = -½ weight q, the three scalars per example, and
-    total = prior + score + score_norm + divergence + truncation + aux (ELBOTerms' order)."""
+    total = prior + score + score_norm + divergence + truncation + aux (ELBOTerms' order).
+    In float32 on the CPU forward and backward are one C call each (native_terms)."""
 
     @staticmethod
-    def forward(ctx, scalars, q, sq, weight, aux):
+    def forward(ctx, scalars, model, target, GG, sq, weight, aux):
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.native = model.shape, native_terms_ok(model, target, GG)
+        if ctx.native:
+            diff, gram, outs = native_terms(scalars, model, target, GG, sq, weight, aux)
+            ctx.save_for_backward(diff, GG, gram, sq, weight)
+            return tuple(outs)
+        n, K = GG.shape[0], GG.shape[1]
+        diff = model if target is None else (model - target).reshape(n, K, -1)
+        gram = torch.matmul(diff, diff.mT)
         const, quad, norm, div, trunc = scalars.unbind()
         ones = torch.ones_like(sq)
-        prior, score = const - 0.5 * quad * sq, -0.5 * weight * q
+        prior, score = const - 0.5 * quad * sq, -0.5 * weight * (gram * GG).sum((1, 2))
         norm, div, trunc = norm * ones, div * ones, trunc * ones
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(sq, weight)
+        ctx.save_for_backward(diff, GG, gram, sq, weight)
         return prior, score, norm, div, trunc, prior + score + norm + div + trunc + aux
 
     @staticmethod
     def backward(ctx, *grads):
-        sq, weight = ctx.saved_tensors
+        diff, GG, gram, sq, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want_diff = grads[1] is not None or grads[5] is not None
+        if ctx.native:
+            d_scalars, d_diff, d_GG = native_terms_backward(
+                grads, diff, GG, gram, sq, weight, need[0], want_diff and (need[1] or need[2]),
+                not need[1], want_diff and need[3])
+            d_model = d_diff.reshape(ctx.shape) if d_diff is not None and need[1] else None
+            d_target = None
+            if d_diff is not None and need[2]:
+                d_target = (d_diff if not need[1] else -d_diff).reshape(ctx.shape)
+            return d_scalars, d_model, d_target, d_GG, None, None, None
         total = grads[5]
         g = [total if gi is None else gi if total is None else gi + total for gi in grads[:5]]
-        zero = sq.new_zeros(())
-        d_scalars = d_q = None
-        if ctx.needs_input_grad[0]:
+        d_scalars = d_model = d_target = d_GG = None
+        if need[0]:
+            zero = sq.new_zeros(())
             sums = [zero if gi is None else gi.sum() for gi in g]
             quad = zero if g[0] is None else -0.5 * (g[0] * sq).sum()
             d_scalars = torch.stack([sums[0], quad, sums[2], sums[3], sums[4]])
-        if ctx.needs_input_grad[1] and g[1] is not None:
-            d_q = -0.5 * weight * g[1]
-        return d_scalars, d_q, None, None, None
+        if g[1] is not None and (need[1] or need[2] or need[3]):
+            d_diff, d_GG = _gram_form_grads(-0.5 * weight * g[1], diff, GG, gram, False, need[3])
+            if need[1]:
+                d_model = d_diff.reshape(ctx.shape)
+            if need[2]:
+                d_target = -d_diff.reshape(ctx.shape)
+        return d_scalars, d_model, d_target, d_GG, None, None, None
 
 
 def _cholesky_small(S):
@@ -931,7 +967,7 @@ class DiffusionBase(torch.nn.Module):
             *self._Q_D(), c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
             _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),
             like.dtype)
-        if not bool(ok.all()):
+        if not ok:
             return None
         return {"col": col, "L": L, "U": U, "GG": GG, "terms": terms}
 
@@ -1113,16 +1149,22 @@ class DiffusionBase(torch.nn.Module):
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
-        diff = (score_fn(pert.y, t) - pert.score).reshape(n, self.K, -1)
-        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j> (_gram_form)
-        q = _gram_form(diff, fused["GG"] if fused is not None else self.noise_cov(t))
+        model = score_fn(pert.y, t)
         ones = x.new_ones(n)
         aux = (d * self._constants()["aux_entropy"]).to(x.dtype) * ones
         if fused is not None:
             sq = (x * x).reshape(n, -1).sum(1)
-            prior, score, norm, div, trunc, total = _Terms.apply(fused["terms"], q, sq, weight, aux)
+            if model.shape != pert.score.shape:  # a broadcasting model: its difference first
+                model, target = (model - pert.score).reshape(n, self.K, -1), None
+            else:
+                target = pert.score
+            prior, score, norm, div, trunc, total = _Terms.apply(fused["terms"], model, target, fused["GG"],
+                                                                 sq, weight, aux)
             return ELBOTerms(prior=prior, score=score, score_norm=norm, divergence=div, truncation=trunc,
                              aux_entropy=aux, t=t, weight=weight, total=total)
+        diff = (model - pert.score).reshape(n, self.K, -1)
+        # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j> (_gram_form)
+        q = _gram_form(diff, self.noise_cov(t))
         norm = self._cached(("score_norm", t_min), lambda: self._score_norm_per_dim(t_min))
         trA = self._A_D()[0].diagonal().sum()
         B = self._call_memo[("B_ends", t_min)]  # B(t_min), B(T), from _elbo_kernels

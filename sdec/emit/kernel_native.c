@@ -352,7 +352,8 @@ int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int 
    and terms[5]: the prior's constant -d/2 (K log 2pi + log det Sigma_inf + tr(P Sig_T)) and its
    quadratic c^T P c (c = Phi_T[:, 0], P = Sigma_inf^-1), then d times the score norm
    (R(T) - R(t_min)) / 2 with R = 2 hld - 2 tr(A) s, the divergence tr(A) (s_T - s_min) and the
-   truncation tr(A) s_min.  The outputs are left unwritten unless every ok[i] is 1. */
+   truncation tr(A) s_min.  Returns 0, 1 (outputs unwritten) where some ok[i] is 0, or -1 if
+   out of memory. */
 #define STORE(p, f32, i, v) do { if (f32) ((float *)(p))[i] = (float)(v); else ((double *)(p))[i] = (v); } while (0)
 #define LOAD(p, f32, i) ((f32) ? (double)((const float *)(p))[i] : ((const double *)(p))[i])
 
@@ -368,7 +369,7 @@ int sdec_elbo_forward(int K, int nterms, int j, double radius, double anorm, int
         return rc;
     for (int i = 0; i < m; i++)
         if (!ok[i])
-            return 0;
+            return 1;
     for (int i = 0; i < n; i++) {
         const double *Ph = Phi + i * KK, *Lm = L + i * KK, *Lim = Li + i * KK;
         for (int a = 0; a < K; a++) {
@@ -641,6 +642,88 @@ void sdec_gram_form_backward(int B, int K, long N, const float *g, const float *
                     d_GG[(long)b * K * K + i * K + j] = g[b] * gram[(long)b * K * K + i * K + j];
             }
         apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
+    }
+}
+
+/* The ELBO's per-example terms (kernel_base._Terms) for float32 scores (n, K, N): diff = model -
+   target (target NULL: model is diff, and diff is not written), gram = diff diff^T (gram_one),
+   q = sum_ij gram_ij GG_ij, and from the five scalars sc (the prior's constant and quadratic,
+   the score norm, divergence, truncation): prior = sc0 - (sc1 / 2) sq, score = (-weight / 2) q,
+   the three scalars, and total = prior + score + norm + div + trunc + aux, each rounded as the
+   torch ops it replaces (q's nine products are summed in row order). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_terms_forward(int n, int K, long N, const float *model, const float *target, const float *GG,
+                        const float *sc, const float *sq, const float *weight, const float *aux,
+                        float *diff, float *gram, float *prior, float *score, float *norm, float *div,
+                        float *trunc, float *total)
+{
+    long KN = (long)K * N;
+    float half = 0.5f * sc[1];
+    for (int b = 0; b < n; b++) {
+        const float *d = model + b * KN;
+        if (target) {
+            float *o = diff + b * KN;
+            const float *m = model + b * KN, *t = target + b * KN;
+            for (long e = 0; e < KN; e++)
+                o[e] = m[e] - t[e];
+            d = o;
+        }
+        float *gb = gram + (long)b * K * K;
+        gram_one(K, K, N, d, d, 0, gb);
+        const float *Gb = GG + (long)b * K * K;
+        float q = 0.0f;
+        for (int e = 0; e < K * K; e++)
+            q += gb[e] * Gb[e];
+        prior[b] = sc[0] - half * sq[b];
+        score[b] = (-0.5f * weight[b]) * q;
+        norm[b] = sc[2];
+        div[b] = sc[3];
+        trunc[b] = sc[4];
+        total[b] = prior[b] + score[b] + norm[b] + div[b] + trunc[b] + aux[b];
+    }
+}
+
+/* Its adjoint: g (6 pointers, each NULL or n floats: the gradients of prior, score, norm, div,
+   trunc, total) -> d_sc (5, or NULL; sums in double), d_diff (or NULL) = gq (GG + GG^T) diff and
+   d_GG (or NULL) = gq gram per example, gq = (-weight / 2) g_score; d_diff is negated when neg
+   (the target's gradient). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void sdec_terms_backward(int n, int K, long N, const float *g0, const float *g1, const float *g2,
+                         const float *g3, const float *g4, const float *g5, const float *diff,
+                         const float *GG, const float *gram, const float *sq, const float *weight,
+                         int neg, float *d_sc, float *d_diff, float *d_GG)
+{
+    const float *g[5] = {g0, g1, g2, g3, g4};
+    double sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0}, quad = 0.0;
+    float M[K * K];
+    for (int b = 0; b < n; b++) {
+        float gb[5];
+        for (int k = 0; k < 5; k++)
+            gb[k] = g[k] ? (g5 ? g[k][b] + g5[b] : g[k][b]) : (g5 ? g5[b] : 0.0f);
+        for (int k = 0; k < 5; k++)
+            sums[k] += gb[k];
+        quad += (double)gb[0] * sq[b];
+        float gq = (-0.5f * weight[b]) * gb[1], sgq = neg ? -gq : gq;
+        const float *Gb = GG + (long)b * K * K;
+        for (int i = 0; i < K; i++)
+            for (int j = 0; j < K; j++) {
+                float sym = Gb[i * K + j] + Gb[j * K + i];
+                M[i * K + j] = sgq * sym;
+                if (d_GG)
+                    d_GG[(long)b * K * K + i * K + j] = gq * gram[(long)b * K * K + i * K + j];
+            }
+        if (d_diff)
+            apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
+    }
+    if (d_sc) {
+        d_sc[0] = (float)sums[0];
+        d_sc[1] = (float)(-0.5 * quad);
+        for (int k = 2; k < 5; k++)
+            d_sc[k] = (float)sums[k];
     }
 }
 

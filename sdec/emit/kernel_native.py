@@ -81,6 +81,10 @@ def _native_build():
     lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 11
     lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 8
     lib.sdec_elbo_forward.restype = lib.sdec_elbo_backward.restype = i
+    lib.sdec_terms_forward.argtypes = [i, i, ctypes.c_long] + [p] * 15
+    lib.sdec_terms_forward.restype = None
+    lib.sdec_terms_backward.argtypes = [i, i, ctypes.c_long] + [p] * 11 + [i] + [p] * 3
+    lib.sdec_terms_backward.restype = None
     lib.sdec_rate_table.argtypes = [i, i, i, d, d, i] + [p] * 7
     lib.sdec_rate_table.restype = i
     lib.sdec_gram_form_backward.argtypes = [i, i, ctypes.c_long] + [p] * 6
@@ -212,24 +216,23 @@ class NativeElboKernels(torch.autograd.Function):
         rc = native_library().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms))
-        if rc != 0:
+        if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li)
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
-        ctx.mark_non_differentiable(ok)
-        return col, Lb, U, GG, out_terms, ok
+        return col, Lb, U, GG, out_terms, rc == 0
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gcol, gL, gU, gGG, gterms, _gok):
+    def backward(ctx, gcol, gL, gU, gGG, gterms, _ok):
         A, D, S0, s, beta, P, Phi, L, Li = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
-        grads = [None if g is None else _ptr(g.contiguous()) for g in (gcol, gL, gU, gGG, gterms)]
+        grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = native_library().sdec_elbo_backward(
             A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
-            ctx.d, ctx.f32, *grads, *_pointers(gA, gQ, gD))
+            ctx.d, ctx.f32, *[None if g is None else _ptr(g) for g in grads], *_pointers(gA, gQ, gD))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gQ, gD, *([None] * 12)
@@ -245,7 +248,8 @@ def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_de
     the prior's constant -½ d (K log 2π + log det Σ∞ + tr(P Σ_T)) and its quad cᵀ P c
     (c = Φ_T[:, 0], P = Σ∞⁻¹), then d times the score norm ½ (R(T) - R(t_min)), the
     divergence tr A (s_T - s_min) and the truncation tr A s_min (d: data dimensions); and
-    ok (int32, 0 where Σ's Cholesky pivot is not > 0).  Gradients reach Q and D only."""
+    ok, a bool: False where some Σ's Cholesky pivot is not > 0 (the outputs are then not
+    written).  Gradients reach Q and D only."""
     return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype)
 
 
@@ -341,6 +345,45 @@ def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
     if rc < 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return (probs, dens) if rc == 0 else None
+
+
+def native_terms_ok(model, target, GG):
+    """Whether native_terms runs: float32 CPU scores and G Gᵀ, and the library."""
+    return (all(v.dtype == torch.float32 and v.device.type == "cpu" for v in (model, GG))
+            and (target is None or (target.dtype == torch.float32 and target.device.type == "cpu"))
+            and native_library() is not None)
+
+
+def native_terms(scalars, model, target, GG, sq, weight, aux):
+    """The ELBO's per-example terms in one C call (sdec_terms_forward; see kernel_base._Terms):
+    (diff, gram, (prior, score, norm, div, trunc, total)) for float32 CPU inputs (native_terms_ok);
+    diff is model itself when target is None."""
+    n, K = GG.shape[0], GG.shape[1]
+    model, GG, scalars, sq, weight, aux = (v.contiguous() for v in (model, GG, scalars, sq, weight, aux))
+    if target is None:
+        diff = model.reshape(n, K, -1)
+    else:
+        target = target.contiguous()
+        diff = torch.empty(n, K, model[0].numel() // K if n else 0, dtype=torch.float32)
+    gram = torch.empty(n, K, K, dtype=torch.float32)
+    outs = [torch.empty(n, dtype=torch.float32) for _ in range(6)]
+    N = diff.shape[2]
+    native_library().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
+                                        *_pointers(GG, scalars, sq, weight, aux, diff, gram, *outs))
+    return diff, gram, outs
+
+
+def native_terms_backward(grads, diff, GG, gram, sq, weight, want_scalars, want_diff, negate, want_GG):
+    """(d scalars, d diff, d GG), each None unless wanted, of native_terms for the gradients of
+    its six outputs (each None or (n,) float32), in one C call; d diff negated when negate."""
+    n, K, N = diff.shape
+    d_sc = torch.empty(5, dtype=torch.float32) if want_scalars else None
+    d_diff = torch.empty_like(diff) if want_diff else None
+    d_GG = torch.empty_like(GG) if want_GG else None
+    grads = [None if g is None else g.contiguous() for g in grads]  # held through the call
+    native_library().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads], *_pointers(diff, GG, gram, sq, weight), int(negate),
+                                         *[None if v is None else _ptr(v) for v in (d_sc, d_diff, d_GG)])
+    return d_sc, d_diff, d_GG
 
 
 def native_gram_form_backward(g, GG, gram, diff, want_GG):
