@@ -198,7 +198,8 @@ def baseline(name):
     current = base_source().strip("\n")
     if current not in source:
         raise RuntimeError("generated source does not carry kernel_base.py verbatim")
-    old = "\n".join(ln for ln in BASELINE.splitlines() if ln.strip() not in ("import math", "import torch"))
+    old = "\n".join(ln for ln in BASELINE.splitlines()  # as sdec.emit.module embeds it
+                    if ln.strip() not in ("import math", "import torch") and "# package only" not in ln)
     namespace = {"__name__": f"baseline_{name}"}
     exec(compile(source.replace(current, old), f"<baseline {name}>", "exec"), namespace)  # noqa: S102
     return namespace["Diffusion"]()
