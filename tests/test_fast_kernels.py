@@ -210,19 +210,24 @@ def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch)
     table built on its own."""
     proc = compiled("learned3")
     counts = {"coeffs": 0}
-    build = proc._build_coeffs
+    build, build_table, tables = proc._build_coeffs, proc._build_table, []
 
     def counted_build(hybrid):
         counts["coeffs"] += 1
         return build(hybrid)
 
+    def recorded_table(t_min):
+        tables.append(build_table(t_min))
+        return tables[-1]
+
     monkeypatch.setattr(proc, "_build_coeffs", counted_build)
+    monkeypatch.setattr(proc, "_build_table", recorded_table)
     x = torch.randn(4, 6, generator=gen(0), dtype=F64)
     with torch.no_grad():
         proc.theta_Q.add_(0.05)
     e = proc.elbo(x, lambda y, t: -y, time_sampler="importance", generator=gen(1))
-    assert counts["coeffs"] == 1 and e.total.requires_grad
-    inside = proc._time_table(proc.t_min)
+    assert counts["coeffs"] == 1 and e.total.requires_grad and len(tables) == 1
+    inside = tables[0]
     fresh = compiled("learned3")
     fresh.load_state_dict(proc.state_dict())
     with torch.no_grad():

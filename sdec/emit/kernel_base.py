@@ -1189,6 +1189,15 @@ class DiffusionBase(torch.nn.Module):
         key = ("table", t_min)
         build = lambda: self._build_table(t_min)  # noqa: E731
         refresh = int(self.table_refresh)
+        memo = getattr(self, "_call_memo", None)
+        if refresh <= 1 and memo is not None and self._needs_graph():
+            # training, rebuilt at every parameter change: this elbo() call's own table (the
+            # parameters cannot change inside the call), without the cross-call cache's copy
+            # and comparison of the module state
+            if ("call_table", t_min) not in memo:
+                with torch.no_grad():
+                    memo[("call_table", t_min)] = build()
+            return memo[("call_table", t_min)]
         if refresh <= 1 or not self._needs_graph():
             return self._cached(key, build, graph=False)
         self._sync_state()
