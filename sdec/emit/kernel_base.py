@@ -538,7 +538,14 @@ class DiffusionBase(torch.nn.Module):
 
     # ---------------------------------------------------------------- caching
     def _needs_graph(self):
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if not torch.is_grad_enabled():
+            return False
+        memo = getattr(self, "_call_memo", None)  # within one elbo() call: looked up once
+        if memo is None:
+            return any(p.requires_grad for p in self.parameters())
+        if "_param_grad" not in memo:
+            memo["_param_grad"] = any(p.requires_grad for p in self.parameters())
+        return memo["_param_grad"]
 
     def _state_tensors(self):
         """(name, tensor) of every parameter and buffer."""

@@ -110,6 +110,13 @@ def native_library():
     return _NATIVE_STATE["lib"]
 
 
+def _loaded():
+    """The library for a caller that already chose the native path (a *_ok check or the
+    coefficients' "native" flag, both through native_library()): without reading the
+    environment again on every call of a training step."""
+    return _NATIVE_STATE.get("lib") or native_library()
+
+
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
@@ -160,7 +167,7 @@ def _kernels_forward(A, D, S0, s, j, radius, anorm, terms):
     Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
     hld = A.new_empty(m)
     ok = torch.empty(m, dtype=torch.int32)
-    rc = native_library().sdec_kernels_forward(K, terms, j, radius, anorm, m,
+    rc = _loaded().sdec_kernels_forward(K, terms, j, radius, anorm, m,
                                                *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
@@ -173,7 +180,7 @@ def _kernels_backward(saved, series, grads):
     A, D, S0, s, L, Li = (v.contiguous() for v in saved)
     grads = [g.to(torch.float64).contiguous() for g in grads]
     gA, gD = torch.zeros_like(A), torch.zeros_like(D)
-    rc = native_library().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
+    rc = _loaded().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
                                                 s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
@@ -213,7 +220,7 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        rc = native_library().sdec_elbo_forward(
+        rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms))
         if rc < 0:
@@ -230,7 +237,7 @@ class NativeElboKernels(torch.autograd.Function):
         j, radius, anorm, terms = ctx.series
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
-        rc = native_library().sdec_elbo_backward(
+        rc = _loaded().sdec_elbo_backward(
             A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
             ctx.d, ctx.f32, *[None if g is None else _ptr(g) for g in grads], *_pointers(gA, gQ, gD))
         if rc != 0:
@@ -319,7 +326,7 @@ def native_apply2(L, U, col, x, eps):
     L, U, col, x, eps = (v.contiguous() for v in (L, U, col, x, eps))
     y, s = torch.empty_like(eps), torch.empty_like(eps)
     B, N = eps.shape[0], eps[0, 0].numel() if eps.shape[0] else 0
-    native_library().sdec_apply2_f32(B, eps.shape[1], N, *_pointers(L, U, col, x, eps, y, s))
+    _loaded().sdec_apply2_f32(B, eps.shape[1], N, *_pointers(L, U, col, x, eps, y, s))
     return y, s
 
 
@@ -330,7 +337,7 @@ def native_gram2(gy, gs, eps):
     gy, gs, eps = (v.contiguous() for v in (gy, gs, eps))
     dL, dU = (torch.empty(B, K, K, dtype=torch.float32) for _ in range(2))
     N = eps[0, 0].numel() if B else 0
-    native_library().sdec_gram2_f32(B, K, N, *_pointers(gy, gs, eps, dL, dU))
+    _loaded().sdec_gram2_f32(B, K, N, *_pointers(gy, gs, eps, dL, dU))
     return dL, dU
 
 
@@ -340,7 +347,7 @@ def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
     path must run (a failed Cholesky factorisation or a bin whose mass is not > 0)."""
     A, D, S0, s, widths = (v.detach().contiguous() for v in (A, D, S0, s, widths))
     probs, dens = torch.empty_like(widths), torch.empty_like(widths)
-    rc = native_library().sdec_rate_table(A.shape[-1], terms, j, radius, anorm, s.shape[0],
+    rc = _loaded().sdec_rate_table(A.shape[-1], terms, j, radius, anorm, s.shape[0],
                                           *_pointers(A, D, S0, s, widths, probs, dens))
     if rc < 0:
         raise MemoryError("sdec native pipeline: out of memory")
@@ -368,7 +375,7 @@ def native_terms(scalars, model, target, GG, sq, weight, aux):
     gram = torch.empty(n, K, K, dtype=torch.float32)
     outs = [torch.empty(n, dtype=torch.float32) for _ in range(6)]
     N = diff.shape[2]
-    native_library().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
+    _loaded().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
                                         *_pointers(GG, scalars, sq, weight, aux, diff, gram, *outs))
     return diff, gram, outs
 
@@ -381,7 +388,7 @@ def native_terms_backward(grads, diff, GG, gram, sq, weight, want_scalars, want_
     d_diff = torch.empty_like(diff) if want_diff else None
     d_GG = torch.empty_like(GG) if want_GG else None
     grads = [None if g is None else g.contiguous() for g in grads]  # held through the call
-    native_library().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads], *_pointers(diff, GG, gram, sq, weight), int(negate),
+    _loaded().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads], *_pointers(diff, GG, gram, sq, weight), int(negate),
                                          *[None if v is None else _ptr(v) for v in (d_sc, d_diff, d_GG)])
     return d_sc, d_diff, d_GG
 
@@ -395,7 +402,7 @@ def native_gram_form_backward(g, GG, gram, diff, want_GG):
     d_GG = torch.empty_like(GG) if want_GG else None
     B, K = diff.shape[0], diff.shape[1]
     N = diff[0, 0].numel() if B and K else 0
-    native_library().sdec_gram_form_backward(B, K, N, *_pointers(g, GG, gram, diff, d_diff),
+    _loaded().sdec_gram_form_backward(B, K, N, *_pointers(g, GG, gram, diff, d_diff),
                                              None if d_GG is None else _ptr(d_GG))
     return d_diff, d_GG
 
@@ -403,7 +410,7 @@ def native_gram_form_backward(g, GG, gram, diff, want_GG):
 def native_norm2(A):
     """||A||₂ of a (K, K) float64 CPU matrix (its largest singular value) as a float."""
     A = A.detach().contiguous()
-    value = native_library().sdec_norm2(A.shape[-1], *_pointers(A))
+    value = _loaded().sdec_norm2(A.shape[-1], *_pointers(A))
     if value < 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return value
