@@ -2,6 +2,7 @@
 finite differences, its Cholesky failures, and its fallback when there is no C compiler."""
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -442,3 +443,26 @@ def test_gram_form_gradients_match_float64_autograd(K):
     assert torch.allclose(q.double(), q64, rtol=1e-5, atol=1e-5)
     assert torch.allclose(diff.grad.double(), d64.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(GG.grad.double(), G64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_elbo_gradient_into_the_data_takes_the_unfused_path(monkeypatch):
+    """The fused nodes treat x as a constant, so data with a gradient takes the other path:
+    the gradient into x equals central differences of the total."""
+    proc = compiled("learned3", monkeypatch, True)
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=F64)
+    eps = torch.randn(3, 3, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def total(data):  # the same eps in every call: elbo's one randn returns it
+        with mock.patch.object(torch, "randn", lambda *a, **k: eps.clone()):
+            return proc.elbo(data, lambda y, tt: -y, t=t).total.sum()
+
+    total(x).backward()
+    h = 1e-6
+    for i in range(3):
+        for j in range(4):
+            up, down = x.detach().clone(), x.detach().clone()
+            up[i, j] += h
+            down[i, j] -= h
+            fd = (total(up).item() - total(down).item()) / (2 * h)
+            assert abs(float(x.grad[i, j]) - fd) <= 1e-6 * max(1.0, abs(fd))

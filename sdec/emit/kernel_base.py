@@ -961,10 +961,11 @@ class DiffusionBase(torch.nn.Module):
 
     def _fused_elbo_kernels(self, t, t64, B, s_max, like):
         """native_elbo_kernels for _elbo_kernels, or None where it does not apply (K = 1, the
-        torch path, data neither float32 nor float64, a time or buffer with a gradient, a
-        failed Cholesky factorisation: the other path then raises the CholeskyError)."""
+        torch path, data neither float32 nor float64, data, a time or a buffer with a gradient,
+        a failed Cholesky factorisation: the other path then raises the CholeskyError)."""
         if (self.K == 1 or like.dtype not in (torch.float32, torch.float64) or t.requires_grad
-                or B.requires_grad or self._sigma_inf.requires_grad or self._aux_init_cov.requires_grad):
+                or like.requires_grad or B.requires_grad or self._sigma_inf.requires_grad
+                or self._aux_init_cov.requires_grad):
             return None
         c = self._coeffs(True)
         if not c["native"]:
