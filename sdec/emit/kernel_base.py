@@ -297,14 +297,15 @@ class _PairApply(torch.autograd.Function):
 
 def _gram_form(diff, GG):
     """Σ_ij GG[:, i, j] <diff[:, i], diff[:, j]> per example, for diff (n, K, N) and GG (n, K, K):
-    one K x K Gram matrix per example (a reduction over the data), from one native pass where
-    it runs (float32 on the CPU), else a batched product."""
-    gram = native_gram(diff, diff) if GG.dtype == diff.dtype else None
-    if gram is None:
-        return (torch.matmul(diff, diff.mT) * GG).sum((1, 2))
-    if torch.is_grad_enabled() and (diff.requires_grad or GG.requires_grad):
-        return _GramForm.apply(diff, GG, gram)
-    return (gram * GG).sum((1, 2))
+    one K x K Gram matrix per example (a reduction over the data).  With a graph, from one
+    native pass where it runs (float32 on the CPU) and _GramForm's one-call backward (autograd
+    through the batched product costs two bmm); without one, the batched product (as fast at
+    K = 3, faster at K = 1: 42 vs 63 µs at N = 64)."""
+    if torch.is_grad_enabled() and (diff.requires_grad or GG.requires_grad) and GG.dtype == diff.dtype:
+        gram = native_gram(diff, diff)
+        if gram is not None:
+            return _GramForm.apply(diff, GG, gram)
+    return (torch.matmul(diff, diff.mT) * GG).sum((1, 2))
 
 
 def _gram_form_grads(g, diff, GG, gram, native, want_GG):
