@@ -331,8 +331,8 @@ def _elbo_run(proc, x, score_fn, fused, weights, extra=()):
 @pytest.mark.parametrize("model", ["linear", "zero"])
 def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, model, monkeypatch):
     """One graph node for the K x K side of elbo() (native_elbo_kernels, its C adjoint) and one
-    for the terms (_Terms, in C for float32): the terms bit for bit (in float32 the score's
-    quadratic form to rounding), the gradients of the total alone and of every term weighted
+    for the terms (_Terms, in C for float32): the terms bit for bit (in float32 the sums in the
+    prior and the score's quadratic form to rounding), the gradients of the total alone and of every term weighted
     apart to rounding; and the node did run."""
     proc = compiled(name, monkeypatch, True)
     calls = []
@@ -355,7 +355,7 @@ def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, model, mo
     b, gb = _elbo_run(proc, x, score_fn, False, weights)
     for key in a:
         assert a[key].dtype == b[key].dtype, key
-        if dtype == torch.float32 and key in ("score", "total"):  # q's nine products: C's order, not torch's
+        if dtype == torch.float32 and key in ("prior", "score", "total"):  # C's sums of q and |x|², not torch's
             assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-6 * float(b[key].abs().max())), key
         else:
             assert torch.equal(a[key], b[key]), key

@@ -338,32 +338,38 @@ class _Terms(torch.autograd.Function):
     nodes otherwise), from its five scalars (native_elbo_kernels: the prior's constant and
     quadratic, the score norm, divergence and truncation), the model's and the target's
     scores (n, K, ...) (or target None and model the difference (n, K, N)), G Gᵀ at the
-    batch's times and the constants sq = |x|², weight and aux:
+    batch's times, and the constants x (sq = |x|² per example), weight and the aux entropy
+    (a float64 scalar, returned per example as the last output):
     diff = model - target, q = Σ_ij GG_ij <diff_i, diff_j> (_gram_form's arithmetic),
     prior = const - ½ quad sq, score = -½ weight q, the three scalars per example, and
     total = prior + score + score_norm + divergence + truncation + aux (ELBOTerms' order).
     In float32 on the CPU forward and backward are one C call each (native_terms)."""
 
     @staticmethod
-    def forward(ctx, scalars, model, target, GG, sq, weight, aux):
+    def forward(ctx, scalars, model, target, GG, x, weight, aux_value):
         ctx.set_materialize_grads(False)
-        ctx.shape, ctx.native = model.shape, native_terms_ok(model, target, GG)
+        ctx.shape, ctx.native = model.shape, native_terms_ok(model, target, GG) and x.dtype == torch.float32
         if ctx.native:
-            diff, gram, outs = native_terms(scalars, model, target, GG, sq, weight, aux)
+            diff, gram, sq, outs = native_terms(scalars, model, target, GG, x, weight, aux_value)
             ctx.save_for_backward(diff, GG, gram, sq, weight)
-            return tuple(outs)
+            ctx.mark_non_differentiable(outs[6])
+            return outs
         n, K = GG.shape[0], GG.shape[1]
         diff = model if target is None else (model - target).reshape(n, K, -1)
         gram = torch.matmul(diff, diff.mT)
+        sq = (x * x).reshape(n, -1).sum(1)
         const, quad, norm, div, trunc = scalars.unbind()
         ones = torch.ones_like(sq)
+        aux = aux_value.to(sq.dtype) * ones
         prior, score = const - 0.5 * quad * sq, -0.5 * weight * (gram * GG).sum((1, 2))
         norm, div, trunc = norm * ones, div * ones, trunc * ones
         ctx.save_for_backward(diff, GG, gram, sq, weight)
-        return prior, score, norm, div, trunc, prior + score + norm + div + trunc + aux
+        ctx.mark_non_differentiable(aux)
+        return prior, score, norm, div, trunc, prior + score + norm + div + trunc + aux, aux
 
     @staticmethod
     def backward(ctx, *grads):
+        grads = grads[:6]  # aux has none
         diff, GG, gram, sq, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         want_diff = grads[1] is not None or grads[5] is not None
@@ -1159,18 +1165,18 @@ class DiffusionBase(torch.nn.Module):
                           dtype=x.dtype, device=x.device)
         pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
         model = score_fn(pert.y, t)
-        ones = x.new_ones(n)
-        aux = (d * self._constants()["aux_entropy"]).to(x.dtype) * ones
+        aux = d * self._constants()["aux_entropy"]  # float64, no graph
         if fused is not None:
-            sq = (x * x).reshape(n, -1).sum(1)
             if model.shape != pert.score.shape:  # a broadcasting model: its difference first
                 model, target = (model - pert.score).reshape(n, self.K, -1), None
             else:
                 target = pert.score
-            prior, score, norm, div, trunc, total = _Terms.apply(fused["terms"], model, target, fused["GG"],
-                                                                 sq, weight, aux)
+            prior, score, norm, div, trunc, total, aux = _Terms.apply(fused["terms"], model, target, fused["GG"],
+                                                                      x, weight, aux)
             return ELBOTerms(prior=prior, score=score, score_norm=norm, divergence=div, truncation=trunc,
                              aux_entropy=aux, t=t, weight=weight, total=total)
+        ones = x.new_ones(n)
+        aux = aux.to(x.dtype) * ones
         diff = (model - pert.score).reshape(n, self.K, -1)
         # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j> (_gram_form)
         q = _gram_form(diff, self.noise_cov(t))

@@ -647,21 +647,27 @@ void sdec_gram_form_backward(int B, int K, long N, const float *g, const float *
 
 /* The ELBO's per-example terms (kernel_base._Terms) for float32 scores (n, K, N): diff = model -
    target (target NULL: model is diff, and diff is not written), gram = diff diff^T (gram_one),
-   q = sum_ij gram_ij GG_ij, and from the five scalars sc (the prior's constant and quadratic,
-   the score norm, divergence, truncation): prior = sc0 - (sc1 / 2) sq, score = (-weight / 2) q,
-   the three scalars, and total = prior + score + norm + div + trunc + aux, each rounded as the
-   torch ops it replaces (q's nine products are summed in row order). */
+   q = sum_ij gram_ij GG_ij, sq = |x|^2 (x (n, N); summed in double), aux = (float) aux_value,
+   and from the five scalars sc (the prior's constant and quadratic, the score norm,
+   divergence, truncation): prior = sc0 - (sc1 / 2) sq, score = (-weight / 2) q, the three
+   scalars, and total = prior + score + norm + div + trunc + aux, each rounded as the torch ops
+   it replaces (q's nine products are summed in row order). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 void sdec_terms_forward(int n, int K, long N, const float *model, const float *target, const float *GG,
-                        const float *sc, const float *sq, const float *weight, const float *aux,
-                        float *diff, float *gram, float *prior, float *score, float *norm, float *div,
-                        float *trunc, float *total)
+                        const float *sc, const float *x, const float *weight, double aux_value,
+                        float *diff, float *gram, float *sq, float *aux, float *prior, float *score,
+                        float *norm, float *div, float *trunc, float *total)
 {
     long KN = (long)K * N;
-    float half = 0.5f * sc[1];
+    float half = 0.5f * sc[1], a = (float)aux_value;
     for (int b = 0; b < n; b++) {
+        double acc = 0.0;
+        for (long e = 0; e < N; e++)
+            acc += (double)x[b * N + e] * x[b * N + e];
+        sq[b] = (float)acc;
+        aux[b] = a;
         const float *d = model + b * KN;
         if (target) {
             float *o = diff + b * KN;

@@ -81,7 +81,7 @@ def _native_build():
     lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 11
     lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 8
     lib.sdec_elbo_forward.restype = lib.sdec_elbo_backward.restype = i
-    lib.sdec_terms_forward.argtypes = [i, i, ctypes.c_long] + [p] * 15
+    lib.sdec_terms_forward.argtypes = [i, i, ctypes.c_long] + [p] * 6 + [d] + [p] * 10
     lib.sdec_terms_forward.restype = None
     lib.sdec_terms_backward.argtypes = [i, i, ctypes.c_long] + [p] * 11 + [i] + [p] * 3
     lib.sdec_terms_backward.restype = None
@@ -118,14 +118,15 @@ def _loaded():
 
 
 def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
+    """t's data pointer, as the int that ctypes passes for a c_void_p argument."""
+    return t.data_ptr()
 
 
 def _pointers(*tensors):
     """The data pointers of plain CPU tensors; a clear error for the storage-less tensors of
     torch.func transforms, which the C code cannot read."""
     try:
-        return [_ptr(v) for v in tensors]
+        return [v.data_ptr() for v in tensors]
     except RuntimeError as err:
         raise RuntimeError(_FUNC_HINT.format(err=err)) from None
 
@@ -361,23 +362,27 @@ def native_terms_ok(model, target, GG):
             and native_library() is not None)
 
 
-def native_terms(scalars, model, target, GG, sq, weight, aux):
+def native_terms(scalars, model, target, GG, x, weight, aux_value):
     """The ELBO's per-example terms in one C call (sdec_terms_forward; see kernel_base._Terms):
-    (diff, gram, (prior, score, norm, div, trunc, total)) for float32 CPU inputs (native_terms_ok);
-    diff is model itself when target is None."""
+    (diff, gram, sq, (prior, score, norm, div, trunc, total, aux)) for float32 CPU inputs
+    (native_terms_ok); diff is model itself when target is None, sq = |x|² per example, aux
+    the float aux_value per example."""
     n, K = GG.shape[0], GG.shape[1]
-    model, GG, scalars, sq, weight, aux = (v.contiguous() for v in (model, GG, scalars, sq, weight, aux))
+    model, GG, scalars, x, weight = (v.contiguous() for v in (model, GG, scalars, x, weight))
     if target is None:
         diff = model.reshape(n, K, -1)
     else:
         target = target.contiguous()
         diff = torch.empty(n, K, model[0].numel() // K if n else 0, dtype=torch.float32)
     gram = torch.empty(n, K, K, dtype=torch.float32)
-    outs = [torch.empty(n, dtype=torch.float32) for _ in range(6)]
+    sq, aux, *outs = (torch.empty(n, dtype=torch.float32) for _ in range(8))
     N = diff.shape[2]
+    if x[0].numel() != N if n else False:
+        raise ValueError(f"native_terms: x has {x[0].numel()} values per example, the scores {N}")
     _loaded().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
-                                        *_pointers(GG, scalars, sq, weight, aux, diff, gram, *outs))
-    return diff, gram, outs
+                                 *_pointers(GG, scalars, x, weight), float(aux_value),
+                                 *_pointers(diff, gram, sq, aux, *outs))
+    return diff, gram, sq, (*outs, aux)
 
 
 def native_terms_backward(grads, diff, GG, gram, sq, weight, want_scalars, want_diff, negate, want_GG):
