@@ -43,6 +43,7 @@ import math
 import os
 import pathlib
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -64,19 +65,22 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
     """Median seconds of each fn, the fns called in turn in every repeat; "a/base" keys hold
     paired ratios to the first fn, and "cpu:" keys the same from this thread's CPU time
     (with one torch thread the work runs on the calling thread), which a busy machine
-    disturbs less than wall time.  The order rotates by one from repeat to repeat, so every
-    fn follows every other equally often: with a fixed order the fn right after the floor
-    ran 0.04-0.05x of the floor slower than the same code placed after another fn (vpsde's
-    perturb, swapped with the same code of the previous round: 1.19-1.21x vs 1.15-1.17x)."""
+    disturbs less than wall time.  Each repeat calls the fns in a new random order (seeded),
+    so every fn follows every other about equally often: a fn's time depends on the one run
+    before it (with a fixed order the fn right after the floor ran 0.04-0.05x of the floor
+    slower than the same code placed after another: vpsde's perturb, swapped with the same
+    code of the previous round, 1.19-1.21x vs 1.15-1.17x), and rotating a fixed order keeps
+    every fn's predecessor."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     faults = {k: [] for k in fns}
-    items = list(fns.items())
-    for r in range(reps):
-        for k, fn in items[r % len(items):] + items[:r % len(items)]:
+    items, order = list(fns.items()), random.Random(20261127)
+    for _ in range(reps):
+        order.shuffle(items)
+        for k, fn in items:
             f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             t0, c0 = time.perf_counter(), time.thread_time()
             fn()
