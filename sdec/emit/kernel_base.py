@@ -308,18 +308,9 @@ def _gram_form(diff, GG):
     return (torch.matmul(diff, diff.mT) * GG).sum((1, 2))
 
 
-def _gram_form_grads(g, diff, GG, gram, native, want_GG):
-    """(d diff, d GG) of _gram_form for the gradient g (n,) of its output: d diff = (g (GG + GGᵀ))
-    diff per example and d GG = g gram, in one C call where the Gram matrix was native."""
-    if native:
-        return native_gram_form_backward(g, GG, gram, diff, want_GG)
-    g = g[:, None, None]
-    return torch.matmul(g * (GG + GG.mT), diff), g * gram if want_GG else None
-
-
 class _GramForm(torch.autograd.Function):
-    """_gram_form with a graph, from the native Gram matrix (_gram_form_grads: batched products
-    would cost two bmm)."""
+    """_gram_form with a graph, from the native Gram matrix: its backward d diff = (g (GG + GGᵀ))
+    diff per example and d GG = g gram is one C call (batched products would cost two bmm)."""
 
     @staticmethod
     def forward(ctx, diff, GG, gram):
@@ -329,7 +320,7 @@ class _GramForm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         diff, GG, gram = ctx.saved_tensors
-        d_diff, d_GG = _gram_form_grads(g, diff, GG, gram, True, ctx.needs_input_grad[1])
+        d_diff, d_GG = native_gram_form_backward(g, GG, gram, diff, ctx.needs_input_grad[1])
         return d_diff, d_GG, None
 
 
@@ -390,8 +381,10 @@ class _Terms(torch.autograd.Function):
             sums = [zero if gi is None else gi.sum() for gi in g]
             quad = zero if g[0] is None else -0.5 * (g[0] * sq).sum()
             d_scalars = torch.stack([sums[0], quad, sums[2], sums[3], sums[4]])
-        if g[1] is not None and (need[1] or need[2] or need[3]):
-            d_diff, d_GG = _gram_form_grads(-0.5 * weight * g[1], diff, GG, gram, False, need[3])
+        if g[1] is not None and (need[1] or need[2] or need[3]):  # q's gradient, as _GramForm's
+            gq = (-0.5 * weight * g[1])[:, None, None]
+            d_diff = torch.matmul(gq * (GG + GG.mT), diff)
+            d_GG = gq * gram if need[3] else None
             if need[1]:
                 d_model = d_diff.reshape(ctx.shape)
             if need[2]:

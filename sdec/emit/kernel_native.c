@@ -620,6 +620,24 @@ void sdec_gram2_f32(int B, int K, long N, const float *gy, const float *gs, cons
     }
 }
 
+/* Example b of the quadratic form's gradient (below): d_diff[b] = (sg (GG[b] + GG[b]^T)) diff[b]
+   (if d_diff is not NULL) and d_GG[b] = g gram[b] (if d_GG is not NULL); M is K x K scratch. */
+static inline __attribute__((always_inline))
+void gram_form_grad_one(int K, long N, float g, float sg, int b, const float *GG, const float *gram,
+                        const float *restrict diff, float *restrict d_diff, float *d_GG, float *M)
+{
+    const float *Gb = GG + (long)b * K * K;
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            float sym = Gb[i * K + j] + Gb[j * K + i];
+            M[i * K + j] = sg * sym;
+            if (d_GG)
+                d_GG[(long)b * K * K + i * K + j] = g * gram[(long)b * K * K + i * K + j];
+        }
+    if (d_diff)
+        apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
+}
+
 /* The gradient of the ELBO's quadratic form q[b] = sum_ij GG[b, i, j] gram[b, i, j] with
    gram[b] = diff[b] diff[b]^T (kernel_base._GramForm), for float32 (B, K, N) diff:
    d_diff[b] = (g[b] (GG[b] + GG[b]^T)) diff[b] by apply_one, and d_GG[b] = g[b] gram[b] (if
@@ -632,17 +650,8 @@ void sdec_gram_form_backward(int B, int K, long N, const float *g, const float *
                              float *d_GG)
 {
     float M[K * K];
-    for (int b = 0; b < B; b++) {
-        const float *Gb = GG + (long)b * K * K;
-        for (int i = 0; i < K; i++)
-            for (int j = 0; j < K; j++) {
-                float sym = Gb[i * K + j] + Gb[j * K + i];
-                M[i * K + j] = g[b] * sym;
-                if (d_GG)
-                    d_GG[(long)b * K * K + i * K + j] = g[b] * gram[(long)b * K * K + i * K + j];
-            }
-        apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
-    }
+    for (int b = 0; b < B; b++)
+        gram_form_grad_one(K, N, g[b], g[b], b, GG, gram, diff, d_diff, d_GG, M);
 }
 
 /* The ELBO's per-example terms (kernel_base._Terms) for float32 scores (n, K, N): diff = model -
@@ -713,17 +722,8 @@ void sdec_terms_backward(int n, int K, long N, const float *g0, const float *g1,
         for (int k = 0; k < 5; k++)
             sums[k] += gb[k];
         quad += (double)gb[0] * sq[b];
-        float gq = (-0.5f * weight[b]) * gb[1], sgq = neg ? -gq : gq;
-        const float *Gb = GG + (long)b * K * K;
-        for (int i = 0; i < K; i++)
-            for (int j = 0; j < K; j++) {
-                float sym = Gb[i * K + j] + Gb[j * K + i];
-                M[i * K + j] = sgq * sym;
-                if (d_GG)
-                    d_GG[(long)b * K * K + i * K + j] = gq * gram[(long)b * K * K + i * K + j];
-            }
-        if (d_diff)
-            apply_one(K, N, M, diff + (long)b * K * N, 0, 0, 0, d_diff + (long)b * K * N);
+        float gq = (-0.5f * weight[b]) * gb[1];
+        gram_form_grad_one(K, N, gq, neg ? -gq : gq, b, GG, gram, diff, d_diff, d_GG, M);
     }
     if (d_sc) {
         d_sc[0] = (float)sums[0];

@@ -15,6 +15,13 @@ over the data; native_gram: the per-example products Σ_n g_i y_j of its matrix 
 native_apply2 / native_gram2: the perturbation's two applies (y and the score) and their two
 matrix gradients, each pair in one pass over ε.  native_norm2: ‖A‖₂ (one-sided Jacobi).
 
+For elbo() (kernel_base._elbo): NativeElboKernels, the process side of the ELBO as one
+autograd node (Φ's first column, L, -L⁻ᵀ and G Gᵀ at the batch's times and the five
+parameter-only terms from one pipeline call; one adjoint call into Q and D); native_terms /
+native_terms_backward, the score's quadratic form and the per-example terms (float32);
+native_rate_table, the importance table; native_gram_form_backward, the quadratic form's
+gradient on the unfused path.
+
 The library is compiled once per machine with the C compiler ($CC, default cc) into the
 compiled-module cache ($SDEC_CACHE, else <tmp>/sdec-cache-<uid>), named by the hash of its
 source, compiler and platform.  Without a compiler (or with SDEC_NATIVE=0) the torch path
@@ -169,7 +176,7 @@ def _kernels_forward(A, D, S0, s, j, radius, anorm, terms):
     hld = A.new_empty(m)
     ok = torch.empty(m, dtype=torch.int32)
     rc = _loaded().sdec_kernels_forward(K, terms, j, radius, anorm, m,
-                                               *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
+                                        *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return Phi, Sig, L, Li, hld, ok
@@ -182,7 +189,7 @@ def _kernels_backward(saved, series, grads):
     grads = [g.to(torch.float64).contiguous() for g in grads]
     gA, gD = torch.zeros_like(A), torch.zeros_like(D)
     rc = _loaded().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
-                                                s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
+                                         s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return gA, gD
@@ -349,7 +356,7 @@ def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
     A, D, S0, s, widths = (v.detach().contiguous() for v in (A, D, S0, s, widths))
     probs, dens = torch.empty_like(widths), torch.empty_like(widths)
     rc = _loaded().sdec_rate_table(A.shape[-1], terms, j, radius, anorm, s.shape[0],
-                                          *_pointers(A, D, S0, s, widths, probs, dens))
+                                   *_pointers(A, D, S0, s, widths, probs, dens))
     if rc < 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return (probs, dens) if rc == 0 else None
@@ -377,7 +384,7 @@ def native_terms(scalars, model, target, GG, x, weight, aux_value):
     gram = torch.empty(n, K, K, dtype=torch.float32)
     sq, aux, *outs = (torch.empty(n, dtype=torch.float32) for _ in range(8))
     N = diff.shape[2]
-    if x[0].numel() != N if n else False:
+    if n and x[0].numel() != N:
         raise ValueError(f"native_terms: x has {x[0].numel()} values per example, the scores {N}")
     _loaded().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
                                  *_pointers(GG, scalars, x, weight), float(aux_value),
@@ -393,8 +400,9 @@ def native_terms_backward(grads, diff, GG, gram, sq, weight, want_scalars, want_
     d_diff = torch.empty_like(diff) if want_diff else None
     d_GG = torch.empty_like(GG) if want_GG else None
     grads = [None if g is None else g.contiguous() for g in grads]  # held through the call
-    _loaded().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads], *_pointers(diff, GG, gram, sq, weight), int(negate),
-                                         *[None if v is None else _ptr(v) for v in (d_sc, d_diff, d_GG)])
+    _loaded().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads],
+                                  *_pointers(diff, GG, gram, sq, weight), int(negate),
+                                  *[None if v is None else _ptr(v) for v in (d_sc, d_diff, d_GG)])
     return d_sc, d_diff, d_GG
 
 
@@ -408,7 +416,7 @@ def native_gram_form_backward(g, GG, gram, diff, want_GG):
     B, K = diff.shape[0], diff.shape[1]
     N = diff[0, 0].numel() if B and K else 0
     _loaded().sdec_gram_form_backward(B, K, N, *_pointers(g, GG, gram, diff, d_diff),
-                                             None if d_GG is None else _ptr(d_GG))
+                                      None if d_GG is None else _ptr(d_GG))
     return d_diff, d_GG
 
 
