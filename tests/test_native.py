@@ -310,7 +310,8 @@ TERMS = ("prior", "score", "score_norm", "divergence", "truncation", "total")
 def _elbo_run(proc, x, score_fn, fused, weights, extra=()):
     """The ELBO terms and the gradients of Σ_k weights[k] mean(term_k) (as the runtime's bits
     per dimension weighs them) into the process's parameters and `extra`, with the fused
-    node or with it switched off (the unfused native path: per-quantity ops and nodes)."""
+    node or with it switched off (the unfused native path: per-quantity ops and nodes).
+    An instance attribute _fused_elbo_kernels (set by the caller or here) is removed after."""
     if not fused:
         proc._fused_elbo_kernels = lambda *args: None
     try:
@@ -348,10 +349,9 @@ def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, model, mo
         score_fn = lambda y, t: -0.8 * y  # noqa: E731 - a graph through y into the process
     else:
         score_fn = lambda y, t: torch.zeros_like(y)  # noqa: E731 - only the target has a graph
-    monkeypatch.setattr(proc, "_fused_elbo_kernels", counted)
+    proc._fused_elbo_kernels = counted  # _elbo_run removes it after the call
     a, ga = _elbo_run(proc, x, score_fn, True, weights)
-    monkeypatch.undo()
-    assert calls == [True]
+    assert calls == [True] and "_fused_elbo_kernels" not in proc.__dict__
     b, gb = _elbo_run(proc, x, score_fn, False, weights)
     for key in a:
         assert a[key].dtype == b[key].dtype, key
