@@ -93,6 +93,36 @@ def test_native_adjoint_matches_central_differences(monkeypatch):
             assert abs(float(fd) - float(grad[idx])) <= 1e-6 * max(1.0, abs(float(fd))), (idx, float(fd), float(grad[idx]))
 
 
+def test_kept_squaring_chains_are_what_the_adjoint_would_recompute(monkeypatch):
+    """The forward keeps each squaring element's chain for the backward: whatever the kept
+    buffer held before (NaN here) never reaches an output, and the adjoint that reads the kept
+    chains gives the same floats as the one that recomputes them (keep = NULL)."""
+    proc = compiled("learned3", monkeypatch, True)
+    mod = sys.modules[type(proc).__module__]  # the generated module embeds kernel_native
+    c = proc._coeffs(True)
+    A, D = (m.detach() for m in proc._A_D())
+    s = proc._B(torch.tensor([2e-3, 0.05, 0.4, 0.9, 1.0], dtype=F64))
+    j = proc._squarings(s, c, None)
+    above = s.abs() > c["radius"]
+    assert j > 0 and bool(above.any()) and not bool(above.all())
+    args = (A, D, c["S0"], s, j, c["radius"], c["norm"], 48)
+    clean = mod._kernels_forward(*args)
+    monkeypatch.setattr(mod, "_chain_buffer", lambda A, m, j: torch.full(
+        (m, 2 * (j + 1), A.shape[-1], A.shape[-1]), float("nan"), dtype=F64))
+    dirty = mod._kernels_forward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(clean[:6], dirty[:6]))
+    assert torch.equal(clean[6][above], dirty[6][above]) and bool(dirty[6][~above].isnan().all())
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(5, 3, 3, dtype=F64, generator=gen) for _ in range(4)] + [torch.randn(5, dtype=F64, generator=gen)]
+    Phi, Sig, L, Li, hld, ok, keep = dirty
+    gA, gD = mod._kernels_backward((A, D, c["S0"], s, L, Li, keep), (j, c["radius"], c["norm"], 48), grads)
+    rA, rD = torch.zeros_like(A), torch.zeros_like(D)
+    rc = mod._loaded().sdec_kernels_backward(3, 48, j, c["radius"], c["norm"], 5,
+                                             *mod._pointers(A, D, c["S0"], s, L, Li, *grads, rA, rD), None)
+    assert rc == 0 and float(rA.abs().max()) > 0 and float(rD.abs().max()) > 0
+    assert torch.equal(gA, rA) and torch.equal(gD, rD)
+
+
 def test_native_cholesky_failure_names_t(monkeypatch):
     proc = compiled("learned3", monkeypatch, True)
     with pytest.raises(sdec.CholeskyError, match=r"t=0"):

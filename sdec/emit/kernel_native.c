@@ -19,7 +19,8 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* Z = beta Z + op(X) op(Y), op = transpose when tx / ty */
+/* Z = beta Z + op(X) op(Y), op = transpose when tx / ty; beta = 0 does not read Z (which may
+   be uninitialised: the squaring chain's kept buffers) */
 INLINE void gemm(int K, int tx, const double *X, int ty, const double *Y, double beta, double *Z)
 {
     for (int i = 0; i < K; i++)
@@ -27,7 +28,7 @@ INLINE void gemm(int K, int tx, const double *X, int ty, const double *Y, double
             double acc = 0.0;
             for (int k = 0; k < K; k++)
                 acc += (tx ? X[k * K + i] : X[i * K + k]) * (ty ? Y[j * K + k] : Y[k * K + j]);
-            Z[i * K + j] = beta * Z[i * K + j] + acc;
+            Z[i * K + j] = (beta == 0.0) ? acc : beta * Z[i * K + j] + acc;
         }
 }
 
@@ -115,11 +116,10 @@ INLINE void chain(int K, int n, int j, double h, const double *P, const double *
     }
 }
 
-/* L = chol(S) (lower), Li = L^-1; returns 0 on a pivot that is not > 0 */
+/* L = chol(S) (lower), Li = L^-1 (unless Li is NULL); returns 0 on a pivot that is not > 0 */
 INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_logdet)
 {
     memset(L, 0, sizeof(double) * K * K);
-    memset(Li, 0, sizeof(double) * K * K);
     double h = 0.0;
     for (int j = 0; j < K; j++) {
         double d = S[j * K + j];
@@ -137,6 +137,10 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
             L[i * K + j] = v / r;
         }
     }
+    *half_logdet = h;
+    if (!Li)
+        return 1;
+    memset(Li, 0, sizeof(double) * K * K);
     for (int c = 0; c < K; c++) { /* forward substitution, column c of L^-1 */
         for (int i = c; i < K; i++) {
             double v = (i == c) ? 1.0 : 0.0;
@@ -145,12 +149,11 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
             Li[i * K + c] = v / L[i * K + i];
         }
     }
-    *half_logdet = h;
     return 1;
 }
 
 typedef struct {
-    double *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z;
+    double *buf, *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z;
 } work;
 
 INLINE int alloc_work(int K, int n, int j, work *wk)
@@ -160,7 +163,7 @@ INLINE int alloc_work(int K, int n, int j, work *wk)
     double *buf = calloc(total, sizeof(double));
     if (!buf)
         return 0;
-    wk->P = buf;
+    wk->buf = wk->P = buf;
     wk->M = wk->P + n * KK;
     wk->N = wk->M + n * KK;
     wk->Pc = wk->N + n * KK;
@@ -175,7 +178,7 @@ INLINE int alloc_work(int K, int n, int j, work *wk)
 /* returns 0 on success, -1 on allocation failure */
 INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
-                         double *Sig, double *L, double *Li, double *hld, int *ok)
+                         double *Sig, double *L, double *Li, double *hld, int *ok, double *keep)
 {
     int KK = K * K;
     work wk;
@@ -183,17 +186,23 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
         return -1;
     coefficients(K, n, A, D, S0, wk.P, wk.M, wk.N, wk.X);
     for (int i = 0; i < m; i++) {
-        double *Ph = Phi + i * KK, *Sg = Sig + i * KK;
+        double *Ph = Phi ? Phi + i * KK : NULL, *Sg = Sig + i * KK;
         if (fabs(s[i]) <= radius) {
             int ni = terms_at(K, n, s[i], anorm);
             taylor_weights(ni, s[i], wk.w);
-            series(K, ni, wk.w, wk.P, Ph);
+            if (Phi)
+                series(K, ni, wk.w, wk.P, Ph);
             series(K, ni, wk.w, wk.M, Sg);
         } else {
             double h = ldexp(s[i], -j);
+            if (keep) { /* the backward reads this element's chain instead of recomputing it */
+                wk.Pc = keep + (size_t)i * 2 * (j + 1) * KK;
+                wk.Sc = wk.Pc + (j + 1) * KK;
+            }
             chain(K, terms_at(K, n, h, anorm), j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             const double *Pj = wk.Pc + j * KK;
-            memcpy(Ph, Pj, sizeof(double) * KK);
+            if (Phi)
+                memcpy(Ph, Pj, sizeof(double) * KK);
             gemm(K, 0, Pj, 0, S0, 0.0, wk.X);
             memcpy(wk.Y, wk.Sc + j * KK, sizeof(double) * KK);
             gemm(K, 0, wk.X, 1, Pj, 1.0, wk.Y); /* Y = P S0 P^T + Sn */
@@ -201,9 +210,9 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 for (int b = 0; b < K; b++)
                     Sg[a * K + b] = 0.5 * (wk.Y[a * K + b] + wk.Y[b * K + a]);
         }
-        ok[i] = cholesky(K, Sg, L + i * KK, Li + i * KK, hld + i);
+        ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, hld + i);
     }
-    free(wk.P);
+    free(wk.buf);
     return 0;
 }
 
@@ -214,7 +223,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
                           const double *D, const double *S0, const double *s, const double *L,
                           const double *Li, const double *gPhi, const double *gSig,
                           const double *gL, const double *gLi, const double *ghld, double *gA,
-                          double *gD)
+                          double *gD, const double *keep)
 {
     int KK = K * K;
     work wk;
@@ -222,7 +231,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         return -1;
     double *gP = calloc((size_t)3 * n * KK + 4 * KK, sizeof(double));
     if (!gP) {
-        free(wk.P);
+        free(wk.buf);
         return -1;
     }
     double *gM = gP + n * KK, *gN = gM + n * KK, *gS = gN + n * KK, *Lb = gS + KK;
@@ -260,7 +269,12 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         }
         double h = ldexp(s[i], -j);
         int nh = terms_at(K, n, h, anorm);
-        chain(K, nh, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+        if (keep) { /* the forward's chain for this element, bit for bit what chain() gives */
+            wk.Pc = (double *)keep + (size_t)i * 2 * (j + 1) * KK;
+            wk.Sc = wk.Pc + (j + 1) * KK;
+        } else {
+            chain(K, nh, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+        }
         /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
         const double *Pj = wk.Pc + j * KK;
         double *Pb = U, *Sb = V;
@@ -314,35 +328,38 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
                 gD[a * K + b] += gC[KK + a * K + b] + gC[KK + b * K + a];
     }
     free(gP);
-    free(wk.P);
+    free(wk.buf);
     return 0;
 }
 
 /* Entry points: K = 2 and 3 (every shipped spec with auxiliaries) get copies of the code with
    K a constant, whose loops unroll; other K share one copy (more copies cost compile time:
-   about 2.5 s each at -O3). */
+   about 2.5 s each at -O3).  keep (m, 2 (j + 1), K, K), or NULL: the forward stores each
+   squaring element's chain there (Pc then Sc), and the backward reads it back instead of
+   recomputing it (a third of the adjoint's work).  The forward's Phi and Li may be NULL (not
+   formed: the importance table needs Sigma's log det only). */
 int sdec_kernels_forward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
-                         double *Sig, double *L, double *Li, double *hld, int *ok)
+                         double *Sig, double *L, double *Li, double *hld, int *ok, double *keep)
 {
     if (K == 2)
-        return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+        return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
     if (K == 3)
-        return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
-    return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+        return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
+    return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
 }
 
 int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                           const double *D, const double *S0, const double *s, const double *L,
                           const double *Li, const double *gPhi, const double *gSig,
                           const double *gL, const double *gLi, const double *ghld, double *gA,
-                          double *gD)
+                          double *gD, const double *keep)
 {
     if (K == 2)
-        return backward_impl(2, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+        return backward_impl(2, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD, keep);
     if (K == 3)
-        return backward_impl(3, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
-    return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD);
+        return backward_impl(3, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD, keep);
+    return backward_impl(K, n, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig, gL, gLi, ghld, gA, gD, keep);
 }
 
 /* One elbo() call's process quantities (kernel_native.NativeElboKernels), for m = n + 2 values
@@ -361,10 +378,10 @@ int sdec_elbo_forward(int K, int nterms, int j, double radius, double anorm, int
                       const double *D, const double *S0, const double *s, const double *beta,
                       const double *P, double log_det_inf, double d, int f32, double *Phi,
                       double *Sig, double *L, double *Li, double *hld, int *ok, void *col,
-                      void *Lb, void *U, void *GG, void *terms)
+                      void *Lb, void *U, void *GG, void *terms, double *keep)
 {
     int KK = K * K, m = n + 2;
-    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
     if (rc != 0)
         return rc;
     for (int i = 0; i < m; i++)
@@ -411,16 +428,16 @@ int sdec_rate_table(int K, int nterms, int j, double radius, double anorm, int m
                     double *probs, double *dens)
 {
     int KK = K * K;
-    double *buf = malloc(sizeof(double) * ((size_t)4 * m * KK + 2 * (size_t)m));
+    double *buf = malloc(sizeof(double) * ((size_t)2 * m * KK + 2 * (size_t)m));
     int *ok = malloc(sizeof(int) * (size_t)(m > 0 ? m : 1));
     if (!buf || !ok) {
         free(buf);
         free(ok);
         return -1;
     }
-    double *Phi = buf, *Sig = Phi + m * KK, *L = Sig + m * KK, *Li = L + m * KK, *hld = Li + m * KK;
-    double *R = hld + m;
-    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok);
+    double *Sig = buf, *L = Sig + m * KK, *hld = L + m * KK, *R = hld + m;
+    /* Sigma's log det only: no Phi output (the series branch skips it) and no L^-1 */
+    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, NULL, Sig, L, NULL, hld, ok, NULL);
     double trA = 0.0, total = 0.0;
     for (int a = 0; a < K; a++)
         trA += A[a * K + a];
@@ -453,7 +470,7 @@ int sdec_elbo_backward(int K, int nterms, int j, double radius, double anorm, in
                        const double *beta, const double *P, const double *Phi, const double *L,
                        const double *Li, double d, int f32, const void *gcol, const void *gLb,
                        const void *gU, const void *gGG, const void *gterms, double *gA, double *gQ,
-                       double *gD)
+                       double *gD, const double *keep)
 {
     int KK = K * K, m = n + 2;
     double *gPhi = calloc((size_t)4 * m * KK + m, sizeof(double));
@@ -494,7 +511,7 @@ int sdec_elbo_backward(int K, int nterms, int j, double radius, double anorm, in
             gA[a * K + a] += gtrA;
     }
     int rc = sdec_kernels_backward(K, nterms, j, radius, anorm, m, A, D, S0, s, L, Li, gPhi, gSig,
-                                   gL, gLi, ghld, gA, gD);
+                                   gL, gLi, ghld, gA, gD, keep);
     free(gPhi);
     if (rc != 0)
         return rc;

@@ -74,8 +74,8 @@ def _native_build():
                     os.remove(leftover)
     lib = ctypes.CDLL(path)
     i, d, p = ctypes.c_int, ctypes.c_double, ctypes.c_void_p
-    lib.sdec_kernels_forward.argtypes = [i, i, i, d, d, i] + [p] * 10
-    lib.sdec_kernels_backward.argtypes = [i, i, i, d, d, i] + [p] * 13
+    lib.sdec_kernels_forward.argtypes = [i, i, i, d, d, i] + [p] * 11
+    lib.sdec_kernels_backward.argtypes = [i, i, i, d, d, i] + [p] * 14
     lib.sdec_kernels_forward.restype = lib.sdec_kernels_backward.restype = i
     lib.sdec_apply_f32.argtypes = [i, i, ctypes.c_long, p, i, p, p, p, i, p]
     lib.sdec_apply_f32.restype = None
@@ -85,8 +85,8 @@ def _native_build():
     lib.sdec_apply2_f32.restype = None
     lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
     lib.sdec_gram2_f32.restype = None
-    lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 11
-    lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 8
+    lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 12
+    lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 9
     lib.sdec_elbo_forward.restype = lib.sdec_elbo_backward.restype = i
     lib.sdec_terms_forward.argtypes = [i, i, ctypes.c_long] + [p] * 6 + [d] + [p] * 10
     lib.sdec_terms_forward.restype = None
@@ -156,8 +156,8 @@ class NativeKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
         A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))
-        Phi, Sig, L, Li, hld, ok = _kernels_forward(A, D, S0, s, j, radius, anorm, terms)
-        ctx.save_for_backward(A, D, S0, s, L, Li)
+        Phi, Sig, L, Li, hld, ok, keep = _kernels_forward(A, D, S0, s, j, radius, anorm, terms)
+        ctx.save_for_backward(A, D, S0, s, L, Li, keep)
         ctx.series = j, radius, anorm, terms
         ctx.mark_non_differentiable(ok)
         return Phi, Sig, L, Li, hld, ok
@@ -169,27 +169,35 @@ class NativeKernels(torch.autograd.Function):
         return gA, gD, None, None, None, None, None, None
 
 
+def _chain_buffer(A, m, j):
+    """Room for the squaring chains (Φ(h 2^l), its noise part; l = 0..j) of m elements: the
+    forward writes them, the backward reads them instead of recomputing them."""
+    return A.new_empty(m, 2 * (j + 1), A.shape[-1], A.shape[-1])
+
+
 def _kernels_forward(A, D, S0, s, j, radius, anorm, terms):
-    """The C forward: Φ, Σ, L, L⁻¹, Σ_k log L_kk per s and ok, for contiguous float64 inputs."""
+    """The C forward: Φ, Σ, L, L⁻¹, Σ_k log L_kk per s, ok, and the squaring chains kept for
+    the backward (_chain_buffer), for contiguous float64 inputs."""
     K, m = A.shape[-1], s.shape[0]
     Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
     hld = A.new_empty(m)
     ok = torch.empty(m, dtype=torch.int32)
+    keep = _chain_buffer(A, m, j)
     rc = _loaded().sdec_kernels_forward(K, terms, j, radius, anorm, m,
-                                        *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok))
+                                        *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
-    return Phi, Sig, L, Li, hld, ok
+    return Phi, Sig, L, Li, hld, ok, keep
 
 
 def _kernels_backward(saved, series, grads):
-    """The C adjoint: (gA, gD) from the saved (A, D, S0, s, L, L⁻¹), the series settings
-    (j, radius, ‖A‖₂, terms) and the gradients of (Φ, Σ, L, L⁻¹, Σ log L_kk)."""
-    A, D, S0, s, L, Li = (v.contiguous() for v in saved)
+    """The C adjoint: (gA, gD) from the saved (A, D, S0, s, L, L⁻¹, chains), the series
+    settings (j, radius, ‖A‖₂, terms) and the gradients of (Φ, Σ, L, L⁻¹, Σ log L_kk)."""
+    A, D, S0, s, L, Li, keep = (v.contiguous() for v in saved)
     grads = [g.to(torch.float64).contiguous() for g in grads]
     gA, gD = torch.zeros_like(A), torch.zeros_like(D)
     rc = _loaded().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
-                                         s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD))
+                                         s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD, keep))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return gA, gD
@@ -228,26 +236,27 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
+        keep = _chain_buffer(A, m, j)
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
-            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms))
+            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms, keep))
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li)
+        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li, keep)
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
         return col, Lb, U, GG, out_terms, rc == 0
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gcol, gL, gU, gGG, gterms, _ok):
-        A, D, S0, s, beta, P, Phi, L, Li = ctx.saved_tensors
+        A, D, S0, s, beta, P, Phi, L, Li, keep = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
             A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
-            ctx.d, ctx.f32, *[None if g is None else _ptr(g) for g in grads], *_pointers(gA, gQ, gD))
+            ctx.d, ctx.f32, *[None if g is None else _ptr(g) for g in grads], *_pointers(gA, gQ, gD, keep))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gQ, gD, *([None] * 12)
