@@ -22,12 +22,12 @@ ratio is the median over repeats of the time over the baseline's time in the sam
 5. ELBO machinery per training step of each process (through ``proc.elbo`` with a zero
    score, importance times, batch 128 on 1x8x8 data, backward, an SGD step on Q, D; each
    step starts from the spec's initial Q, D, so the process does not drift with the number
-   of steps run), in two regimes: interleaved per call like the rest, and 50 consecutive
-   steps of one process at a time (``consecutive``), as training runs them.  The second is
-   the one a training run sees; the per-call loop flatters the processes with much Python
-   and data per step (learned3) against those with little (vpsde), whose caches the other
-   functions empty between its calls: vpsde 0.43 vs 0.30 ms, learned3 0.84 vs 0.78 ms, so
-   learned3/vpsde read 1.9x interleaved and 2.6x consecutive.  With --baseline-kernel, its rows ("before") run in a loop of their own
+   of steps run), in three regimes: interleaved per call like the rest; each call right
+   after an untimed Adam step of the tiny U-Net (``between``), as a training loop runs it
+   between the network's passes; and 50 consecutive steps of one process at a time
+   (``consecutive``), with nothing else in the caches.  They differ: vpsde's step took
+   0.42, 0.91 and 0.29 ms, learned3's 0.79, 1.65 and 0.75 ms (learned3/vpsde 1.9x, 1.8x
+   and 2.6x): with its caches to itself the small vpsde step gains most.  With --baseline-kernel, its rows ("before") run in a loop of their own
    beside today's vpsde and learned3 (ratios to that loop's vpsde): run in the six
    processes' loop, the baseline's learned3 (3.5x vpsde) slowed what ran after it more than
    vpsde, and learned3's ratio to vpsde read 2.02x in two runs, against 1.90x and 1.96x with
@@ -126,6 +126,30 @@ def consecutive(fns: dict, rounds: int, block: int, warmup: int = 5) -> dict:
     base = next(iter(fns))
     for k in fns:
         out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(per[k], per[base]))
+    return out
+
+
+def between(fns: dict, rounds: int, per: int, other) -> dict:
+    """Median seconds per call of each fn when every call follows one untimed call of
+    `other`, as a training loop calls the ELBO between the network's passes (which leave
+    the caches to the network); per calls in a row of each fn, in a new seeded random order
+    every round; "a/base" keys: paired ratios per round to the first fn."""
+    per_fn = {k: [] for k in fns}
+    items, order = list(fns.items()), random.Random(20261129)
+    for _ in range(rounds):
+        order.shuffle(items)
+        for k, fn in items:
+            times = []
+            for _ in range(per):
+                other()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            per_fn[k].append(statistics.median(times))
+    out = {k: statistics.median(v) for k, v in per_fn.items()}
+    base = next(iter(fns))
+    for k in fns:
+        out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(per_fn[k], per_fn[base]))
     return out
 
 
@@ -375,12 +399,31 @@ def elbo_table(reps):
     fns = _elbo_steps([(name, name) for name in NAMES], x)
     out = _per_call(fns, interleaved(fns, reps))
     steady = consecutive(fns, max(8, reps // 5), 50)
+    training = between(fns, max(8, reps // 5), 20, _network_step())
     for k in fns:
-        out[k] |= {"steady_ms": 1e3 * steady[k], "steady_ratio_to_vpsde": steady[f"{k}/vpsde"]}
+        out[k] |= {"steady_ms": 1e3 * steady[k], "steady_ratio_to_vpsde": steady[f"{k}/vpsde"],
+                   "between_ms": 1e3 * training[k], "between_ratio_to_vpsde": training[f"{k}/vpsde"]}
     if BASELINE is not None:  # a loop of its own: see the module doc (5.)
         fns = _elbo_steps([(key, name) for name in ("vpsde", "learned3") for key in (name, f"{name} before")], x)
         out |= {k: v for k, v in _per_call(fns, interleaved(fns, reps)).items() if k.endswith(" before")}
     return out | {"load": load()}
+
+
+def _network_step():
+    """One Adam step of the tiny U-Net on random 1x8x8 data, batch 128 (the network of the
+    training-step table): the work a training loop does between two ELBO evaluations."""
+    from sdec.runtime.nets import build_net
+    torch.manual_seed(0)
+    net = build_net("tiny", K=1, data_shape=(1, 8, 8))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(2)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        y, t = torch.randn(B, 1, 1, 8, 8, generator=gen), torch.rand(B, generator=gen)
+        net(y, t).square().mean().backward()
+        opt.step()
+    return step
 
 
 def _per_call(fns, med):
@@ -520,14 +563,15 @@ def markdown(res):
     if "elbo" in res:
         out.append("")
         out.append("| ELBO machinery per step (zero score, batch 128, 8x8, backward + SGD step) | ms, interleaved per call "
-                   "| ratio to vpsde | ms, 50 consecutive steps | ratio to vpsde | goal |")
-        out.append("|---|---|---|---|---|---|")
+                   "| ratio to vpsde | ms, after a network step | ratio to vpsde | ms, 50 consecutive steps | ratio to vpsde | goal |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for name, r in res["elbo"].items():
             if name == "load":
                 continue
-            steady = (f"{r['steady_ms']:.3f} | {r['steady_ratio_to_vpsde']:.2f}x" if "steady_ms" in r else "– | –")
-            out.append(f"| {name} | {r['ms']:.3f} | {r['ratio_to_vpsde']:.2f}x ({r['cpu_ratio_to_vpsde']:.2f}x) | {steady} | "
-                       f"{'≤ 2x' if name == 'learned3' else ''} |")
+            cols = [f"{r[k + '_ms']:.3f} | {r[k + '_ratio_to_vpsde']:.2f}x" if k + "_ms" in r else "– | –"
+                    for k in ("between", "steady")]
+            out.append(f"| {name} | {r['ms']:.3f} | {r['ratio_to_vpsde']:.2f}x ({r['cpu_ratio_to_vpsde']:.2f}x) | "
+                       f"{cols[0]} | {cols[1]} | {'≤ 2x' if name == 'learned3' else ''} |")
     if "train_step" in res:
         _ratio_table(out, res["train_step"], "full training step, tiny U-Net, batch 128, 8x8 (Adam)",
                      "vp_hand", "ms", 1, 3, {"vpsde": "≤ 1.05x"}, base_text="hand-written VP loss")
