@@ -48,6 +48,40 @@ def test_invariance_catches_a_wrong_transition():
         assert not check_invariance(proc)[0].passed
 
 
+SCALED = """sde scaled
+state x, v
+init v ~ normal(0, 0.01)
+beta(t) = 2
+T = 1
+target normal(0, [[{c}, {h}], [{h}, {c}]])
+Q = [[0, -{c}], [{c}, 0]]
+D = [[{c}, 0], [0, {c}]]
+"""
+
+
+@pytest.mark.parametrize("c", ["1", "1000000", "1/1000000"])
+def test_invariance_is_measured_in_the_targets_own_scale(c, tmp_path):
+    """Σ∞, Q and D all times c leave A and Φ alone and scale Σ and the error E by c: the check
+    reads the same error for every c (in Σ∞'s own scale), where max |E| moved with c (at
+    c = 1e6 past the 1e-10 tolerance)."""
+    errors = []
+    for scale in ("1", c):
+        path = tmp_path / f"scaled_{len(errors)}.sde"
+        path.write_text(SCALED.format(c=scale, h=f"({scale}) / 2"))
+        proc = sdec.compile(str(path))
+        with torch.no_grad():
+            check = check_invariance(proc)[0]
+            Phi, Sigma = proc.transition(torch.tensor([0.3, 1.0], dtype=torch.float64), hybrid=False)
+            S = proc.stationary_cov.double()
+            raw = float((Phi @ S @ Phi.mT + Sigma - S).abs().max())
+        assert check.passed, (scale, check.error)
+        errors.append((check.error, raw))
+    (own1, raw1), (own_c, raw_c) = errors
+    assert own_c <= 1e-13 and own1 <= 1e-13
+    if c == "1000000":
+        assert raw_c > 1e3 * max(raw1, 1e-16)  # the absolute error did grow with the target
+
+
 STIFF = """sde stiff
 state x
 beta(t) = 1000000

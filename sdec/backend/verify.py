@@ -152,11 +152,17 @@ def _rk4_step(F, GG, P, S, h):
 
 
 def check_invariance(proc):
+    """Φ Σ∞ Φᵀ + Σ(t|y0) = Σ∞, the error E in Σ∞'s own scale, max |L⁻¹ E L⁻ᵀ| with L = chol Σ∞:
+    the same for Σ∞ and c Σ∞ (an absolute error grew with the target's size: a stiff generated
+    spec with Σ∞ entries up to 19 read 1.0e-10 absolute, 4.6e-12 in its own scale)."""
     t = _times(proc)
     Phi, Sigma = proc.transition(t, hybrid=False)
     S = proc.stationary_cov.double()
-    err = float((Phi @ S @ Phi.transpose(-1, -2) + Sigma - S).abs().max())
-    return [Check("target invariance Φ Σ∞ Φᵀ + Σ(t|y0) = Σ∞", err, 1e-10)]
+    E = Phi @ S @ Phi.transpose(-1, -2) + Sigma - S
+    L = torch.linalg.cholesky(S)
+    W = torch.linalg.solve_triangular(L, E, upper=False)
+    W = torch.linalg.solve_triangular(L, W.transpose(-1, -2), upper=False)
+    return [Check("target invariance Φ Σ∞ Φᵀ + Σ(t|y0) = Σ∞ (in Σ∞'s own scale)", float(W.abs().max()), 1e-10)]
 
 
 def check_semigroup(proc):
