@@ -409,14 +409,19 @@ def elbo_table(reps):
     return out | {"load": load()}
 
 
-def _network_step():
-    """One Adam step of the tiny U-Net on random 1x8x8 data, batch 128 (the network of the
-    training-step table): the work a training loop does between two ELBO evaluations."""
+def _vp_network(seed):
+    """The tiny U-Net for one-variable 1x8x8 data (initialised from seed 0), its Adam and a
+    generator seeded with seed."""
     from sdec.runtime.nets import build_net
     torch.manual_seed(0)
     net = build_net("tiny", K=1, data_shape=(1, 8, 8))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(2)
+    return net, torch.optim.Adam(net.parameters(), lr=1e-4), torch.Generator().manual_seed(seed)
+
+
+def _network_step():
+    """One Adam step of the tiny U-Net on random 1x8x8 data, batch 128 (the network of the
+    training-step table): the work a training loop does between two ELBO evaluations."""
+    net, opt, gen = _vp_network(2)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -480,10 +485,7 @@ def train_step_table(reps):
             terms.total.mean().backward()
             opt.step()
         fns[name] = step
-    torch.manual_seed(0)
-    net = build_net("tiny", K=1, data_shape=(1, 8, 8))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(1)
+    net, opt, gen = _vp_network(1)
 
     def vp_hand():
         opt.zero_grad(set_to_none=True)
