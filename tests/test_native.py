@@ -96,7 +96,8 @@ def test_native_adjoint_matches_central_differences(monkeypatch):
 def test_kept_squaring_chains_are_what_the_adjoint_would_recompute(monkeypatch):
     """The forward keeps each squaring element's chain for the backward: whatever the kept
     buffer held before (NaN here) never reaches an output, and the adjoint that reads the kept
-    chains gives the same floats as the one that recomputes them (keep = NULL)."""
+    chains gives the same floats as the one that recomputes them (keep = None); a forward
+    whose inputs need no gradient keeps none."""
     proc = compiled("learned3", monkeypatch, True)
     mod = sys.modules[type(proc).__module__]  # the generated module embeds kernel_native
     c = proc._coeffs(True)
@@ -106,20 +107,18 @@ def test_kept_squaring_chains_are_what_the_adjoint_would_recompute(monkeypatch):
     above = s.abs() > c["radius"]
     assert j > 0 and bool(above.any()) and not bool(above.all())
     args = (A, D, c["S0"], s, j, c["radius"], c["norm"], 48)
-    clean = mod._kernels_forward(*args)
-    monkeypatch.setattr(mod, "_chain_buffer", lambda A, m, j: torch.full(
-        (m, 2 * (j + 1), A.shape[-1], A.shape[-1]), float("nan"), dtype=F64))
-    dirty = mod._kernels_forward(*args)
-    assert all(torch.equal(a, b) for a, b in zip(clean[:6], dirty[:6]))
-    assert torch.equal(clean[6][above], dirty[6][above]) and bool(dirty[6][~above].isnan().all())
+    assert mod._chain_buffer(A, 5, j, False) is None
+    clean_keep, dirty_keep = mod._chain_buffer(A, 5, j, True), torch.full((5, 2 * (j + 1), 3, 3), float("nan"), dtype=F64)
+    clean, dirty = mod._kernels_forward(*args, clean_keep), mod._kernels_forward(*args, dirty_keep)
+    assert all(torch.equal(a, b) for a, b in zip(clean, dirty))
+    assert torch.equal(clean_keep[above], dirty_keep[above]) and bool(dirty_keep[~above].isnan().all())
     gen = torch.Generator().manual_seed(5)
     grads = [torch.randn(5, 3, 3, dtype=F64, generator=gen) for _ in range(4)] + [torch.randn(5, dtype=F64, generator=gen)]
-    Phi, Sig, L, Li, hld, ok, keep = dirty
-    gA, gD = mod._kernels_backward((A, D, c["S0"], s, L, Li, keep), (j, c["radius"], c["norm"], 48), grads)
-    rA, rD = torch.zeros_like(A), torch.zeros_like(D)
-    rc = mod._loaded().sdec_kernels_backward(3, 48, j, c["radius"], c["norm"], 5,
-                                             *mod._pointers(A, D, c["S0"], s, L, Li, *grads, rA, rD), None)
-    assert rc == 0 and float(rA.abs().max()) > 0 and float(rD.abs().max()) > 0
+    Phi, Sig, L, Li, hld, ok = dirty
+    series = (j, c["radius"], c["norm"], 48)
+    gA, gD = mod._kernels_backward((A, D, c["S0"], s, L, Li, dirty_keep), series, grads)
+    rA, rD = mod._kernels_backward((A, D, c["S0"], s, L, Li, None), series, grads)
+    assert float(rA.abs().max()) > 0 and float(rD.abs().max()) > 0
     assert torch.equal(gA, rA) and torch.equal(gD, rD)
 
 

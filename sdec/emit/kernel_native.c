@@ -141,6 +141,8 @@ INLINE void chain(int K, int n, int j, double h, const double *P, const double *
 INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_logdet)
 {
     memset(L, 0, sizeof(double) * K * K);
+    if (Li)
+        memset(Li, 0, sizeof(double) * K * K);
     double h = 0.0;
     for (int j = 0; j < K; j++) {
         double d = S[j * K + j];
@@ -161,7 +163,6 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
     *half_logdet = h;
     if (!Li)
         return 1;
-    memset(Li, 0, sizeof(double) * K * K);
     for (int c = 0; c < K; c++) { /* forward substitution, column c of L^-1 */
         for (int i = c; i < K; i++) {
             double v = (i == c) ? 1.0 : 0.0;

@@ -129,6 +129,11 @@ def _ptr(t):
     return t.data_ptr()
 
 
+def _maybe_ptr(t):
+    """_ptr(t), or None (a NULL pointer) for None."""
+    return None if t is None else t.data_ptr()
+
+
 def _pointers(*tensors):
     """The data pointers of plain CPU tensors; a clear error for the storage-less tensors of
     torch.func transforms, which the C code cannot read."""
@@ -156,7 +161,8 @@ class NativeKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, D, S0, s, j, radius, anorm, terms):
         A, D, S0, s = (v.contiguous() for v in (A, D, S0, s))
-        Phi, Sig, L, Li, hld, ok, keep = _kernels_forward(A, D, S0, s, j, radius, anorm, terms)
+        keep = _chain_buffer(A, s.shape[0], j, any(ctx.needs_input_grad[:2]))
+        Phi, Sig, L, Li, hld, ok = _kernels_forward(A, D, S0, s, j, radius, anorm, terms, keep)
         ctx.save_for_backward(A, D, S0, s, L, Li, keep)
         ctx.series = j, radius, anorm, terms
         ctx.mark_non_differentiable(ok)
@@ -169,35 +175,37 @@ class NativeKernels(torch.autograd.Function):
         return gA, gD, None, None, None, None, None, None
 
 
-def _chain_buffer(A, m, j):
-    """Room for the squaring chains (Φ(h 2^l), its noise part; l = 0..j) of m elements: the
-    forward writes them, the backward reads them instead of recomputing them."""
-    return A.new_empty(m, 2 * (j + 1), A.shape[-1], A.shape[-1])
+def _chain_buffer(A, m, j, needed):
+    """Room for the squaring chains (Φ(h 2^l), its noise part; l = 0..j) of m elements, or None
+    unless a backward will run (needed): the forward writes them, the backward reads them
+    instead of recomputing them."""
+    return A.new_empty(m, 2 * (j + 1), A.shape[-1], A.shape[-1]) if needed else None
 
 
-def _kernels_forward(A, D, S0, s, j, radius, anorm, terms):
-    """The C forward: Φ, Σ, L, L⁻¹, Σ_k log L_kk per s, ok, and the squaring chains kept for
-    the backward (_chain_buffer), for contiguous float64 inputs."""
+def _kernels_forward(A, D, S0, s, j, radius, anorm, terms, keep=None):
+    """The C forward: Φ, Σ, L, L⁻¹, Σ_k log L_kk per s and ok, for contiguous float64 inputs;
+    the squaring chains go to keep (_chain_buffer) unless it is None."""
     K, m = A.shape[-1], s.shape[0]
     Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
     hld = A.new_empty(m)
     ok = torch.empty(m, dtype=torch.int32)
-    keep = _chain_buffer(A, m, j)
     rc = _loaded().sdec_kernels_forward(K, terms, j, radius, anorm, m,
-                                        *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep))
+                                        *_pointers(A, D, S0, s, Phi, Sig, L, Li, hld, ok), _maybe_ptr(keep))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
-    return Phi, Sig, L, Li, hld, ok, keep
+    return Phi, Sig, L, Li, hld, ok
 
 
 def _kernels_backward(saved, series, grads):
     """The C adjoint: (gA, gD) from the saved (A, D, S0, s, L, L⁻¹, chains), the series
     settings (j, radius, ‖A‖₂, terms) and the gradients of (Φ, Σ, L, L⁻¹, Σ log L_kk)."""
-    A, D, S0, s, L, Li, keep = (v.contiguous() for v in saved)
+    A, D, S0, s, L, Li = (v.contiguous() for v in saved[:6])
+    keep = saved[6]  # None: the chains are recomputed
     grads = [g.to(torch.float64).contiguous() for g in grads]
     gA, gD = torch.zeros_like(A), torch.zeros_like(D)
     rc = _loaded().sdec_kernels_backward(A.shape[-1], series[3], series[0], series[1], series[2],
-                                         s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD, keep))
+                                         s.shape[0], *_pointers(A, D, S0, s, L, Li, *grads, gA, gD),
+                                         _maybe_ptr(keep))
     if rc != 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return gA, gD
@@ -236,10 +244,11 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        keep = _chain_buffer(A, m, j)
+        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]))
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
-            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms, keep))
+            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms),
+            _maybe_ptr(keep))
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         ctx.set_materialize_grads(False)
@@ -256,7 +265,7 @@ class NativeElboKernels(torch.autograd.Function):
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
             A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
-            ctx.d, ctx.f32, *[None if g is None else _ptr(g) for g in grads], *_pointers(gA, gQ, gD, keep))
+            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in grads], *_pointers(gA, gQ, gD), _maybe_ptr(keep))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         return gQ, gD, *([None] * 12)
@@ -303,7 +312,7 @@ def native_apply(mat, y, tri, col, x):
     if col is not None:
         col, x = col.contiguous(), x.contiguous()
     lib.sdec_apply_f32(B, K, N, _ptr(mat), K * K if mat.dim() == 3 else 0, _ptr(y),
-                       None if col is None else _ptr(col), None if x is None else _ptr(x),
+                       _maybe_ptr(col), _maybe_ptr(x),
                        _TRI[tri], _ptr(out))
     return out
 
@@ -395,7 +404,7 @@ def native_terms(scalars, model, target, GG, x, weight, aux_value):
     N = diff.shape[2]
     if n and x[0].numel() != N:
         raise ValueError(f"native_terms: x has {x[0].numel()} values per example, the scores {N}")
-    _loaded().sdec_terms_forward(n, K, N, *_pointers(model), None if target is None else _ptr(target),
+    _loaded().sdec_terms_forward(n, K, N, *_pointers(model), _maybe_ptr(target),
                                  *_pointers(GG, scalars, x, weight), float(aux_value),
                                  *_pointers(diff, gram, sq, aux, *outs))
     return diff, gram, sq, (*outs, aux)
@@ -409,9 +418,9 @@ def native_terms_backward(grads, diff, GG, gram, sq, weight, want_scalars, want_
     d_diff = torch.empty_like(diff) if want_diff else None
     d_GG = torch.empty_like(GG) if want_GG else None
     grads = [None if g is None else g.contiguous() for g in grads]  # held through the call
-    _loaded().sdec_terms_backward(n, K, N, *[None if g is None else _ptr(g) for g in grads],
+    _loaded().sdec_terms_backward(n, K, N, *[_maybe_ptr(g) for g in grads],
                                   *_pointers(diff, GG, gram, sq, weight), int(negate),
-                                  *[None if v is None else _ptr(v) for v in (d_sc, d_diff, d_GG)])
+                                  *[_maybe_ptr(v) for v in (d_sc, d_diff, d_GG)])
     return d_sc, d_diff, d_GG
 
 
@@ -425,7 +434,7 @@ def native_gram_form_backward(g, GG, gram, diff, want_GG):
     B, K = diff.shape[0], diff.shape[1]
     N = diff[0, 0].numel() if B and K else 0
     _loaded().sdec_gram_form_backward(B, K, N, *_pointers(g, GG, gram, diff, d_diff),
-                                      None if d_GG is None else _ptr(d_GG))
+                                      _maybe_ptr(d_GG))
     return d_diff, d_GG
 
 
