@@ -27,11 +27,12 @@ ratio is the median over repeats of the time over the baseline's time in the sam
    between the network's passes; and 50 consecutive steps of one process at a time
    (``consecutive``), with nothing else in the caches.  They differ: vpsde's step took
    0.42, 0.91 and 0.29 ms, learned3's 0.79, 1.65 and 0.75 ms (learned3/vpsde 1.9x, 1.8x
-   and 2.6x): with its caches to itself the small vpsde step gains most.  With --baseline-kernel, its rows ("before") run in a loop of their own
-   beside today's vpsde and learned3 (ratios to that loop's vpsde): run in the six
-   processes' loop, the baseline's learned3 (3.5x vpsde) slowed what ran after it more than
-   vpsde, and learned3's ratio to vpsde read 2.02x in two runs, against 1.90x and 1.96x with
-   the same code and no baseline in the loop.
+   and 2.6x): with its caches to itself the small vpsde step gains most.  With
+   --baseline-kernel, its rows ("before") run in an interleaved loop of their own beside
+   today's vpsde and learned3 (ratios to that loop's vpsde): run in the six processes'
+   loop, the baseline's learned3 (3.5x vpsde) slowed what ran after it more than vpsde,
+   and learned3's ratio to vpsde read 2.02x in two runs, against 1.90x and 1.96x with the
+   same code and no baseline in the loop.
 6. A full training step (Adam) of one fixed small network (the ``tiny`` U-Net) with the
    compiled ELBO against the same network with a hand-written VP noise-prediction loss.
 
@@ -122,11 +123,7 @@ def consecutive(fns: dict, rounds: int, block: int, warmup: int = 5) -> dict:
             for _ in range(block):
                 fn()
             per[k].append((time.perf_counter() - t0) / block)
-    out = {k: statistics.median(v) for k, v in per.items()}
-    base = next(iter(fns))
-    for k in fns:
-        out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(per[k], per[base]))
-    return out
+    return _paired(per)
 
 
 def between(fns: dict, rounds: int, per: int, other) -> dict:
@@ -146,10 +143,16 @@ def between(fns: dict, rounds: int, per: int, other) -> dict:
                 fn()
                 times.append(time.perf_counter() - t0)
             per_fn[k].append(statistics.median(times))
-    out = {k: statistics.median(v) for k, v in per_fn.items()}
-    base = next(iter(fns))
-    for k in fns:
-        out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(per_fn[k], per_fn[base]))
+    return _paired(per_fn)
+
+
+def _paired(samples: dict) -> dict:
+    """Medians of each key's per-round times, and "a/base" keys: the median over rounds of
+    each round's time over the first key's time in that round."""
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    base = next(iter(samples))
+    for k, v in samples.items():
+        out[f"{k}/{base}"] = statistics.median(a / b for a, b in zip(v, samples[base]))
     return out
 
 
