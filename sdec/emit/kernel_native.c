@@ -4,8 +4,9 @@
    For a batch of s = B(t), from A, D (K x K, float64, row-major) and Sigma0:
      Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
-   |s| <= radius, else the series at h = s 2^-j and j doublings; each series with the terms
-   its element needs, terms_at), and the reverse-mode adjoint of all five outputs with
+   |s| <= radius, else the series at h = s 2^-ji and ji doublings, ji the element's own
+   (doublings; the torch path's j is the batch's); each series with the terms its element
+   needs, terms_at), and the reverse-mode adjoint of all five outputs with
    respect to A and D.  After them: the float32 state apply and its gradient's products
    (single and paired), and ||A||_2.
 
@@ -109,6 +110,18 @@ INLINE int terms_at(int K, int n, double h, double anorm)
         b *= x2 * recip(++k);
     k += 2 * K - 1;
     return k < n ? k : n;
+}
+
+/* The doublings of an element above the series radius: the fewest ji with |s| 2^-ji <= radius
+   (its own, not the batch's j: an element squared more often than it needs loses accuracy
+   with every doubling, which a stiff process makes visible), at most j (the buffers' size). */
+INLINE int doublings(double s, double radius, int j)
+{
+    double top = fabs(s) / radius;
+    int ji = top > 1.0 ? (int)ceil(log2(top)) : 0;
+    while (ji < j && ldexp(fabs(s), -ji) > radius)
+        ji++;
+    return ji < j ? ji : j;
 }
 
 /* out = sum_k w_k C_k */
@@ -216,17 +229,18 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 series(K, ni, wk.w, wk.P, Ph);
             series(K, ni, wk.w, wk.M, Sg);
         } else {
-            double h = ldexp(s[i], -j);
+            int ji = doublings(s[i], radius, j);
+            double h = ldexp(s[i], -ji);
             if (keep) { /* the backward reads this element's chain instead of recomputing it */
                 wk.Pc = keep + (size_t)i * 2 * (j + 1) * KK;
                 wk.Sc = wk.Pc + (j + 1) * KK;
             }
-            chain(K, terms_at(K, n, h, anorm), j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
-            const double *Pj = wk.Pc + j * KK;
+            chain(K, terms_at(K, n, h, anorm), ji, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            const double *Pj = wk.Pc + ji * KK;
             if (Phi)
                 memcpy(Ph, Pj, sizeof(double) * KK);
             gemm(K, 0, Pj, 0, S0, 0.0, wk.X);
-            memcpy(wk.Y, wk.Sc + j * KK, sizeof(double) * KK);
+            memcpy(wk.Y, wk.Sc + ji * KK, sizeof(double) * KK);
             gemm(K, 0, wk.X, 1, Pj, 1.0, wk.Y); /* Y = P S0 P^T + Sn */
             for (int a = 0; a < K; a++)
                 for (int b = 0; b < K; b++)
@@ -289,23 +303,24 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             }
             continue;
         }
-        double h = ldexp(s[i], -j);
+        int ji = doublings(s[i], radius, j);
+        double h = ldexp(s[i], -ji);
         int nh = terms_at(K, n, h, anorm);
         if (keep) { /* the forward's chain for this element, bit for bit what chain() gives */
             wk.Pc = (double *)keep + (size_t)i * 2 * (j + 1) * KK;
             wk.Sc = wk.Pc + (j + 1) * KK;
         } else {
-            chain(K, nh, j, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            chain(K, nh, ji, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
         }
         /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
-        const double *Pj = wk.Pc + j * KK;
+        const double *Pj = wk.Pc + ji * KK;
         double *Pb = U, *Sb = V;
         gemm(K, 0, gS, 0, Pj, 0.0, wk.X);
         memcpy(Pb, gPhi + i * KK, sizeof(double) * KK);
         gemm(K, 0, wk.X, 0, S0, 1.0, Pb);
         gemm(K, 0, wk.X, 0, S0, 1.0, Pb);
         memcpy(Sb, gS, sizeof(double) * KK);
-        for (int l = j - 1; l >= 0; l--) {
+        for (int l = ji - 1; l >= 0; l--) {
             /* P' = P P, S' = S + P S P^T, with Pbar', Sbar' (Sb symmetric) */
             const double *Pl = wk.Pc + l * KK, *Sl = wk.Sc + l * KK;
             gemm(K, 0, Pb, 1, Pl, 0.0, wk.Y);        /* Pbar' P^T */
