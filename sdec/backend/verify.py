@@ -203,13 +203,17 @@ def check_lyapunov(proc):
 
 def _lyapunov_error(proc, t, tol):
     """The relative Lyapunov residual at t from central differences whose step is halved until
-    two quotients agree to tol / 10, or None once the quotient's rounding error reaches that."""
+    two quotients agree to tol / 10, or None once the quotient's rounding error reaches that
+    (or the step underflows); inf where Σ is not finite (the check then fails, where it ran
+    out of steps and divided by zero)."""
     t64 = torch.tensor(t, dtype=torch.float64)
     F, GG = proc.drift(t64), proc.noise_cov(t64)
     h = min(1e-4 * t, 1e-3 / max(float(torch.linalg.matrix_norm(F, ord=2)), 1e-300))
     previous = None
-    while True:
+    while h > 0.0:
         _, S = proc.transition(torch.tensor([t - h, t, t + h], dtype=torch.float64))
+        if not bool(torch.isfinite(S).all()):
+            return math.inf
         FS = F @ S[1]
         scale = float((2 * FS.abs() + GG.abs()).max())
         if 64 * torch.finfo(torch.float64).eps * float(S.abs().max()) / h > 0.1 * tol * scale:
@@ -218,6 +222,7 @@ def _lyapunov_error(proc, t, tol):
         if previous is not None and float((dS - previous).abs().max()) <= 0.1 * tol * scale:
             return float((dS - (FS + FS.T + GG)).abs().max()) / scale
         previous, h = dS, h / 2
+    return None
 
 
 def check_gradients(proc, seed):
