@@ -824,9 +824,9 @@ class DiffusionBase(torch.nn.Module):
         """Φ(s), Σ(s) for flat float64 s (see the module doc): the series where s ||A||₂ <=
         tau, elsewhere scaling and squaring: the series at h = s / 2^j, j doublings (j each
         element's own, _own_doublings) Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ, and Σ = Φ Σ0 Φᵀ + Σn.
-        Both run on every element, in one
-        series product and without a host sync when s_max is given (_squarings); torch.where
-        picks per element, so gradients reach only the branch an element uses."""
+        Both run on every element, in one series product and without a host sync when s_max
+        is given (_squarings); torch.where picks per element, so gradients reach only the
+        branch an element uses."""
         if self.K == 1:
             return self._scalar(s, hybrid)
         c = self._coeffs(hybrid)

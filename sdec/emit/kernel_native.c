@@ -5,8 +5,8 @@
      Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
    |s| <= radius, else the series at h = s 2^-ji and ji doublings, ji the element's own
-   (doublings; the torch path's j is the batch's); each series with the terms its element
-   needs, terms_at), and the reverse-mode adjoint of all five outputs with
+   (doublings); each series with the terms its element needs, terms_at), and the
+   reverse-mode adjoint of all five outputs with
    respect to A and D.  After them: the float32 state apply and its gradient's products
    (single and paired), and ||A||_2.
 
