@@ -97,7 +97,8 @@ D = [[9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9]]
 def test_lyapunov_check_fails_on_a_sigma_that_is_not_finite(tmp_path):
     """A spec the property tests drew (Σ∞ with condition number 1.4e7, ||A||_2 = 5.7e6: the
     series coefficients A^k overflow float64, and Σ is NaN): the Lyapunov check fails with an
-    infinite error, where it halved its step to zero and divided by it."""
+    infinite error, where it halved its step to zero and divided by it, and the kernel's error
+    says why Σ is not finite."""
     path = tmp_path / "overflow.sde"
     path.write_text(OVERFLOW)
     proc = sdec.compile(str(path))
@@ -106,6 +107,8 @@ def test_lyapunov_check_fails_on_a_sigma_that_is_not_finite(tmp_path):
         assert not bool(torch.isfinite(Sigma).all())
         check = check_lyapunov(proc)[0]
     assert not check.passed and check.error == math.inf
+    with pytest.raises(sdec.CholeskyError, match=r"\|\|A\|\|_2 = 5\.\d+e\+06: the series coefficients A\^k"):
+        proc.perturb(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64))
 
 
 STIFF = """sde stiff

@@ -95,6 +95,7 @@ from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # pa
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
+_OVERFLOW_NORM = 1e6   # above it a Sigma that is not finite is blamed on A^k's overflow
 _TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
@@ -884,10 +885,15 @@ class DiffusionBase(torch.nn.Module):
             i = int(bad.nonzero()[0, 0])
             S = Sig[i].detach()
             if not bool(torch.isfinite(S).all()):  # eigvalsh cannot even report on these
+                Q, D = self._blocks64()
+                norm = float(torch.linalg.matrix_norm(self._A_D()[0].detach(), ord=2))
+                why = (f"||A||_2 = {norm:.3g}: the series coefficients A^k (k < {_SERIES_TERMS}) "
+                       "overflow float64 from about 2e6 on (A = -(Q + D) Sigma_inf^-1: an "
+                       "ill-conditioned target or a large D makes it large)"
+                       if norm > _OVERFLOW_NORM else "a diverged optimisation?")
                 raise CholeskyError(
                     f"Sigma_t is not finite at t={float(t64[i]):.6g} (the process's "
-                    f"parameters are: Q = {self._blocks64()[0].tolist()}, "
-                    f"D = {self._blocks64()[1].tolist()}); a diverged optimisation?")
+                    f"parameters are: Q = {Q.tolist()}, D = {D.tolist()}); {why}")
             lam = float(torch.linalg.eigvalsh(S)[0])
             raise CholeskyError(
                 f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g}; smallest "
