@@ -1,5 +1,6 @@
 """The time budget of symbolic steps (sdec.language.budget) and the verdicts when it runs out."""
 import signal
+import sys
 import threading
 import time
 
@@ -49,6 +50,35 @@ def test_an_alarm_that_is_swallowed_is_raised_again():
     assert not out.finished and out.value is None
     assert len(swallowed) == 3 and out.seconds < 1.0
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
+
+
+def test_no_alarm_is_raised_inside_a_finalizer():
+    """A __del__ that runs past the budget is left alone (an OutOfTime there is swallowed and
+    handed to sys.unraisablehook, which the next alarm can hit in turn: under pytest that
+    failed a test); the step stops right after it, back in its own code."""
+    unraisable = []
+
+    class Slow:
+        def __del__(self):
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                pass
+
+    def step():
+        Slow()  # finalized at once, inside the step, past the 0.05 s budget
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            pass
+        return "ran to its end"
+
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        out = limited(0.05, step)
+    finally:
+        sys.unraisablehook = hook
+    assert not out.finished and 0.2 <= out.seconds < 1.0
+    assert unraisable == []
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_errors_of_the_step_itself_propagate():

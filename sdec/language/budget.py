@@ -18,7 +18,8 @@ How: ``signal.setitimer(ITIMER_REAL)`` with a SIGALRM handler that raises ``OutO
 inside the running step (the main thread only; Python runs the handler between bytecodes,
 so a single long C call finishes first). Python swallows an exception raised inside a gc
 callback or a __del__ (e.g. Hypothesis's gc callback in the tests), so after the budget the
-alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``. OutOfTime derives
+alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``; it does not raise
+inside a __del__ or an import at all (``_interruptible``). OutOfTime derives
 from BaseException, so sympy's own ``except Exception`` clauses cannot swallow it. Budgets
 nest: an inner budget never outlasts the outer one, and the outer timer is re-armed with
 what is left of it.
@@ -36,6 +37,7 @@ same in every thread; only the protection against a runaway step is lost.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 
@@ -77,9 +79,10 @@ def limited(seconds: float, fn, *args, **kwargs) -> Outcome:
     outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
     budget = min(seconds, outer_left) if outer_left > 0 else seconds
     live = [True]  # this call's alarm raises only while live (see _disarm)
+    root = sys._getframe()
 
     def alarm(signum, frame):
-        if live[0]:
+        if live[0] and _interruptible(frame, root):
             raise OutOfTime()
 
     previous = signal.signal(signal.SIGALRM, alarm)
@@ -104,6 +107,20 @@ def limited(seconds: float, fn, *args, **kwargs) -> Outcome:
 
 
 RETRY_SECONDS = 0.01
+
+
+def _interruptible(frame, root) -> bool:
+    """Whether an OutOfTime raised at frame can reach ``limited`` (whose frame is root): not
+    from inside a finalizer (__del__) or the import system, where Python would swallow it
+    (and hand it to sys.unraisablehook, itself open to the next alarm: under pytest an alarm
+    that landed in the hook's own import failed a test) or leave an import half done. The
+    alarm repeats every RETRY_SECONDS, so the step stops once it is back in its own code."""
+    while frame is not None and frame is not root:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
 
 
 def _disarm(live) -> None:
