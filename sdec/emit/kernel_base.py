@@ -95,7 +95,9 @@ from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # pa
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
-_OVERFLOW_NORM = 1e6   # above it a Sigma that is not finite is blamed on A^k's overflow
+# above it the series coefficients may overflow float64 (||N_k|| <= (2 ||A||)^k, k < _SERIES_TERMS):
+# a Sigma that is not finite is blamed on that (about 1.8e6)
+_OVERFLOW_NORM = 0.5 * math.exp(math.log(torch.finfo(torch.float64).max) / (_SERIES_TERMS - 1))
 _TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
@@ -888,7 +890,7 @@ class DiffusionBase(torch.nn.Module):
                 Q, D = self._blocks64()
                 norm = float(torch.linalg.matrix_norm(self._A_D()[0].detach(), ord=2))
                 why = (f"||A||_2 = {norm:.3g}: the series coefficients A^k (k < {_SERIES_TERMS}) "
-                       "overflow float64 from about 2e6 on (A = -(Q + D) Sigma_inf^-1: an "
+                       f"can overflow float64 above {_OVERFLOW_NORM:.2g} (A = -(Q + D) Sigma_inf^-1: an "
                        "ill-conditioned target or a large D makes it large)"
                        if norm > _OVERFLOW_NORM else "a diverged optimisation?")
                 raise CholeskyError(
