@@ -174,6 +174,91 @@ def test_doublings_are_each_elements_own(native, monkeypatch, tmp_path):
     assert float((Phi1[0] - torch.tensor([[float(Ph[i, k]) for k in range(3)] for i in range(3)], dtype=F64)).abs().max()) < 1e-11
 
 
+LARGE_NORM = """sde large_norm
+state x, v, w, u
+init (v, w, u) ~ normal(0, [[1/100, -3/100, -3/100], [-3/100, 1/10, 3/50], [-3/100, 3/50, 19/100]])
+beta(t) = 1
+T = 1/2
+target normal(0, [[1, -3, -3, -3], [-3, 145/16, 33/4, 33/4], [-3, 33/4, 289/16, 69/4], [-3, 33/4, 69/4, 28]])
+Q = [[0, 3, 3, 3], [-3, 0, 3, 3], [-3, -3, 0, 3], [-3, -3, -3, 0]]
+D = [[9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9]]
+"""
+
+
+def _mp_transition(A, S0, Sinf, s):
+    """Φ = expm(s A) and Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ at 60 digits, rounded to float64."""
+    import mpmath
+    mpmath.mp.dps = 60
+    K = A.shape[0]
+    Sm = mpmath.matrix(Sinf.tolist())
+    Ph = mpmath.expm(mpmath.matrix(A.tolist()) * mpmath.mpf(s))
+    Sig = Sm + Ph * (mpmath.matrix(S0.tolist()) - Sm) * Ph.T
+    as_t = lambda M: torch.tensor([[float(M[i, k]) for k in range(K)] for i in range(K)], dtype=F64)  # noqa: E731
+    return as_t(Ph), as_t(Sig)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_series_coefficients_do_not_overflow_at_a_large_norm(native, monkeypatch, tmp_path):
+    """A K = 4 spec the property tests drew: Σ∞'s condition number is 1.4e7 and ||A||_2 =
+    5.7e6, so the series coefficients A^k overflowed float64 from k of about 45 and Σ was NaN
+    at every t past the series branch.  They are formed from A / 2^e (exact): Φ and Σ are
+    finite, Φ within 1e-9 of a 60-digit expm and Σ within 1e-9 in its own scale (from about
+    20 doublings at t = 0.5 on so stiff a spectrum; 1e-13 at t = 1e-4)."""
+    path = tmp_path / "large_norm.sde"
+    path.write_text(LARGE_NORM)
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    proc = sdec.compile(str(path))
+    assert proc._native_ok() == native
+    t = torch.tensor([1e-4, 0.01, 0.25, 0.5], dtype=F64)
+    with torch.no_grad():
+        Phi, Sig = proc.transition(t)
+        A = proc._A_D()[0]
+        assert float(torch.linalg.matrix_norm(A, ord=2)) > 5e6
+        S0 = proc._sigma0(True)
+        s = proc.B(t)
+    assert bool(torch.isfinite(Phi).all()) and bool(torch.isfinite(Sig).all())
+    for i in range(t.shape[0]):
+        Ph_ref, Sig_ref = _mp_transition(A, S0, proc.stationary_cov, float(s[i]))
+        bound = 1e-12 if i == 0 else 1e-9
+        assert float((Phi[i] - Ph_ref).abs().max()) < bound, i
+        assert own_scale(Sig_ref, Sig[i] - Sig_ref) < bound, i
+
+
+def test_large_norm_adjoint_matches_the_torch_paths_autograd(monkeypatch, tmp_path):
+    """The native adjoint runs in the scaled coefficients' terms (gradients of A / 2^e and
+    D / 2^e, scaled back): at ||A||_2 = 5.7e6 its gradient of a weighted sum of Φ and Σ (both
+    branches) with respect to A and D equals autograd through the torch path's scaled series."""
+    path = tmp_path / "large_norm.sde"
+    path.write_text(LARGE_NORM)
+    monkeypatch.setenv("SDEC_NATIVE", "0")
+    proc = sdec.compile(str(path))  # the torch path's coefficients (c["native"] is False)
+    with torch.no_grad():
+        c = dict(proc._coeffs(True))
+        s = proc.B(torch.tensor([1e-8, 1e-4, 0.3], dtype=F64))
+        j = proc._squarings(s, c, None)
+    monkeypatch.setenv("SDEC_NATIVE", "1")  # for NativeKernels below
+    assert j > 10 and bool((s <= c["radius"]).any()) and bool((s > c["radius"]).any())
+    gen = torch.Generator().manual_seed(5)
+    W = [torch.randn(3, 4, 4, dtype=F64, generator=gen) for _ in range(2)]
+    grads = []
+    for native in (True, False):
+        A = c["A"].detach().clone().requires_grad_(True)
+        D = c["D"].detach().clone().requires_grad_(True)
+        if native:
+            Phi, Sig = kernel_native.NativeKernels.apply(A, D, c["S0"], s, j, c["radius"], c["norm"], 48)[:2]
+        else:
+            mine = dict(c, A=A, D=D)
+            mine["stacks"] = proc._series_stacks(mine)
+            monkeypatch.setattr(proc, "_coeffs", lambda hybrid: mine)
+            Phi, Sig = proc._phi_sigma(s, True)
+        assert bool(torch.isfinite(Sig).all())
+        (W[0] * Phi).sum().add((W[1] * Sig).sum()).backward()
+        grads.append((A.grad, 0.5 * (D.grad + D.grad.mT)))
+    for g_native, g_torch in zip(*grads):
+        assert bool(torch.isfinite(g_native).all()) and float(g_native.abs().max()) > 0
+        assert float((g_native - g_torch).abs().max()) <= 1e-7 * float(g_torch.abs().max())
+
+
 def test_native_cholesky_failure_names_t(monkeypatch):
     proc = compiled("learned3", monkeypatch, True)
     with pytest.raises(sdec.CholeskyError, match=r"t=0"):

@@ -29,6 +29,9 @@ evaluation branches, chosen per element of s:
   Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
   alone stays below the switch: it is what keeps hybrid ALDA at t = 1e-5 at its float64
   representation floor (below), where Φ Σ0 Φᵀ + Σn rounds an order of magnitude worse.
+Both series are summed from coefficients formed from A / a and D / a, a = 2^e just above
+||A||₂, with weights (a s)^k / k! (_series_scale): exact, the same doubles term by term, and
+A^k cannot overflow (it did past ||A||₂ ≈ 2e6).
 One j serves the whole batch (from B(T) when the times are known to lie in [0, T], so no
 host sync), both branches run on every element in one product with the stacked series
 coefficients, and torch.where picks per element, so gradients reach only the branch an
@@ -95,9 +98,6 @@ from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # pa
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
 _SERIES_TERMS = 48     # (2 tau)^48 / 48! ~ 1.8e-24: truncation far below float64 rounding
-# above it the series coefficients may overflow float64 (||N_k|| <= (2 ||A||)^k, k < _SERIES_TERMS):
-# a Sigma that is not finite is blamed on that (about 1.8e6)
-_OVERFLOW_NORM = 0.5 * math.exp(math.log(torch.finfo(torch.float64).max) / (_SERIES_TERMS - 1))
 _TABLE_BINS = 128      # importance sampler: geometric bins over [t_min, T] (see _build_table)
 _TIME_SAMPLERS = ("uniform", "importance", "stratified")
 _UNROLL_K = 4          # K x K applies up to this K are explicit per-entry multiply-adds
@@ -459,6 +459,17 @@ def _own_doublings(s, radius, j):
     return ji.clamp(0, j)
 
 
+def _series_scale(norm):
+    """a = 2^e with norm = f 2^e, f in [0.5, 1) (1 where norm is 0 or not finite).  The series
+    coefficients are formed from A / a and D / a, so their k-th is the unscaled one over a^k,
+    and weighted by (a s)^k / k!: scaling by a power of two is exact, so each term is the same
+    double as unscaled, but A^k cannot overflow (||A||_2 above about 2e6: a condition number
+    of Σ∞ near 1e7 gives that) or underflow (a small ||A||_2)."""
+    if not (norm > 0 and math.isfinite(norm)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(norm)[1])
+
+
 def _taylor_weights(s, n):
     """(m, n) matrix of s^k / k!, k = 0..n-1, by a running product (safe at s = 0)."""
     k = torch.arange(1, n, dtype=s.dtype, device=s.device)
@@ -734,16 +745,18 @@ class DiffusionBase(torch.nn.Module):
         native = self._native_ok()  # ‖A‖₂ by one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
         norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
         c = {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
-             "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T()}
+             "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
+             "scale": _series_scale(norm)}
         if not c["native"]:
             c["stacks"] = self._series_stacks(c)
         return c
 
     def _series_stacks(self, c):
         """The series coefficients of Φ, of Σ from Σ0 and of Σn (from 0) as one (n, 3 K²)
-        stack (the torch path; the native pipeline forms its own)."""
-        n, S0 = _SERIES_TERMS, c["S0"]
-        powers, moments = _series_coefficients(c["A"], c["D"], torch.stack([S0, torch.zeros_like(S0)]), n)
+        stack (the torch path; the native pipeline forms its own), from A / a and D / a
+        (a = c["scale"], _series_scale): the k-th is the unscaled one over a^k."""
+        n, S0, a = _SERIES_TERMS, c["S0"], c["scale"]
+        powers, moments = _series_coefficients(c["A"] / a, c["D"] / a, torch.stack([S0, torch.zeros_like(S0)]), n)
         return torch.cat([powers.reshape(n, -1), moments[0].reshape(n, -1), moments[1].reshape(n, -1)], 1)
 
     def _native_ok(self):
@@ -805,7 +818,7 @@ class DiffusionBase(torch.nn.Module):
         K = self.K
         if "stacks" not in c:  # native coefficients asked for the torch path (s with a gradient)
             c["stacks"] = self._series_stacks(c)
-        out = (_taylor_weights(s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
+        out = (_taylor_weights(c["scale"] * s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
         return out.unbind(1)
 
     def _squarings(self, s, c, s_max):
@@ -888,14 +901,9 @@ class DiffusionBase(torch.nn.Module):
             S = Sig[i].detach()
             if not bool(torch.isfinite(S).all()):  # eigvalsh cannot even report on these
                 Q, D = self._blocks64()
-                norm = float(torch.linalg.matrix_norm(self._A_D()[0].detach(), ord=2))
-                why = (f"||A||_2 = {norm:.3g}: the series coefficients A^k (k < {_SERIES_TERMS}) "
-                       f"can overflow float64 above {_OVERFLOW_NORM:.2g} (A = -(Q + D) Sigma_inf^-1: an "
-                       "ill-conditioned target or a large D makes it large)"
-                       if norm > _OVERFLOW_NORM else "a diverged optimisation?")
                 raise CholeskyError(
                     f"Sigma_t is not finite at t={float(t64[i]):.6g} (the process's "
-                    f"parameters are: Q = {Q.tolist()}, D = {D.tolist()}); {why}")
+                    f"parameters are: Q = {Q.tolist()}, D = {D.tolist()}); a diverged optimisation?")
             lam = float(torch.linalg.eigvalsh(S)[0])
             raise CholeskyError(
                 f"Cholesky of Sigma_t failed at t={float(t64[i]):.6g}; smallest "

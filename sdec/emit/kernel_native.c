@@ -13,6 +13,10 @@
    Series coefficients: P_k = A^k, M_k (from Sigma0) and N_k (from 0):
      M_0 = Sigma0, M_1 = A Sigma0 + Sigma0 A^T + 2 D, M_{k+1} = A M_k + M_k A^T,
    each M_{k+1} formed as X + X^T with X = A M_k, so every M_k is exactly symmetric.
+   They are formed from A / a and D / a, with a = 2^e the power of two just above ||A||_2
+   (series_scale), and weighted by (a h)^k / k!: dividing by a power of two is exact, so
+   every term w_k C_k is the same double as unscaled, but A^k no longer overflows float64
+   for ||A||_2 above about 2e6 (nor underflows for a small ||A||_2).
    No jitter: a Sigma whose Cholesky pivot is not > 0 (or not finite) sets ok[i] = 0. */
 #include <math.h>
 #include <stdlib.h>
@@ -67,6 +71,26 @@ INLINE void coefficients(int K, int n, const double *A, const double *D, const d
                 for (int j = 0; j < K; j++)
                     C[k * KK + i * K + j] = X[i * K + j] + X[j * K + i];
         }
+    }
+}
+
+/* a = 2^e with ||A||_2 = f 2^e, f in [0.5, 1): A / a has norm in [0.5, 1), and scaling by it
+   is exact (1 where the norm is 0 or not finite) */
+INLINE double series_scale(double anorm)
+{
+    int e = 0;
+    if (!(anorm > 0.0) || !isfinite(anorm))
+        return 1.0;
+    frexp(anorm, &e);
+    return ldexp(1.0, e);
+}
+
+/* the scaled coefficients' inputs: As = A / a, Ds = D / a (K x K each) */
+INLINE void scaled_inputs(int K, double a, const double *A, const double *D, double *As, double *Ds)
+{
+    for (int i = 0; i < K * K; i++) {
+        As[i] = A[i] / a;
+        Ds[i] = D[i] / a;
     }
 }
 
@@ -133,12 +157,13 @@ INLINE void series(int K, int n, const double *w, const double *C, double *out)
         axpy(KK, w[k], C + k * KK, out);
 }
 
-/* the squaring chain at h: Pc[l], Sc[l] for l = 0..j (Phi(h 2^l), noise part) */
-INLINE void chain(int K, int n, int j, double h, const double *P, const double *N, double *w,
+/* the squaring chain at h: Pc[l], Sc[l] for l = 0..j (Phi(h 2^l), noise part); ah = a h,
+   the weights' argument for the scaled coefficients P, N (a = series_scale) */
+INLINE void chain(int K, int n, int j, double ah, const double *P, const double *N, double *w,
                   double *Pc, double *Sc, double *X)
 {
     int KK = K * K;
-    taylor_weights(n, h, w);  /* n: the terms at h (terms_at) */
+    taylor_weights(n, ah, w);  /* n: the terms at h (terms_at) */
     series(K, n, w, P, Pc);
     series(K, n, w, N, Sc);
     for (int l = 0; l < j; l++) {
@@ -188,13 +213,13 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
 }
 
 typedef struct {
-    double *buf, *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z;
+    double *buf, *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z, *As, *Ds;
 } work;
 
 INLINE int alloc_work(int K, int n, int j, work *wk)
 {
     int KK = K * K;
-    size_t total = (size_t)KK * (3 * n + 2 * (j + 1) + 3) + n;
+    size_t total = (size_t)KK * (3 * n + 2 * (j + 1) + 5) + n;
     double *buf = calloc(total, sizeof(double));
     if (!buf)
         return 0;
@@ -206,7 +231,9 @@ INLINE int alloc_work(int K, int n, int j, work *wk)
     wk->X = wk->Sc + (j + 1) * KK;
     wk->Y = wk->X + KK;
     wk->Z = wk->Y + KK;
-    wk->w = wk->Z + KK;
+    wk->As = wk->Z + KK;
+    wk->Ds = wk->As + KK;
+    wk->w = wk->Ds + KK;
     return 1;
 }
 
@@ -219,12 +246,14 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
     work wk;
     if (!alloc_work(K, n, j, &wk))
         return -1;
-    coefficients(K, n, A, D, S0, wk.P, wk.M, wk.N, wk.X);
+    double sc = series_scale(anorm);
+    scaled_inputs(K, sc, A, D, wk.As, wk.Ds);
+    coefficients(K, n, wk.As, wk.Ds, S0, wk.P, wk.M, wk.N, wk.X);
     for (int i = 0; i < m; i++) {
         double *Ph = Phi ? Phi + i * KK : NULL, *Sg = Sig + i * KK;
         if (fabs(s[i]) <= radius) {
             int ni = terms_at(K, n, s[i], anorm);
-            taylor_weights(ni, s[i], wk.w);
+            taylor_weights(ni, sc * s[i], wk.w);
             if (Phi)
                 series(K, ni, wk.w, wk.P, Ph);
             series(K, ni, wk.w, wk.M, Sg);
@@ -235,7 +264,7 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 wk.Pc = keep + (size_t)i * 2 * (j + 1) * KK;
                 wk.Sc = wk.Pc + (j + 1) * KK;
             }
-            chain(K, terms_at(K, n, h, anorm), ji, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            chain(K, terms_at(K, n, h, anorm), ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             const double *Pj = wk.Pc + ji * KK;
             if (Phi)
                 memcpy(Ph, Pj, sizeof(double) * KK);
@@ -272,7 +301,16 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
     }
     double *gM = gP + n * KK, *gN = gM + n * KK, *gS = gN + n * KK, *Lb = gS + KK;
     double *U = Lb + KK, *V = U + KK;
-    coefficients(K, n, A, D, S0, wk.P, wk.M, wk.N, wk.X);
+    /* the adjoint runs in the scaled coefficients' terms: with respect to A / a and D / a,
+       whose gradients are sc gA and sc gD (exact); gA, gD are scaled on the way in and out */
+    double sc = series_scale(anorm);
+    scaled_inputs(K, sc, A, D, wk.As, wk.Ds);
+    A = wk.As;
+    for (int e = 0; e < KK; e++) {
+        gA[e] *= sc;
+        gD[e] *= sc;
+    }
+    coefficients(K, n, A, wk.Ds, S0, wk.P, wk.M, wk.N, wk.X);
     for (int i = 0; i < m; i++) {
         const double *Lm = L + i * KK, *Lim = Li + i * KK;
         /* Lbar: gL (lower part), - L^-T gLi L^-T, and ghld / L_kk on the diagonal */
@@ -296,7 +334,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
                 gS[a * K + b] = 0.5 * (U[a * K + b] + U[b * K + a] + gSg[a * K + b] + gSg[b * K + a]);
         if (fabs(s[i]) <= radius) {
             int ni = terms_at(K, n, s[i], anorm);
-            taylor_weights(ni, s[i], wk.w);
+            taylor_weights(ni, sc * s[i], wk.w);
             for (int k = 0; k < ni; k++) {
                 axpy(KK, wk.w[k], gPhi + i * KK, gP + k * KK);
                 axpy(KK, wk.w[k], gS, gM + k * KK);
@@ -310,7 +348,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             wk.Pc = (double *)keep + (size_t)i * 2 * (j + 1) * KK;
             wk.Sc = wk.Pc + (j + 1) * KK;
         } else {
-            chain(K, nh, ji, h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            chain(K, nh, ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
         }
         /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
         const double *Pj = wk.Pc + ji * KK;
@@ -332,7 +370,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             memcpy(Pb, wk.Y, sizeof(double) * KK);
             gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
         }
-        taylor_weights(nh, h, wk.w);
+        taylor_weights(nh, sc * h, wk.w);
         for (int k = 0; k < nh; k++) {
             axpy(KK, wk.w[k], Pb, gP + k * KK);
             axpy(KK, wk.w[k], Sb, gN + k * KK);
@@ -363,6 +401,10 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         for (int a = 0; a < K; a++) /* D symmetric: its adjoint is the symmetric part */
             for (int b = 0; b < K; b++)
                 gD[a * K + b] += gC[KK + a * K + b] + gC[KK + b * K + a];
+    }
+    for (int e = 0; e < KK; e++) {
+        gA[e] /= sc;
+        gD[e] /= sc;
     }
     free(gP);
     free(wk.buf);
