@@ -1,6 +1,6 @@
 """Training throughput of `sdec train` on this machine, and where a step's time goes.
 
-Run on demand (not a test):  python bench/throughput.py [--quick]
+Run on demand (not a test):  python bench/throughput.py [--quick] [--breakdown-only]
 
 1. Examples per second of `sdec train` for the ``tiny`` preset (8x8 digits) and the ``mnist``
    preset (28x28, synthetic images written in the published MNIST IDX format), as a single
@@ -18,7 +18,8 @@ Run on demand (not a test):  python bench/throughput.py [--quick]
 4. The data loaders on this machine: seconds to read and parse the MNIST IDX files per 10^4
    images, and examples per second at which a training micro-batch is gathered from memory.
 
-Writes bench/results/throughput.json with the machine's description.
+Writes bench/results/throughput.json with the machine's description; --breakdown-only runs
+part 2 alone and writes bench/results/step_breakdown.json.
 """
 from __future__ import annotations
 
@@ -125,6 +126,16 @@ def step_breakdown(preset, shape, batch, reps, spec):
     return out
 
 
+def step_breakdowns(reps):
+    """step_breakdown of the mnist preset (batch 32, 28x28) for vpsde, cld and learned3."""
+    rows = []
+    for name in ("vpsde", "cld", "learned3"):
+        rows.append({"spec": name, "batch": 32, "shape": [1, 28, 28],
+                     **step_breakdown("mnist", (1, 28, 28), 32, reps, REPO / "specs" / f"{name}.sde")})
+        print("breakdown", rows[-1], flush=True)
+    return rows
+
+
 def compile_rate(spec, steps, compile_):
     """Steps/s of train_step at the tiny preset on digits, in-process (compile time excluded)."""
     from sdec.runtime.config import TrainConfig
@@ -172,9 +183,21 @@ def main():
     torch.set_num_threads(1)  # in-process parts: one thread (see the README: a shared machine)
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--breakdown-only", action="store_true",
+                    help="only part 2, the process's share of a step (writes step_breakdown.json)")
     args = ap.parse_args()
     q = args.quick
     result = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if args.breakdown_only:
+        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                          capture_output=True, text=True).stdout.strip()
+        result["step_breakdown_mnist"] = step_breakdowns(3 if q else 12)
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+        out = RESULTS.with_name("step_breakdown.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
     spec = REPO / "specs" / "cld.sde"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -199,12 +222,7 @@ def main():
                          "examples_per_sec": rate, "windows": all_rates, "steps": steps})
             print(rows[-1], flush=True)
         result["training"] = rows
-    result["step_breakdown_mnist"] = []
-    for name in ("vpsde", "cld", "learned3"):
-        row = {"spec": name, "batch": 32, "shape": [1, 28, 28],
-               **step_breakdown("mnist", (1, 28, 28), 32, 3 if q else 8, REPO / "specs" / f"{name}.sde")}
-        result["step_breakdown_mnist"].append(row)
-        print("breakdown", row, flush=True)
+    result["step_breakdown_mnist"] = step_breakdowns(3 if q else 8)
     eager, _ = compile_rate(spec, 10 if q else 20, False)
     compiled, warm = compile_rate(spec, 10 if q else 20, True)
     result["compile_tiny"] = {"eager_steps_per_sec": eager, "compiled_steps_per_sec": compiled,
