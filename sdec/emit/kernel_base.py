@@ -21,9 +21,12 @@ evaluation branches, chosen per element of s:
 * large s: scaling and squaring, with no cancellation: the series at h = s / 2^j (j the
   smallest with h ||A||₂ <= tau, each element's own: every extra doubling adds rounding, and
   with the batch's largest j a stiff process (||A||₂ = 2925) lost 5.8e-10 in Σ's own scale)
-  gives Φ(h) and the noise part Σn(h) (Σ0 = 0), then j
-  doublings Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ (a sum of PSD terms) and Σ = Φ Σ0 Φᵀ + Σn; Φ from
-  ``_phi_closed`` where the lowering found one.  Against a 50-digit Van Loan reference (CLD,
+  gives E(h) = Φ(h) - I (its series without the k = 0 term) and the noise part Σn(h)
+  (Σ0 = 0), then j doublings E ← 2 E + E E (Φ ← Φ Φ), Σn ← Σn + Φ Σn Φᵀ (a sum of PSD terms)
+  and Σ = Φ Σ0 Φᵀ + Σn with Φ = I + E, or Φ from ``_phi_closed`` where the lowering found
+  one.  Doubling E, not Φ: where a direction decays slowly over h, Φ(h) = I + E rounds E's
+  digits away and every squaring of Φ doubles the loss (a stiff spectrum, eigenvalues -4.5e6
+  and -0.036: Σ(0.25) 2.5e-10 off in its own scale after 19 squarings of Φ, 3.4e-11 with E).  Against a 50-digit Van Loan reference (CLD,
   ALDA, MALDA, learned K = 2, 3; hybrid and not; s from the switch to B(T)) the worst error
   in Σ's own scale max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.4e-15 (the stationary identity
   Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
@@ -812,14 +815,17 @@ class DiffusionBase(torch.nn.Module):
         """Φ(s), Σ(s) by the Taylor series (s ||A||₂ <= tau)."""
         return self._series3(s, c)[:2]
 
-    def _series3(self, s, c):
+    def _series3(self, s, c, less_identity=False):
         """Φ(s), Σ(s) and the noise part Σn(s) (Σ0 = 0) by the Taylor series: one product of
-        the Taylor weights with the stacked coefficients."""
+        the Taylor weights with the stacked coefficients.  less_identity: without the k = 0
+        terms, so the first is E = Φ - I, summed without rounding against the identity (what
+        the squarings double, see _phi_sigma), and the second Σ - Σ0."""
         K = self.K
         if "stacks" not in c:  # native coefficients asked for the torch path (s with a gradient)
             c["stacks"] = self._series_stacks(c)
-        out = (_taylor_weights(c["scale"] * s, _SERIES_TERMS) @ c["stacks"]).reshape(-1, 3, K, K)
-        return out.unbind(1)
+        w = _taylor_weights(c["scale"] * s, _SERIES_TERMS)
+        out = w[:, 1:] @ c["stacks"][1:] if less_identity else w @ c["stacks"]
+        return out.reshape(-1, 3, K, K).unbind(1)
 
     def _squarings(self, s, c, s_max):
         """j with s_max / 2^j <= the series radius: s_max is given by callers whose times lie
@@ -839,7 +845,8 @@ class DiffusionBase(torch.nn.Module):
     def _phi_sigma(self, s, hybrid, s_max=None):
         """Φ(s), Σ(s) for flat float64 s (see the module doc): the series where s ||A||₂ <=
         tau, elsewhere scaling and squaring: the series at h = s / 2^j, j doublings (j each
-        element's own, _own_doublings) Φ ← Φ Φ, Σn ← Σn + Φ Σn Φᵀ, and Σ = Φ Σ0 Φᵀ + Σn.
+        element's own, _own_doublings) of E = Φ - I, E ← 2 E + E E, and Σn ← Σn + Φ Σn Φᵀ,
+        then Φ = I + E and Σ = Φ Σ0 Φᵀ + Σn.
         Both run on every element, in one series product and without a host sync when s_max
         is given (_squarings); torch.where picks per element, so gradients reach only the
         branch an element uses."""
@@ -857,15 +864,15 @@ class DiffusionBase(torch.nn.Module):
             return self._series(s, c)
         m = s.shape[0]
         ji = _own_doublings(s.detach(), c["radius"], j)
-        Phi, Sig, Sn = self._series3(torch.cat([s, torch.ldexp(s, -ji)]), c)
-        P, Sn = Phi[m:], Sn[m:]
+        Phi, Sig, _ = self._series3(s, c)
+        E, Sn = self._series3(torch.ldexp(s, -ji), c, less_identity=True)[::2]
         for level in range(j):  # bmm, not @: one dispatched op per product (matmul adds views)
             more = (ji > level)[:, None, None]  # each element stops at its own doublings
-            Sn = torch.where(more, torch.baddbmm(Sn, torch.bmm(P, Sn), P.mT), Sn)
-            P = torch.where(more, torch.bmm(P, P), P)
+            X = torch.baddbmm(Sn, E, Sn)  # Sn + Φ Sn Φᵀ = Sn + X + X Eᵀ, X = Sn + E Sn
+            Sn = torch.where(more, torch.baddbmm(Sn + X, X, E.mT), Sn)
+            E = torch.where(more, torch.baddbmm(E, E, E, beta=2.0), E)  # Φ Φ - I = 2 E + E E
         closed = self._phi_closed(s)
-        if closed is not None:
-            P = closed.to(torch.float64)
+        P = closed.to(torch.float64) if closed is not None else E + torch.eye(self.K, dtype=E.dtype, device=E.device)
         big = torch.baddbmm(Sn, torch.matmul(P, c["S0"]), P.mT)
         small = (s.detach().abs() <= c["radius"])[:, None, None]
         return torch.where(small, Phi[:m], P), torch.where(small, Sig[:m], 0.5 * (big + big.mT))

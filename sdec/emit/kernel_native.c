@@ -157,21 +157,39 @@ INLINE void series(int K, int n, const double *w, const double *C, double *out)
         axpy(KK, w[k], C + k * KK, out);
 }
 
-/* the squaring chain at h: Pc[l], Sc[l] for l = 0..j (Phi(h 2^l), noise part); ah = a h,
-   the weights' argument for the scaled coefficients P, N (a = series_scale) */
+/* out = I + E (K x K) */
+INLINE void plus_identity(int K, const double *E, double *out)
+{
+    memcpy(out, E, sizeof(double) * K * K);
+    for (int i = 0; i < K; i++)
+        out[i * K + i] += 1.0;
+}
+
+/* the squaring chain at h: Pc[l], Sc[l] for l = 0..j, where Pc[l] = E(h 2^l) = Phi(h 2^l) - I
+   and Sc[l] the noise part; ah = a h, the weights' argument for the scaled coefficients P, N
+   (a = series_scale).  E(h) is the series without its k = 0 term, and it is E that doubles,
+   E(2h) = 2 E + E E, and Sn(2h) = Sn + X + X E^T with X = Sn + E Sn (= Sn + Phi Sn Phi^T):
+   in a direction that decays slowly over h, Phi(h) = I + E rounds E's digits away and each
+   squaring of Phi doubles that loss, while E keeps them (a stiff spectrum, eigenvalues -4.5e6
+   and -0.036, lost 4x more in Sigma's own scale over 19 doublings of Phi). */
 INLINE void chain(int K, int n, int j, double ah, const double *P, const double *N, double *w,
                   double *Pc, double *Sc, double *X)
 {
     int KK = K * K;
     taylor_weights(n, ah, w);  /* n: the terms at h (terms_at) */
-    series(K, n, w, P, Pc);
+    series(K, n - 1, w + 1, P + KK, Pc);
     series(K, n, w, N, Sc);
     for (int l = 0; l < j; l++) {
-        const double *Pl = Pc + l * KK, *Sl = Sc + l * KK;
-        gemm(K, 0, Pl, 0, Sl, 0.0, X);
-        memcpy(Sc + (l + 1) * KK, Sl, sizeof(double) * KK);
-        gemm(K, 0, X, 1, Pl, 1.0, Sc + (l + 1) * KK);
-        gemm(K, 0, Pl, 0, Pl, 0.0, Pc + (l + 1) * KK);
+        const double *El = Pc + l * KK, *Sl = Sc + l * KK;
+        double *Sn = Sc + (l + 1) * KK, *En = Pc + (l + 1) * KK;
+        memcpy(X, Sl, sizeof(double) * KK);
+        gemm(K, 0, El, 0, Sl, 1.0, X);           /* X = Sn + E Sn */
+        for (int e = 0; e < KK; e++)
+            Sn[e] = Sl[e] + X[e];
+        gemm(K, 0, X, 1, El, 1.0, Sn);           /* + X E^T */
+        for (int e = 0; e < KK; e++)
+            En[e] = 2.0 * El[e];
+        gemm(K, 0, El, 0, El, 1.0, En);          /* + E E */
     }
 }
 
@@ -265,7 +283,8 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 wk.Sc = wk.Pc + (j + 1) * KK;
             }
             chain(K, terms_at(K, n, h, anorm), ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
-            const double *Pj = wk.Pc + ji * KK;
+            double *Pj = wk.Z;
+            plus_identity(K, wk.Pc + ji * KK, Pj);
             if (Phi)
                 memcpy(Ph, Pj, sizeof(double) * KK);
             gemm(K, 0, Pj, 0, S0, 0.0, wk.X);
@@ -350,8 +369,10 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         } else {
             chain(K, nh, ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
         }
-        /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS */
-        const double *Pj = wk.Pc + ji * KK;
+        /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS;
+           P = I + E, so Ebar = Pbar */
+        double *Pj = wk.Z, *Pl = Lb; /* Lb is free from here on */
+        plus_identity(K, wk.Pc + ji * KK, Pj);
         double *Pb = U, *Sb = V;
         gemm(K, 0, gS, 0, Pj, 0.0, wk.X);
         memcpy(Pb, gPhi + i * KK, sizeof(double) * KK);
@@ -359,8 +380,10 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         gemm(K, 0, wk.X, 0, S0, 1.0, Pb);
         memcpy(Sb, gS, sizeof(double) * KK);
         for (int l = ji - 1; l >= 0; l--) {
-            /* P' = P P, S' = S + P S P^T, with Pbar', Sbar' (Sb symmetric) */
-            const double *Pl = wk.Pc + l * KK, *Sl = wk.Sc + l * KK;
+            /* E' = 2 E + E E, i.e. P' = P P with P = I + E, and S' = S + P S P^T, with Pbar',
+               Sbar' (Sb symmetric); Ebar = Pbar */
+            const double *Sl = wk.Sc + l * KK;
+            plus_identity(K, wk.Pc + l * KK, Pl);
             gemm(K, 0, Pb, 1, Pl, 0.0, wk.Y);        /* Pbar' P^T */
             gemm(K, 1, Pl, 0, Pb, 1.0, wk.Y);        /* + P^T Pbar' */
             gemm(K, 0, Sb, 0, Pl, 0.0, wk.X);        /* Sbar' P */
