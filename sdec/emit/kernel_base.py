@@ -26,9 +26,10 @@ evaluation branches, chosen per element of s:
   and Σ = Φ Σ0 Φᵀ + Σn with Φ = I + E, or Φ from ``_phi_closed`` where the lowering found
   one.  Doubling E, not Φ: where a direction decays slowly over h, Φ(h) = I + E rounds E's
   digits away and every squaring of Φ doubles the loss (a stiff spectrum, eigenvalues -4.5e6
-  and -0.036: Σ(0.25) 2.5e-10 off in its own scale after 19 squarings of Φ, 3.4e-11 with E).  Against a 50-digit Van Loan reference (CLD,
-  ALDA, MALDA, learned K = 2, 3; hybrid and not; s from the switch to B(T)) the worst error
-  in Σ's own scale max|L⁻¹(Σ - Σ_ref)L⁻ᵀ| is 2.4e-15 (the stationary identity
+  and -0.036: Σ(0.25) 2.5e-10 off in its own scale after 19 squarings of Φ, 3.4e-11 with E).
+  Against a 50-digit Van Loan reference (CLD, ALDA, MALDA, learned K = 2, 3; hybrid and
+  not; s from the switch to B(T)) the worst error in Σ's own scale max|L⁻¹(Σ - Σ_ref)L⁻ᵀ|
+  is 2.4e-15 (the stationary identity
   Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
   alone stays below the switch: it is what keeps hybrid ALDA at t = 1e-5 at its float64
   representation floor (below), where Φ Σ0 Φᵀ + Σn rounds an order of magnitude worse.
@@ -36,7 +37,7 @@ Both series are summed from coefficients formed from A / a and D / a, a = 2^e ju
 ||A||₂, with weights (a s)^k / k! (_series_scale): exact, the same doubles term by term, and
 A^k cannot overflow (it did past ||A||₂ ≈ 2e6).
 One j serves the whole batch (from B(T) when the times are known to lie in [0, T], so no
-host sync), both branches run on every element in one product with the stacked series
+host sync), both branches run on every element, each in one product with the stacked series
 coefficients, and torch.where picks per element, so gradients reach only the branch an
 element uses.  With tau = 3 the series error is 1.3e-14 (2e-13 at 5).
 
@@ -847,7 +848,7 @@ class DiffusionBase(torch.nn.Module):
         tau, elsewhere scaling and squaring: the series at h = s / 2^j, j doublings (j each
         element's own, _own_doublings) of E = Φ - I, E ← 2 E + E E, and Σn ← Σn + Φ Σn Φᵀ,
         then Φ = I + E and Σ = Φ Σ0 Φᵀ + Σn.
-        Both run on every element, in one series product and without a host sync when s_max
+        Both run on every element, each in one series product, without a host sync when s_max
         is given (_squarings); torch.where picks per element, so gradients reach only the
         branch an element uses."""
         if self.K == 1:
