@@ -4,10 +4,9 @@
    For a batch of s = B(t), from A, D (K x K, float64, row-major) and Sigma0:
      Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
-   |s| <= radius, else the series at h = s 2^-ji and ji doublings, ji the element's own
-   (doublings); each series with the terms its element needs, terms_at), and the
-   reverse-mode adjoint of all five outputs with
-   respect to A and D.  After them: the float32 state apply and its gradient's products
+   |s| <= radius, else the series of E = Phi - I at h = s 2^-ji and ji doublings of E, ji the
+   element's own (doublings); each series with the terms its element needs, terms_at), and
+   the reverse-mode adjoint of all five outputs with respect to A and D.  After them: the float32 state apply and its gradient's products
    (single and paired), and ||A||_2.
 
    Series coefficients: P_k = A^k, M_k (from Sigma0) and N_k (from 0):
@@ -394,7 +393,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
         }
         taylor_weights(nh, sc * h, wk.w);
-        for (int k = 0; k < nh; k++) {
+        for (int k = 0; k < nh; k++) { /* E has no k = 0 term, but gP[0] feeds nothing (P_0 = I) */
             axpy(KK, wk.w[k], Pb, gP + k * KK);
             axpy(KK, wk.w[k], Sb, gN + k * KK);
         }
