@@ -188,13 +188,13 @@ D = [[9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9]]
 def _mp_transition(A, S0, Sinf, s):
     """Φ = expm(s A) and Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ at 60 digits, rounded to float64."""
     import mpmath
-    mpmath.mp.dps = 60
     K = A.shape[0]
-    Sm = mpmath.matrix(Sinf.tolist())
-    Ph = mpmath.expm(mpmath.matrix(A.tolist()) * mpmath.mpf(s))
-    Sig = Sm + Ph * (mpmath.matrix(S0.tolist()) - Sm) * Ph.T
     as_t = lambda M: torch.tensor([[float(M[i, k]) for k in range(K)] for i in range(K)], dtype=F64)  # noqa: E731
-    return as_t(Ph), as_t(Sig)
+    with mpmath.workdps(60):  # not the global precision other tests see
+        Sm = mpmath.matrix(Sinf.tolist())
+        Ph = mpmath.expm(mpmath.matrix(A.tolist()) * mpmath.mpf(s))
+        Sig = Sm + Ph * (mpmath.matrix(S0.tolist()) - Sm) * Ph.T
+        return as_t(Ph), as_t(Sig)
 
 
 @pytest.mark.parametrize("native", [True, False])
