@@ -415,3 +415,35 @@ def test_spec_text_is_never_spliced_into_generated_code():
     for bad in ("", "abc", "9841351b8abda76f'; import os; '", "9841351B8ABDA76F", None):
         with pytest.raises(ValueError):
             _hash(bad)
+
+
+RANK1_K5 = """sde rank1_k5
+state x, v, w, u, z
+init (v, w, u, z) ~ normal(0, [[1/100, -3/100, -3/100, -3/100], [-3/100, 1/10, 3/50, 3/50], [-3/100, 3/50, 19/100, 3/20], [-3/100, 3/50, 3/20, 7/25]])
+beta(t) = 1/2
+T = 1/2
+target normal(0, diag(1, 2, 1, 1, 1))
+Q = [[0, 1/2, 1/4, 1/4, 3], [-1/2, 0, 0, 0, 1], [-1/4, 0, 0, -1/2, 1], [-1/4, 0, 1/2, 0, 3], [-3, -1, -1, -3, 0]]
+D = [[9, 9, 9, 9, 9], [9, 9, 9, 9, 9], [9, 9, 9, 9, 9], [9, 9, 9, 9, 9], [9, 9, 9, 9, 9]]
+"""
+
+
+def test_t_min_note_names_the_kernel_that_float64_cannot_hold():
+    """Found by a wider Hypothesis sweep (K = 5): with a rank-one D noise reaches four
+    directions only at orders t^3 .. t^9, so Σ(t | y0) is singular in float64 even at T and no
+    t_min helps; the hybrid kernel (from the auxiliaries' initial covariance), which the ELBO
+    and training use, factors at t_min.  The note says which kernel it is."""
+    from sdec.backend.lower import lower
+    from sdec.backend.t_min import _inaccurate_at_T
+    spec = sdec.parse(RANK1_K5, "rank1_k5.sde")
+    plan = lower(spec)
+    assert plan.t_min == 1e-3
+    assert "q(y_t | y_0)" in plan.t_min_note and "hybrid kernel q(y_t | x)" in plan.t_min_note
+    proc = sdec.compile(spec)
+    with torch.no_grad():
+        _, hybrid = proc.transition(torch.tensor([plan.t_min], dtype=torch.float64), hybrid=True)
+        _, given = proc.transition(torch.tensor([0.05], dtype=torch.float64), hybrid=False)
+    assert int(torch.linalg.cholesky_ex(hybrid)[1]) == 0
+    assert float(torch.linalg.eigvalsh(given[0])[0]) < 1e-15 * float(torch.linalg.eigvalsh(given[0])[-1])
+    assert _inaccurate_at_T(True, False) == _inaccurate_at_T(False, True) == (
+        "the float64 kernel is inaccurate even at T; kept the spec's t_min")
