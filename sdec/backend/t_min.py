@@ -110,13 +110,14 @@ def derive_t_min(spec) -> tuple[float, str | None]:
         def error_at(t):
             return max(error_at_start(t, S0) for S0 in starts)
 
-        worst = error_at(t_spec)
+        at_spec = [error_at_start(t_spec, S0) for S0 in starts]  # given the state, hybrid
+        worst = max(at_spec)
         if worst <= ROUNDING_TOL:
             return t_spec, None
         lo, hi = t_spec, float(spec.T)
-        if error_at(hi) > ROUNDING_TOL:
-            return t_spec, _inaccurate_at_T(error_at_start(hi, starts[0]) > ROUNDING_TOL,
-                                            error_at_start(t_spec, starts[1]) <= ROUNDING_TOL)
+        at_T = [error_at_start(hi, S0) for S0 in starts]
+        if max(at_T) > ROUNDING_TOL:
+            return t_spec, _inaccurate_at_T(at_T[0] > ROUNDING_TOL, at_spec[1] <= ROUNDING_TOL)
         for _ in range(60):
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if error_at(mid) > ROUNDING_TOL else (lo, mid)
