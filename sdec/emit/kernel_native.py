@@ -176,9 +176,9 @@ class NativeKernels(torch.autograd.Function):
 
 
 def _chain_buffer(A, m, j, needed):
-    """Room for the squaring chains (Φ(h 2^l), its noise part; l = 0..j) of m elements, or None
-    unless a backward will run (needed): the forward writes them, the backward reads them
-    instead of recomputing them."""
+    """Room for the squaring chains (E(h 2^l) = Φ(h 2^l) - I and the noise part; l = 0..j) of
+    m elements, or None unless a backward will run (needed): the forward writes them, the
+    backward reads them instead of recomputing them."""
     return A.new_empty(m, 2 * (j + 1), A.shape[-1], A.shape[-1]) if needed else None
 
 
