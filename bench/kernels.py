@@ -441,32 +441,34 @@ def _per_call(fns, med):
 
 def _elbo_steps(runs, x):
     """elbo_table's step functions for (key, spec) runs; the first is the ratios' base."""
-    fns = {}
-    for key, name in runs:
-        proc = compiled(name) if key == name else baseline(name)
-        params = [p for p in proc.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-4) if params else None
-        gen = torch.Generator().manual_seed(1)
-        start = [p.detach().clone() for p in params]
-        count = [0]
+    return {key: elbo_step(compiled(name) if key == name else baseline(name), x) for key, name in runs}
 
-        def step(proc=proc, opt=opt, gen=gen, params=params, start=start, count=count):
-            # every step from (nearly) the initial process: with a zero score the SGD steps
-            # would grow D (and the squarings) the longer the benchmark ran; the offset makes
-            # each step's parameters new values, as in training (the importance table and the
-            # cached values are rebuilt, as after an optimizer step)
-            count[0] += 1
-            with torch.no_grad():
-                for p, v in zip(params, start):
-                    p.copy_(v + 1e-9 * count[0])
-            terms = proc.elbo(x, lambda y, t: torch.zeros_like(y), time_sampler="importance",
-                              generator=gen)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-                terms.total.mean().backward()
-                opt.step()
-        fns[key] = step
-    return fns
+
+def elbo_step(proc, x):
+    """One training step of proc's ELBO machinery (elbo_table's): zero score, importance
+    times, backward and an SGD step on the parameters (if any)."""
+    params = [p for p in proc.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4) if params else None
+    gen = torch.Generator().manual_seed(1)
+    start = [p.detach().clone() for p in params]
+    count = [0]
+
+    def step():
+        # every step from (nearly) the initial process: with a zero score the SGD steps
+        # would grow D (and the squarings) the longer the benchmark ran; the offset makes
+        # each step's parameters new values, as in training (the importance table and the
+        # cached values are rebuilt, as after an optimizer step)
+        count[0] += 1
+        with torch.no_grad():
+            for p, v in zip(params, start):
+                p.copy_(v + 1e-9 * count[0])
+        terms = proc.elbo(x, lambda y, t: torch.zeros_like(y), time_sampler="importance",
+                          generator=gen)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            terms.total.mean().backward()
+            opt.step()
+    return step
 
 
 def train_step_table(reps):
