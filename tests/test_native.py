@@ -204,8 +204,10 @@ def test_series_coefficients_do_not_overflow_at_a_large_norm(native, monkeypatch
     from k of about 45 and Σ was NaN at every t past the series branch.  They are formed from
     A / 2^e (exact): Φ and Σ are finite.  And it is E = Φ - I that doubles, not Φ: squaring
     Φ(h) ≈ I in the slow directions lost digits at every level (Σ(0.25) was 2.5e-10 off in its
-    own scale after 19 doublings, Σ(0.01) 9e-12); now Φ and Σ are within 1e-13, 8e-12, 1e-10
-    and 2e-10 of a 60-digit reference at t = 1e-4, 0.01, 0.25 and 0.5."""
+    own scale after 19 doublings, Σ(0.01) 9e-12); the torch path's Φ and Σ are within 1e-13,
+    8e-12, 1e-10 and 2e-10 of a 60-digit reference at t = 1e-4, 0.01, 0.25 and 0.5.  The
+    native path runs the chains of elements with 10 or more doublings (15 to 20 here) in
+    double-double: within 1e-14 (it read 0, the reference's own rounding, at the last three)."""
     path = tmp_path / "large_norm.sde"
     path.write_text(LARGE_NORM)
     monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
@@ -219,10 +221,81 @@ def test_series_coefficients_do_not_overflow_at_a_large_norm(native, monkeypatch
         S0 = proc._sigma0(True)
         s = proc.B(t)
     assert bool(torch.isfinite(Phi).all()) and bool(torch.isfinite(Sig).all())
-    for i, bound in enumerate((1e-13, 8e-12, 1e-10, 2e-10)):
+    bounds = (1e-13, 1e-14, 1e-14, 1e-14) if native else (1e-13, 8e-12, 1e-10, 2e-10)
+    for i, bound in enumerate(bounds):
         Ph_ref, Sig_ref = _mp_transition(A, S0, proc.stationary_cov, float(s[i]))
         assert float((Phi[i] - Ph_ref).abs().max()) < bound, i
         assert own_scale(Sig_ref, Sig[i] - Sig_ref) < bound, i
+
+
+STIFF6 = """sde spec_1
+state onset, y2, dW, E, normals, z
+T = 3
+Q = [[0, -3, -1/2, -1/2, -3/4, 1/2], [3, 0, -1/2, -3, -1, 1/4], [1/2, 1/2, 0, 1/2, 1, -1], [1/2, 3, -1/2, 0, -1/2, 3], [3/4, 1, -1, 1/2, 0, 3], [-1/2, -1/4, 1, -3, -3, 0]]
+init normals ~ normal(0, 1/100)
+init E ~ normal(0, 1/400)
+target normal(0, [[4, 3, 1, 2, 0, 2], [3, 45/16, 0, 15/16, 0, 3], [1, 0, 9/4, 1/4, -3, -3/2], [2, 15/16, 1/4, 45/16, 23/8, -2], [0, 0, -3, 23/8, 181/16, -3/4], [2, 3, -3/2, -2, -3/4, 241/16]])
+init y2 ~ normal(0, 3/400)
+D = [[1/4, 0, 1/8, -3/2, 3/4, -1/8], [0, 0, 0, 0, 0, 0], [1/8, 0, 1/16, -3/4, 3/8, -1/16], [-3/2, 0, -3/4, 9, -9/2, 3/4], [3/4, 0, 3/8, -9/2, 9/4, -3/8], [-1/8, 0, -1/16, 3/4, -3/8, 1/16]]
+beta(t) = 1/2 * exp(3/2 * t)
+init dW ~ normal(0, 3/100)
+init z ~ normal(0, 1/100)
+"""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_twenty_doublings_keep_phi_at_the_accuracy_of_its_float64_drift(native, monkeypatch):
+    """A K = 6 spec the property strategies drew (||A||_2 = 6.0e4, B(T) = 29.7: 20 doublings).
+    Every doubling doubles the error E(h) carries in the directions that barely decay, so in
+    double the chain's rounding came out 2^20 times larger: Φ(T) was 1.5e-10 off a 60-digit
+    expm of the same float64 A, and `sdec verify` failed its invariance check (1.06e-10
+    against 1e-10).  The native chain runs in double-double from 10 doublings on: Φ(T) is
+    that expm rounded (1e-14), and invariance and semigroup read below 1e-11.  The torch path
+    (double throughout) is the ruler that shows the test can fail."""
+    from sdec.backend.verify import check_invariance, check_semigroup
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    proc = sdec.compile_text(STIFF6, "stiff6.sde")
+    with torch.no_grad():
+        A = proc._A_D()[0]
+        T = torch.tensor([proc.T], dtype=F64)
+        Phi, Sig = proc.transition(T, hybrid=False)
+        Ph_ref, _ = _mp_transition(A, torch.zeros(6, 6, dtype=F64), proc.stationary_cov, float(proc.B(T)[0]))
+        checks = check_invariance(proc) + check_semigroup(proc)
+    assert float(torch.linalg.matrix_norm(A, ord=2)) > 5e4
+    err = float((Phi[0] - Ph_ref).abs().max())
+    if native:
+        assert err < 1e-14, err
+        assert max(c.error for c in checks) < 1e-11, checks
+    else:
+        assert err > 1e-11, err
+
+
+@pytest.mark.parametrize("spec", ["learned3", "large_norm"])
+def test_the_adjoint_recomputes_the_chain_the_forward_kept_bit_for_bit(spec, tmp_path):
+    """The backward reads the squaring chains the forward kept; without them (keep NULL) it
+    recomputes them, in double or, from 10 doublings on (large_norm: 15 to 20), in
+    double-double as the forward did: the same gradients either way."""
+    if spec == "large_norm":
+        path = tmp_path / "large_norm.sde"
+        path.write_text(LARGE_NORM)
+        proc = sdec.compile(str(path))
+    else:
+        proc = sdec.compile(os.path.join(SPECS, f"{spec}.sde"))
+    with torch.no_grad():
+        c = dict(proc._coeffs(True))
+        s = proc.B(torch.linspace(1e-3, proc.T, 7, dtype=F64))
+        j = proc._squarings(s, c, None)
+    A, D, S0 = c["A"].detach().contiguous(), c["D"].detach().contiguous(), c["S0"].contiguous()
+    keep = kernel_native._chain_buffer(A, s.shape[0], j, True)
+    Phi, Sig, L, Li, hld, ok = kernel_native._kernels_forward(A, D, S0, s, j, c["radius"], c["norm"], 48, keep)
+    assert bool(ok.all())
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(v.shape, dtype=F64, generator=gen) for v in (Phi, Sig, L, Li, hld)]
+    series = (j, c["radius"], c["norm"], 48)
+    kept = kernel_native._kernels_backward((A, D, S0, s, L, Li, keep), series, grads)
+    recomputed = kernel_native._kernels_backward((A, D, S0, s, L, Li, None), series, grads)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+    assert float(kept[0].abs().max()) > 0
 
 
 def test_large_norm_adjoint_matches_the_torch_paths_autograd(monkeypatch, tmp_path):
