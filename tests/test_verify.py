@@ -7,7 +7,8 @@ import torch
 
 import sdec
 from sdec.cli import main as cli_main
-from sdec.backend.verify import check_invariance, check_lyapunov, check_moment_ode, check_simulation, verify_process
+from sdec.backend.verify import (check_invariance, check_lyapunov, check_moment_ode, check_semigroup, check_simulation,
+                                 verify_process)
 
 SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
 
@@ -117,7 +118,7 @@ def test_a_stiff_drawn_spec_passes_invariance_and_semigroup(native, monkeypatch)
     doubles now) and semigroup 1.9e-10, of which most was the reference's own error
     (torch.linalg.matrix_exp; the check now takes the step at 40 digits).  Both pass with their
     1e-10 tolerances, and torch's matrix_exp is shown to be the wrong ruler here."""
-    from sdec.backend.verify import _expm_reference, check_semigroup
+    from sdec.backend.verify import _expm_reference
     monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
     proc = sdec.compile_text(DRAWN_STIFF, "drawn.sde")
     with torch.no_grad():
@@ -126,6 +127,45 @@ def test_a_stiff_drawn_spec_passes_invariance_and_semigroup(native, monkeypatch)
         assert max(c.error for c in checks) < 6e-11
         M = 0.25 * proc._A_D()[0]
         assert float((torch.linalg.matrix_exp(M) - _expm_reference(M)).abs().max()) > 1e-10
+
+
+ILL_CONDITIONED6 = """sde gen
+state x, masks, normals, w, dt_, z
+target normal(0, [[1/16, -3/4, -3/4, -3/16, 0, 0], [-3/4, 145/16, 17/2, 5/2, 1/4, -1/2], [-3/4, 17/2, 53/4, 5/4, -13/8, 15/4], [-3/16, 5/2, 5/4, 93/16, 23/8, -5/2], [0, 1/4, -13/8, 23/8, 35/8, 11/8], [0, -1/2, 15/4, -5/2, 11/8, 73/4]])
+dmasks = beta(t) * ((-19338263/18) * x + (-2188234/27) * masks + (-54185/6) * normals + (4391/2) * w + (-4031/27) * dt_ + (-475/9) * z) dt
+T = 1/2
+init (masks, normals, w, dt_, z) ~ normal(0, [[1/100, 0, 3/400, -3/400, 1/50], [0, 1/100, 1/50, 0, -3/400], [3/400, 1/50, 89/1600, -13/1600, 3/100], [-3/400, 0, -13/1600, 13/800, -1/40], [1/50, -3/400, 3/100, -1/40, 227/1600]])
+dx = beta(t) * ((2740906/27) * x + (620296/81) * masks + (7681/9) * normals + (-622/3) * w + (1136/81) * dt_ + (139/27) * z) dt
+dnormals = beta(t) * ((-137983385/54) * x + (-15613270/81) * masks + (-386711/18) * normals + (31337/6) * w + (-29045/81) * dt_ + (-3361/27) * z) dt + sqrt(2 * beta(t)) * (-1) dW_n0 + sqrt(2 * beta(t)) * (-1) dW_n1 + sqrt(2 * beta(t)) * (-1/2) dW_n2 + sqrt(2 * beta(t)) * (-3) dW_n3 + sqrt(2 * beta(t)) * (-1/2) dW_n5
+beta(t) = 1 + 1/2 * t + 2 * t^2
+dw = beta(t) * ((-1198375/9) * x + (-271228/27) * masks + (-3355/3) * normals + (271) * w + (-446/27) * dt_ + (-64/9) * z) dt
+ddt_ = beta(t) * ((227111/9) * x + (51380/27) * masks + (1279/6) * normals + (-53) * w + (136/27) * dt_ + (13/18) * z) dt
+dz = beta(t) * ((-181906037/54) * x + (-20583406/81) * masks + (-254878/9) * normals + (41297/6) * w + (-37979/81) * dt_ + (-8951/54) * z) dt + sqrt(2 * beta(t)) * (-3) dW_n2 + sqrt(2 * beta(t)) * (-2) dW_n3 + sqrt(2 * beta(t)) * (2) dW_n4 + sqrt(2 * beta(t)) * (-1) dW_n5
+"""
+
+
+def test_invariance_is_evaluated_past_its_own_float64_rounding():
+    """A K = 6 spec the property strategies drew (explicit form, ||A||_2 = 4.4e6, Σ∞'s
+    condition number 2.4e7).  The residual Φ Σ∞ Φᵀ + Σ - Σ∞ evaluated in float64 and scaled
+    by L⁻¹ on both sides read 1.25e-10 (a failure), yet the same float64 Φ and Σ give 7.9e-12
+    at 40 digits, and Φ, Σ are the 60-digit reference rounded: the check measured its own
+    rounding.  It evaluates the residual at 40 digits now, the semigroup's product too."""
+    proc = sdec.compile_text(ILL_CONDITIONED6, "ill6.sde")
+    with torch.no_grad():
+        checks = check_invariance(proc) + check_semigroup(proc)
+    assert all(c.passed for c in checks), checks
+    assert max(c.error for c in checks) < 2e-11, checks
+
+
+def test_the_high_precision_residual_is_exact_on_exact_inputs_and_nan_on_bad_ones():
+    from sdec.backend.verify import _own_scale_error
+    S = torch.tensor([[4.0, 1.0], [1.0, 2.0 ** -30]], dtype=torch.float64) + torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    Phi = torch.tensor([[[0.5, 0.0], [0.0, 0.5]]], dtype=torch.float64)
+    Sigma = 0.75 * S[None]  # S - Φ S Φᵀ, exact in float64
+    assert _own_scale_error(Phi, Sigma, S) == 0.0
+    assert _own_scale_error(Phi, Sigma + 2.0 ** -20, S) > 0.0
+    assert math.isnan(_own_scale_error(Phi, Sigma * math.nan, S))
+    assert math.isnan(_own_scale_error(Phi, Sigma, -S))  # not positive definite
 
 
 def test_expm_reference_of_a_matrix_that_is_not_finite_is_nan():
