@@ -101,8 +101,8 @@ SCHEDULES = st.one_of(
 
 
 @st.composite
-def specs(draw, forms=("recipe", "matrices", "equations", "learn"), max_K=5):
-    K = draw(st.integers(1, max_K))
+def specs(draw, forms=("recipe", "matrices", "equations", "learn"), max_K=5, min_K=1):
+    K = draw(st.integers(min_K, max_K))
     names = tuple(draw(st.lists(st.sampled_from(NAMES), min_size=K, max_size=K, unique=True)))
     form = draw(st.sampled_from(forms))
     if form == "learn" and K > 4:

@@ -206,8 +206,8 @@ def test_series_coefficients_do_not_overflow_at_a_large_norm(native, monkeypatch
     Φ(h) ≈ I in the slow directions lost digits at every level (Σ(0.25) was 2.5e-10 off in its
     own scale after 19 doublings, Σ(0.01) 9e-12); the torch path's Φ and Σ are within 1e-13,
     8e-12, 1e-10 and 2e-10 of a 60-digit reference at t = 1e-4, 0.01, 0.25 and 0.5.  The
-    native path runs the chains of elements with 10 or more doublings (15 to 20 here) in
-    double-double: within 1e-14 (it read 0, the reference's own rounding, at the last three)."""
+    native path runs the chains of those elements (15 to 20 doublings) again in double-double:
+    within 1e-14 (it read 0, the reference's own rounding, at the last three)."""
     path = tmp_path / "large_norm.sde"
     path.write_text(LARGE_NORM)
     monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
@@ -249,7 +249,7 @@ def test_twenty_doublings_keep_phi_at_the_accuracy_of_its_float64_drift(native, 
     Every doubling doubles the error E(h) carries in the directions that barely decay, so in
     double the chain's rounding came out 2^20 times larger: Φ(T) was 1.5e-10 off a 60-digit
     expm of the same float64 A, and `sdec verify` failed its invariance check (1.06e-10
-    against 1e-10).  The native chain runs in double-double from 10 doublings on: Φ(T) is
+    against 1e-10).  The native chain measures that growth and runs again in double-double: Φ(T) is
     that expm rounded (1e-14), and invariance and semigroup read below 1e-11.  The torch path
     (double throughout) is the ruler that shows the test can fail."""
     from sdec.backend.verify import check_invariance, check_semigroup
@@ -270,14 +270,80 @@ def test_twenty_doublings_keep_phi_at_the_accuracy_of_its_float64_drift(native, 
         assert err > 1e-11, err
 
 
-@pytest.mark.parametrize("spec", ["learned3", "large_norm"])
+NON_NORMAL = """sde spec_1
+state dt_, E, e, w
+init (E, e, w) ~ normal(0, [[9/1600, -9/800, -3/400], [-9/800, 13/400, 3/100], [-3/400, 3/100, 29/400]])
+beta(t) = 2
+T = 1
+target normal(0, [[9, 9, -6, -3/4], [9, 145/16, -11/2, -5/4], [-6, -11/2, 129/16, -7/2], [-3/4, -5/4, -7/2, 129/16]])
+drift = beta(t) * [[-710465/192, 6847/2, -416, 95/16], [-656521/192, 6327/2, -384, 87/16], [455947/96, -13183/3, 1600/3, -191/24], [-252459/128, 21901/12, -664/3, 317/96]]
+diffusion = sqrt(2 * beta(t)) * [[0, 0, 0], [0, 0, 0], [0, 0, 0], [-3/4, 0, 1/2]]
+"""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_non_normal_drift_keeps_phi_at_the_accuracy_of_its_float64_drift(native, monkeypatch):
+    """A K = 4 spec the property strategies drew: ||A||_2 = 9.8e3 but eigenvalues of modulus
+    <= 48, so Φ grows on the way (entries up to 98).  A doubling carries an error d of E on
+    as d Φ + Φ d, so 11 doublings in double put Φ(0.2) 1.5e-8 off a 60-digit expm of the same
+    float64 A (the semigroup check failed at 6e-9), with no more doublings than the shipped
+    specs' 2^j rule would flag.  The native chain measures that growth on its own levels and
+    runs those elements again in double-double: within 1e-13 of the reference at every time.
+    The torch path (double throughout) is the ruler that shows the test can fail."""
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    proc = sdec.compile_text(NON_NORMAL, "non_normal.sde")
+    t = torch.tensor([proc.t_min, 0.2, 0.7, 1.0], dtype=F64)
+    with torch.no_grad():
+        A = proc._A_D()[0]
+        Phi, _ = proc.transition(t, hybrid=False)
+        s = proc.B(t)
+    errors = []
+    for i in range(t.shape[0]):
+        Ph_ref, _ = _mp_transition(A, torch.zeros(4, 4, dtype=F64), proc.stationary_cov, float(s[i]))
+        errors.append(float((Phi[i] - Ph_ref).abs().max()))
+    if native:
+        assert max(errors) < 1e-13, errors
+    else:
+        assert max(errors) > 1e-9, errors
+
+
+def test_the_adjoint_of_a_double_double_chain_matches_central_differences():
+    """The adjoint runs over the double-double chain's rounded levels: on the non-normal spec
+    (its elements at t = 0.0184, 0.2, 0.7 all run in double-double) the gradient of a weighted
+    sum of Φ and Σ along a random direction of (A, D) matches central differences (7e-8
+    relative at step 1e-6, where the difference quotient's own error is about that)."""
+    proc = sdec.compile_text(NON_NORMAL, "non_normal.sde")
+    with torch.no_grad():
+        c = dict(proc._coeffs(True))
+        s = proc.B(torch.tensor([0.0184, 0.2, 0.7], dtype=F64))
+        j = proc._squarings(s, c, None)
+    gen = torch.Generator().manual_seed(0)
+    W = [torch.randn(3, 4, 4, dtype=F64, generator=gen) for _ in range(2)]
+    dA = torch.randn(4, 4, dtype=F64, generator=gen)
+    dD = torch.randn(4, 4, dtype=F64, generator=gen)
+    dD = dD + dD.mT
+
+    def f(A, D):
+        Phi, Sig = kernel_native.NativeKernels.apply(A, D, c["S0"], s, j, c["radius"], c["norm"], 48)[:2]
+        return (W[0] * Phi).sum() + (W[1] * Sig).sum()
+    A = c["A"].detach().clone().requires_grad_(True)
+    D = c["D"].detach().clone().requires_grad_(True)
+    f(A, D).backward()
+    analytic = float((A.grad * dA).sum() + (0.5 * (D.grad + D.grad.mT) * dD).sum())
+    with torch.no_grad():
+        fd = float((f(A + 1e-6 * dA, D + 1e-6 * dD) - f(A - 1e-6 * dA, D - 1e-6 * dD)) / 2e-6)
+    assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)
+
+
+@pytest.mark.parametrize("spec", ["learned3", "large_norm", "non_normal"])
 def test_the_adjoint_recomputes_the_chain_the_forward_kept_bit_for_bit(spec, tmp_path):
     """The backward reads the squaring chains the forward kept; without them (keep NULL) it
-    recomputes them, in double or, from 10 doublings on (large_norm: 15 to 20), in
+    recomputes them, in double or, where the double chain's error growth calls for it
+    (large_norm: 15 to 20 doublings), in
     double-double as the forward did: the same gradients either way."""
-    if spec == "large_norm":
-        path = tmp_path / "large_norm.sde"
-        path.write_text(LARGE_NORM)
+    if spec in ("large_norm", "non_normal"):
+        path = tmp_path / f"{spec}.sde"
+        path.write_text(LARGE_NORM if spec == "large_norm" else NON_NORMAL)
         proc = sdec.compile(str(path))
     else:
         proc = sdec.compile(os.path.join(SPECS, f"{spec}.sde"))

@@ -33,10 +33,11 @@ evaluation branches, chosen per element of s:
   Σ∞ + Φ (Σ0 - Σ∞) Φᵀ used before gave 2.6e-14 at s||A|| = 3, 1.3e-13 at 2).  The series
   alone stays below the switch: it is what keeps hybrid ALDA at t = 1e-5 at its float64
   representation floor (below), where Φ Σ0 Φᵀ + Σn rounds an order of magnitude worse.
-Each doubling also doubles the error E(h) carries in a direction that barely decays, so
-the chain's float64 rounding grows as 2^j u (u = 2^-53; 1.5e-10 in Φ after 20 doublings of
-a K = 6 spec): the native pipeline runs an element with 12 or more doublings in
-double-double (kernel_native.c) and rounds once; this torch path stays in float64.
+Each doubling also carries an error d of E on as d Φ + Φ d, so the chain's float64 rounding
+grows by up to ∏ 2‖Φ_l‖ (2^j u, u = 2^-53, where a direction barely decays: 1.5e-10 in Φ
+after 20 doublings of a K = 6 spec; 1.5e-8 after 11 of a non-normal K = 4 one): the native
+pipeline measures that growth and runs such an element again in double-double
+(kernel_native.c, needs_dd), rounding once; this torch path stays in float64.
 Both series are summed from coefficients formed from A / a and D / a, a = 2^e just above
 ||A||₂, with weights (a s)^k / k! (_series_scale): exact, the same doubles term by term, and
 A^k cannot overflow (it did past ||A||₂ ≈ 2e6).

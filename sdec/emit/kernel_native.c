@@ -6,7 +6,7 @@
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
    |s| <= radius, else the series of E = Phi - I at h = s 2^-ji and ji doublings of E, ji the
    element's own (doublings); each series with the terms its element needs, terms_at; the
-   chain of an element with DD_DOUBLINGS or more doublings in double-double, below), and
+   chain again in double-double where the double one may have lost digits, needs_dd), and
    the reverse-mode adjoint of all five outputs with respect to A and D.  After them: the float32 state apply and its gradient's products
    (single and paired), and ||A||_2.
 
@@ -230,22 +230,25 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
     return 1;
 }
 
-/* ---- the squaring chain in double-double, for elements with many doublings ----
-   Where a direction of Phi barely decays over h, each doubling E <- 2 E + E E doubles the
-   error E(h) carries there, so after ji doublings the chain's rounding (of the series, of its
-   coefficients and of every product) comes out about 2^ji u larger (u = 2^-53): a K = 6 spec
-   with ||A||_2 = 6.0e4 and B(T) = 29.7 (20 doublings) had Phi(T) 1.5e-10 off a 60-digit expm
-   of the same float64 A, of which the double series alone gave 7.9e-11 and the double
-   doublings 4.3e-11 (the exact E(h), rounded to double, doubled 20 times in double).  From
-   DD_DOUBLINGS doublings on, an element's coefficients, series and doublings run in
-   double-double (a value is hi + lo; the exact product by fma, sums by Dekker's add2, whose
-   error is about 2^-104 of the operands: ample for 2^-53 after 2^ji amplification up to ji of
-   about 50), and Phi, Sigma are rounded to double once at the end; the levels kept for the
-   adjoint are their rounded copies.  That spec's Phi(T) is then the reference rounded.
-   Below it the double chain's 2^ji u stays under 2.3e-13 (every shipped spec: at most 3
-   doublings), and nothing changes there.  Cost where it runs: about 8x the double chain
-   (0.27 -> 2.2 ms for 130 times of a K = 4 spec with 15 to 20 doublings). */
-#define DD_DOUBLINGS 12
+/* ---- the squaring chain in double-double, where the double chain may have lost digits ----
+   A doubling E <- 2 E + E E carries an error d of E on as d Phi + Phi d (Phi = I + E), so
+   through ji doublings an error of the series at h grows by up to prod_l 2 ||Phi_l||: 2^ji
+   where a direction barely decays (||Phi_l|| ~ 1), far more where Phi is non-normal and
+   grows on the way (||Phi_l|| ~ 100).  Two specs the property strategies drew: K = 6 with
+   ||A||_2 = 6.0e4 and B(T) = 29.7 (20 doublings) had Phi(T) 1.5e-10 off a 60-digit expm of
+   the same float64 A (the double series alone gave 7.9e-11, the double doublings of the exact
+   E(h) 4.3e-11); K = 4 with ||A||_2 = 9.8e3 and eigenvalues of modulus <= 48 (entries of Phi
+   up to 98) had Phi(0.2) 1.5e-8 off after 11 doublings.  Where that growth, measured on the
+   double chain's own levels (needs_dd), exceeds DD_GROWTH times max(1, ||Phi||) -- an error
+   of the series rounding (u = 2^-53) grown past 2^11 u relative to Phi -- the element's
+   coefficients, series and doublings are run again in double-double (a value is hi + lo;
+   the exact product by fma, sums by Dekker's add2, whose error is about 2^-104 of the
+   operands) and Phi, Sigma rounded to double once at the end; the levels kept for the
+   adjoint are their rounded copies.  Both specs' Phi then equal the reference rounded (within
+   1e-14).  Every shipped spec stays in double (at most 3 doublings, growth below 300): bit for
+   bit what it was.  Cost where it runs: about 8x the double chain (0.27 -> 2.2 ms for 130
+   times of a K = 4 spec with 15 to 20 doublings). */
+#define DD_GROWTH 2048.0
 
 typedef struct {
     double hi, lo;
@@ -412,6 +415,29 @@ INLINE void finish_dd(int K, const dd *E, const dd *S, const double *S0, double 
             Sig[a * K + b] = 0.5 * (dd_add(Y[a * K + b], Y[b * K + a]).hi);
 }
 
+/* ||I + E||_inf of a K x K E */
+INLINE double norm_plus_identity(int K, const double *E)
+{
+    double top = 0.0;
+    for (int i = 0; i < K; i++) {
+        double row = 0.0;
+        for (int j = 0; j < K; j++)
+            row += fabs(E[i * K + j] + (i == j ? 1.0 : 0.0));
+        top = row > top ? row : top;
+    }
+    return top;
+}
+
+/* whether the double chain's levels Pc[0..ji] (E = Phi - I) may have grown an error past
+   DD_GROWTH max(1, ||Phi||): prod_l 2 ||Phi_l||, l < ji (see DD_GROWTH) */
+INLINE int needs_dd(int K, int ji, const double *Pc)
+{
+    double growth = 1.0, top = norm_plus_identity(K, Pc + ji * K * K);
+    for (int l = 0; l < ji; l++)
+        growth *= 2.0 * norm_plus_identity(K, Pc + l * K * K);
+    return growth > DD_GROWTH * (top > 1.0 ? top : 1.0);
+}
+
 typedef struct {
     double *buf, *P, *M, *N, *w, *Pc, *Sc, *X, *Y, *Z, *As, *Ds;
     dd *ddbuf, *Pdd, *Ndd, *Edd, *Sdd, *Tdd;  /* NULL until an element needs the dd chain */
@@ -454,7 +480,7 @@ INLINE int alloc_work(int K, int n, int j, work *wk)
     wk->As = wk->Z + KK;
     wk->Ds = wk->As + KK;
     wk->w = wk->Ds + KK;
-    wk->ddbuf = NULL;
+    wk->ddbuf = wk->Pdd = wk->Ndd = wk->Edd = wk->Sdd = wk->Tdd = NULL;
     return 1;
 }
 
@@ -491,7 +517,8 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 wk.Pc = keep + (size_t)i * 2 * (j + 1) * KK;
                 wk.Sc = wk.Pc + (j + 1) * KK;
             }
-            if (ji >= DD_DOUBLINGS) {
+            chain(K, terms_at(K, n, h, anorm), ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            if (needs_dd(K, ji, wk.Pc)) { /* again in double-double, over the same levels */
                 if (!ensure_dd(K, n, &wk)) {
                     free_work(&wk);
                     return -1;
@@ -502,7 +529,6 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, hld + i);
                 continue;
             }
-            chain(K, terms_at(K, n, h, anorm), ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             double *Pj = wk.Z;
             plus_identity(K, wk.Pc + ji * KK, Pj);
             if (Phi)
@@ -586,15 +612,16 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         if (keep) { /* the forward's chain for this element, bit for bit what chain() gives */
             wk.Pc = (double *)keep + (size_t)i * 2 * (j + 1) * KK;
             wk.Sc = wk.Pc + (j + 1) * KK;
-        } else if (ji >= DD_DOUBLINGS) { /* the forward's dd chain, rounded as it kept it */
-            if (!ensure_dd(K, n, &wk)) {
-                free(gP);
-                free_work(&wk);
-                return -1;
-            }
-            chain_dd(K, nh, ji, sc * h, wk.Pdd, wk.Ndd, wk.Pc, wk.Sc, wk.Edd, wk.Sdd, wk.Tdd);
         } else {
             chain(K, nh, ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            if (needs_dd(K, ji, wk.Pc)) { /* the forward's dd chain, rounded as it kept it */
+                if (!ensure_dd(K, n, &wk)) {
+                    free(gP);
+                    free_work(&wk);
+                    return -1;
+                }
+                chain_dd(K, nh, ji, sc * h, wk.Pdd, wk.Ndd, wk.Pc, wk.Sc, wk.Edd, wk.Sdd, wk.Tdd);
+            }
         }
         /* Sigma = sym(P S0 P^T + Sn): Pbar = gPhi + 2 gS P S0 (gS, S0 symmetric), Snbar = gS;
            P = I + E, so Ebar = Pbar */

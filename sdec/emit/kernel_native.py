@@ -8,8 +8,9 @@ solves) and as many backward nodes per learned ELBO step, each a few µs of disp
 3 x 3 matrix.  The C code runs the same method (the series about s = 0 where |s| <= radius,
 else the series at s 2^-j and j doublings; see kernel_base) in float64 loops, with the terms
 each element needs (terms_at in the C source), and agrees with the torch path to rounding
-(tests/test_native.py), except that an element with 12 or more doublings runs its chain in
-double-double, where the torch path's float64 chain loses about 2^j u.
+(tests/test_native.py), except where the float64 squaring chain may have grown its rounding
+past 2^11 u (many doublings, or a non-normal Φ): that element runs again in double-double
+(needs_dd in the C source), and the torch path stays in float64.
 
 native_apply: y[:, i] = Σ_j M[:, i, j] y[:, j] + col[:, i] x for float32 CPU states in one pass
 over the data; native_gram: the per-example products Σ_n g_i y_j of its matrix gradient.
