@@ -169,7 +169,7 @@ def _own_scale_error(Phi, Sigma, S):
     """max over the batch of max |L⁻¹ (Φ S Φᵀ + Σ - S) L⁻ᵀ|, L = chol S, at 40 digits from the
     float64 values.  In float64 the residual's own rounding, scaled by L⁻¹ twice, can exceed the
     kernel's error: a K = 6 spec with Σ∞'s condition number 2.4e7 read 1.25e-10 (a failure),
-    where the same float64 Φ and Σ give 3.8e-12 at 40 digits.  NaN if anything is not finite
+    where the same float64 Φ and Σ give 7.9e-12 at 40 digits.  NaN if anything is not finite
     (or S is not positive definite)."""
     if not all(bool(torch.isfinite(v).all()) for v in (Phi, Sigma, S)):
         return math.nan
@@ -189,8 +189,8 @@ def _own_scale_error(Phi, Sigma, S):
 
 def _expm_reference(M, rounded=True):
     """expm of a float64 K x K matrix at 40 significant digits (mpmath, from M's exact values),
-    rounded to float64 (or, rounded=False, the mpmath matrix itself).  torch.linalg.matrix_exp is not accurate enough to check a kernel
-    against: on a stiff spectrum (eigenvalues -4.5e6 and -0.036, s = 0.25) it was 7e-10 off,
+    rounded to float64 (or, rounded=False, the mpmath matrix itself; None if M is not finite).
+    torch.linalg.matrix_exp is not accurate enough to check a kernel against: on a stiff spectrum (eigenvalues -4.5e6 and -0.036, s = 0.25) it was 7e-10 off,
     seven times the semigroup tolerance and five times the kernel's own error.  A matrix that
     is not finite gives NaN (mpmath's expm would not return on it)."""
     if not bool(torch.isfinite(M).all()):

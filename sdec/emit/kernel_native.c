@@ -245,9 +245,9 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
    the exact product by fma, sums by Dekker's add2, whose error is about 2^-104 of the
    operands) and Phi, Sigma rounded to double once at the end; the levels kept for the
    adjoint are their rounded copies.  Both specs' Phi then equal the reference rounded (within
-   1e-14).  Every shipped spec stays in double (at most 3 doublings, growth below 300): bit for
-   bit what it was.  Cost where it runs: about 8x the double chain (0.27 -> 2.2 ms for 130
-   times of a K = 4 spec with 15 to 20 doublings). */
+   1e-14).  Every shipped spec stays in double (at most 3 doublings, growth at most
+   16 max(1, ||Phi||)): bit for bit what it was.  Cost where it runs: about 8x the double
+   chain (0.27 -> 2.2 ms for 130 times of a K = 4 spec with 15 to 20 doublings). */
 #define DD_GROWTH 2048.0
 
 typedef struct {
