@@ -186,12 +186,13 @@ D = [[9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9]]
 
 
 def _mp_transition(A, S0, Sinf, s):
-    """Φ = expm(s A) and Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ at 60 digits, rounded to float64."""
+    """Φ = expm(s A) and Σ = Σ∞ + Φ (Σ0 - Σ∞) Φᵀ at 60 digits, rounded to float64 (Σ∞ a
+    float64 tensor or an mpmath matrix)."""
     import mpmath
     K = A.shape[0]
     as_t = lambda M: torch.tensor([[float(M[i, k]) for k in range(K)] for i in range(K)], dtype=F64)  # noqa: E731
     with mpmath.workdps(60):  # not the global precision other tests see
-        Sm = mpmath.matrix(Sinf.tolist())
+        Sm = mpmath.matrix(Sinf.tolist() if torch.is_tensor(Sinf) else Sinf)
         Ph = mpmath.expm(mpmath.matrix(A.tolist()) * mpmath.mpf(s))
         Sig = Sm + Ph * (mpmath.matrix(S0.tolist()) - Sm) * Ph.T
         return as_t(Ph), as_t(Sig)
@@ -244,17 +245,16 @@ init z ~ normal(0, 1/100)
 
 
 def _mp_own_process(A, D, S0, s):
-    """Φ = expm(s A) and Σ = X + Φ (S0 - X) Φᵀ at 60 digits, rounded to float64, where X solves
-    A X + X Aᵀ + 2 D = 0 for these float64 A and D: the exact kernel of the float64 process.
-    (Σ∞ itself is stationary for the exact A only; where A's rounding moves the stationary law
-    by more than the kernel's error, as on stiff specs (3e-9 in Σ∞'s own scale at K = 6), the
-    float64 process is the reference.)"""
+    """_mp_transition with Σ∞ replaced by the X that solves A X + X Aᵀ + 2 D = 0 at 60 digits
+    for these float64 A and D: the exact kernel of the float64 process.  (Σ∞ is stationary for
+    the exact A only; where A's rounding moves the stationary law by more than the kernel's
+    error, as on stiff specs (3e-9 in Σ∞'s own scale at K = 6), the float64 process is the
+    reference.)"""
     import mpmath
     K = A.shape[0]
-    as_t = lambda M: torch.tensor([[float(M[i, k]) for k in range(K)] for i in range(K)], dtype=F64)  # noqa: E731
     with mpmath.workdps(60):
         Am, Dm = mpmath.matrix(A.tolist()), mpmath.matrix(D.tolist())
-        M = mpmath.zeros(K * K, K * K)
+        M = mpmath.zeros(K * K, K * K)  # vec(A X + X Aᵀ), row-major
         for i in range(K):
             for j in range(K):
                 for k in range(K):
@@ -262,8 +262,7 @@ def _mp_own_process(A, D, S0, s):
                     M[i * K + j, i * K + k] += Am[j, k]
         x = mpmath.lu_solve(M, mpmath.matrix([-2 * Dm[i, j] for i in range(K) for j in range(K)]))
         X = mpmath.matrix([[x[i * K + j] for j in range(K)] for i in range(K)])
-        Ph = mpmath.expm(Am * mpmath.mpf(s))
-        return as_t(Ph), as_t(X + Ph * (mpmath.matrix(S0.tolist()) - X) * Ph.T)
+    return _mp_transition(A, S0, X, s)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -293,26 +293,14 @@ INLINE dd dd_div_d(dd a, double b)
     return dd_fast(q, ((a.hi - p) - e + a.lo) / b);
 }
 
-/* Z = op(X) Y, or Z += op(X) Y when acc, dd K x K; X transposed when tx */
-INLINE void gemm_dd(int K, int tx, const dd *X, const dd *Y, int acc, dd *Z)
+/* Z = X op(Y), or Z += X op(Y) when acc, dd K x K; Y transposed when ty */
+INLINE void gemm_dd(int K, const dd *X, int ty, const dd *Y, int acc, dd *Z)
 {
     for (int i = 0; i < K; i++)
         for (int j = 0; j < K; j++) {
             dd v = acc ? Z[i * K + j] : (dd){0.0, 0.0};
             for (int k = 0; k < K; k++)
-                v = dd_add(v, dd_mul(tx ? X[k * K + i] : X[i * K + k], Y[k * K + j]));
-            Z[i * K + j] = v;
-        }
-}
-
-/* Z = X Y^T (+ Z when acc): Y's rows as columns */
-INLINE void gemm_dd_nt(int K, const dd *X, const dd *Y, int acc, dd *Z)
-{
-    for (int i = 0; i < K; i++)
-        for (int j = 0; j < K; j++) {
-            dd v = acc ? Z[i * K + j] : (dd){0.0, 0.0};
-            for (int k = 0; k < K; k++)
-                v = dd_add(v, dd_mul(X[i * K + k], Y[j * K + k]));
+                v = dd_add(v, dd_mul(X[i * K + k], ty ? Y[j * K + k] : Y[k * K + j]));
             Z[i * K + j] = v;
         }
 }
@@ -376,15 +364,15 @@ INLINE void chain_dd(int K, int n, int j, double ah, const dd *P, const dd *N, d
         }
         if (l == j)
             break;
-        gemm_dd(K, 0, E, S, 0, X);                 /* X = Sn + E Sn */
+        gemm_dd(K, E, 0, S, 0, X);                 /* X = Sn + E Sn */
         for (int e = 0; e < KK; e++) {
             X[e] = dd_add(X[e], S[e]);
             Sn[e] = dd_add(S[e], X[e]);
         }
-        gemm_dd_nt(K, X, E, 1, Sn);                /* + X E^T */
+        gemm_dd(K, X, 1, E, 1, Sn);                /* + X E^T */
         for (int e = 0; e < KK; e++)
             En[e] = dd_add(E[e], E[e]);
-        gemm_dd(K, 0, E, E, 1, En);                /* + E E */
+        gemm_dd(K, E, 0, E, 1, En);                /* + E E */
         memcpy(E, En, sizeof(dd) * KK);
         memcpy(S, Sn, sizeof(dd) * KK);
     }
@@ -409,7 +397,7 @@ INLINE void finish_dd(int K, const dd *E, const dd *S, const double *S0, double 
             X[i * K + j] = v;
         }
     memcpy(Y, S, sizeof(dd) * KK);
-    gemm_dd_nt(K, X, Pd, 1, Y);              /* Y = Phi S0 Phi^T + Sn */
+    gemm_dd(K, X, 1, Pd, 1, Y);              /* Y = Phi S0 Phi^T + Sn */
     for (int a = 0; a < K; a++)
         for (int b = 0; b < K; b++)
             Sig[a * K + b] = 0.5 * (dd_add(Y[a * K + b], Y[b * K + a]).hi);
