@@ -310,6 +310,39 @@ def test_t_min_raised_where_the_float64_series_loses_the_small_directions(monkey
         torch.linalg.cholesky(Sigma)
 
 
+RANK_ONE4 = """sde gen
+state y2, aux_1, w, x
+init (aux_1, w, x) ~ normal(0, [[1/100, 1/200, -1/50], [1/200, 1/40, 1/800], [-1/50, 1/800, 89/1600]])
+beta(t) = 1
+T = 1/2
+target normal(0, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 2]])
+drift = beta(t) * [[-9/16, -13/16, -3/8, -1/8], [19/16, -1/16, 11/8, -1/2], [-15/8, -5/8, -9/4, 1/2], [7/4, 1/2, 2, -1/2]]
+diffusion = sqrt(2 * beta(t)) * [[3/4], [-1/4], [3/2], [-1]]
+"""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_kernel_at_a_raised_t_min_is_within_the_promised_accuracy(native, monkeypatch):
+    """A drawn K = 4 spec with one noise direction (Σ(t | y0) nearly singular at small t):
+    the lowering raised t_min where its numpy emulation of the kernel read 1e-4 in Σ's own
+    scale, but the kernel's own rounding differs: the native Σ(t_min | y0) read 1.6e-4 at 60
+    digits.  The emulation is held to a quarter of the tolerance now; at the derived t_min the
+    kernel, either path, hybrid or not, is within 1e-4 of the float64 process's 60-digit kernel
+    (it read 2e-5 and 3.5e-5)."""
+    from test_native import _mp_own_process, own_scale
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    proc = sdec.compile_text(RANK_ONE4, "rank_one4.sde")
+    assert proc.t_min > 1e-3
+    t = torch.tensor([proc.t_min], dtype=torch.float64)
+    with torch.no_grad():
+        A, D = (v.detach() for v in proc._A_D())
+        s = float(proc.B(t)[0])
+        for hybrid in (True, False):
+            _, Sigma = proc.transition(t, hybrid=hybrid)
+            _, ref = _mp_own_process(A, D, proc._sigma0(hybrid), s)
+            assert own_scale(ref, Sigma[0] - ref) < 1e-4, hybrid
+
+
 def test_data_shape_may_be_an_int_or_a_tuple():
     proc = sdec.compile(spec_path("cld"))
     assert proc.prior_sample(3, 5).shape == (3, 2, 5)
