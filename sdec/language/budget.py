@@ -19,9 +19,7 @@ inside the running step (the main thread only; Python runs the handler between b
 so a single long C call finishes first). Python swallows an exception raised inside a gc
 callback or a __del__ (e.g. Hypothesis's gc callback in the tests), so after the budget the
 alarm repeats every RETRY_SECONDS until one OutOfTime reaches ``limited``; it does not raise
-inside a __del__ or an import at all (``_interruptible``), and a swallowed one is dropped by
-the budget's own sys.unraisablehook (``_drop_out_of_time``) instead of reaching the one
-installed before. OutOfTime derives
+inside a __del__ or an import at all (``_interruptible``). OutOfTime derives
 from BaseException, so sympy's own ``except Exception`` clauses cannot swallow it. Budgets
 nest: an inner budget never outlasts the outer one, and the outer timer is re-armed with
 what is left of it.
@@ -87,10 +85,6 @@ def limited(seconds: float, fn, *args, **kwargs) -> Outcome:
         if live[0] and _interruptible(frame, root):
             raise OutOfTime()
 
-    own_hook = sys.unraisablehook is not _drop_out_of_time  # the outermost budget installs it
-    if own_hook:
-        _HOOKS_BEFORE.append(sys.unraisablehook)
-        sys.unraisablehook = _drop_out_of_time
     previous = signal.signal(signal.SIGALRM, alarm)
     try:
         try:
@@ -108,38 +102,22 @@ def limited(seconds: float, fn, *args, **kwargs) -> Outcome:
     finally:
         _disarm(live)
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
-        if own_hook:
-            sys.unraisablehook = _HOOKS_BEFORE.pop()
         if outer_left > 0:  # re-arm the enclosing budget with what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-6))
 
 
 RETRY_SECONDS = 0.01
-_HOOKS_BEFORE = []  # sys.unraisablehook from before the outermost running budget
-
-
-def _drop_out_of_time(unraisable) -> None:
-    """sys.unraisablehook while a budget runs.  An OutOfTime that landed where Python swallows
-    exceptions (a gc or weakref callback) is dropped here, where no alarm raises
-    (_interruptible): the alarm repeats and stops the step once it is back in its own code.
-    Before, it reached the hook installed before (pytest's), whose traceback formatting the
-    repeated alarm interrupted in turn, failing an unrelated test in a fresh CI run.  Any
-    other exception goes to that hook."""
-    if unraisable.exc_type is not OutOfTime:
-        _HOOKS_BEFORE[0](unraisable)
 
 
 def _interruptible(frame, root) -> bool:
     """Whether an OutOfTime raised at frame can reach ``limited`` (whose frame is root): not
-    from inside a finalizer (__del__), the import system or the budget's own unraisable hook
-    (and whatever it forwards to), where Python would swallow it
+    from inside a finalizer (__del__) or the import system, where Python would swallow it
     (and hand it to sys.unraisablehook, itself open to the next alarm: under pytest an alarm
     that landed in the hook's own import failed a test) or leave an import half done. The
     alarm repeats every RETRY_SECONDS, so the step stops once it is back in its own code."""
     while frame is not None and frame is not root:
         code = frame.f_code
-        if (code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib")
-                or code is _drop_out_of_time.__code__):
+        if code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib"):
             return False
         frame = frame.f_back
     return True
