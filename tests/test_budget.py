@@ -81,6 +81,48 @@ def test_no_alarm_is_raised_inside_a_finalizer():
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
+def test_no_alarm_is_raised_inside_the_unraisable_hook():
+    """An OutOfTime swallowed in a gc callback (Hypothesis installs one) goes to
+    sys.unraisablehook; pytest's formats a traceback there, the repeated alarm interrupted
+    that, and pytest failed an unrelated test ("Failed to process unraisable exception", a
+    fresh CI run).  The alarm now leaves the running hook alone: the hook finishes (here a
+    slow one), and the step stops once it is back in its own code."""
+    import gc
+    started, finished = [], []
+
+    def slow_callback(phase, info):
+        if phase == "start":
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                pass
+
+    def slow_hook(unraisable):
+        started.append(unraisable.exc_type)
+        end = time.monotonic() + 0.1  # ten retry periods of the alarm
+        while time.monotonic() < end:
+            pass
+        finished.append(unraisable.exc_type)
+
+    def step():
+        gc.collect()  # the callback runs past the 0.05 s budget: the alarm lands in it
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            pass
+        return "ran to its end"
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = slow_hook
+    gc.callbacks.append(slow_callback)
+    try:
+        out = limited(0.05, step)
+    finally:
+        gc.callbacks.remove(slow_callback)
+        sys.unraisablehook = hook
+    assert not out.finished and out.seconds < 1.0
+    assert started and finished == started == [budget.OutOfTime] * len(started)  # each call ran to its end
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def test_errors_of_the_step_itself_propagate():
     with pytest.raises(ZeroDivisionError):
         limited(5.0, lambda: 1 / 0)

@@ -111,13 +111,19 @@ RETRY_SECONDS = 0.01
 
 def _interruptible(frame, root) -> bool:
     """Whether an OutOfTime raised at frame can reach ``limited`` (whose frame is root): not
-    from inside a finalizer (__del__) or the import system, where Python would swallow it
+    from inside a finalizer (__del__), the import system or the running sys.unraisablehook
+    (an OutOfTime swallowed in a gc callback reached pytest's hook, the repeated alarm
+    interrupted its traceback formatting, and pytest failed an unrelated test in a fresh CI
+    run), where Python would swallow it
     (and hand it to sys.unraisablehook, itself open to the next alarm: under pytest an alarm
     that landed in the hook's own import failed a test) or leave an import half done. The
     alarm repeats every RETRY_SECONDS, so the step stops once it is back in its own code."""
+    hook = sys.unraisablehook  # (pytest's is a functools.partial)
+    hook_code = getattr(getattr(hook, "func", hook), "__code__", None)
     while frame is not None and frame is not root:
         code = frame.f_code
-        if code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib"):
+        if (code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib")
+                or code is hook_code):
             return False
         frame = frame.f_back
     return True
