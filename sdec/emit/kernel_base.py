@@ -102,7 +102,8 @@ import torch
 from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
                             native_elbo_kernels, native_gram, native_gram2,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
-                            native_norm2, native_rate_table, native_terms, native_terms_backward,  # package only
+                            native_norm2, native_param_map, native_rate_table, native_terms,  # package only
+                            native_terms_backward,  # package only
                             native_terms_ok)  # package only: generated modules carry it inline
 
 _SERIES_TAU = 3.0      # branch switch: series while s * ||A||_2 <= tau (measured crossover)
@@ -724,15 +725,50 @@ class DiffusionBase(torch.nn.Module):
 
     def _A_D(self):
         """(A, D) in float64, A = -(Q + D) Σ∞⁻¹."""
-        return self._cached("A_D", self._build_A_D)
-
-    def _build_A_D(self):
-        Q, D = self._Q_D()
-        return (Q + D) @ self._constants()["-P"], D
+        mapped = self._mapped()
+        return mapped[2], mapped[1]
 
     def _Q_D(self):
         """(Q, D) in float64, with their graph while one is needed (see _cached)."""
-        return self._cached("Q_D", lambda: tuple(m.to(torch.float64) for m in self._blocks()))
+        mapped = self._mapped()
+        return mapped[0], mapped[1]
+
+    def _mapped(self):
+        """(Q, D, A = -(Q + D) Σ∞⁻¹, ‖A‖₂ or None) in float64, with their graph while one is
+        needed (see _cached): from the parameters in one native call where _native_mapped
+        applies (‖A‖₂ then comes with them), else by _blocks' torch ops."""
+        return self._cached("mapped", self._build_mapped)
+
+    def _build_mapped(self):
+        native = self._native_mapped()
+        if native is not None:
+            return native
+        Q, D = (m.to(torch.float64) for m in self._blocks())
+        return Q, D, (Q + D) @ self._constants()["-P"], None
+
+    # The generated learned blocks as NativeParamMap entries: per raw parameter (attribute,
+    # one (target, row, col, transform) per flat entry); target 0 is W (Q = W - Wᵀ), 1 the
+    # factor S (D = S Sᵀ); transform 0 the identity, 1 softplus, 2 its square root.  None
+    # where the blocks are not of that form (symbolic parameters) or nothing is learned.
+    _param_map = None
+
+    def _native_mapped(self):
+        """NativeParamMap's (Q, D, A, ‖A‖₂), or None where the torch ops run: no _param_map,
+        the torch path (_native_ok), or a parameter or fixed block that is not a float64
+        tensor (a module cast with .float(), say)."""
+        if self._param_map is None or not self._native_ok():
+            return None
+        theta = [getattr(self, attr) for attr, _ in self._param_map]
+        fixed = [self._buffers.get(name) for name in ("_Q_fixed", "_D_fixed")]
+        if any(v.dtype != torch.float64 for v in theta + [f for f in fixed if f is not None]):
+            return None
+        entries = self.__dict__.get("_param_entries")
+        if entries is None:
+            entries = self._param_entries = torch.tensor(
+                [(p, k, target, row * self.K + col, f) for p, (_, flat) in enumerate(self._param_map)
+                 for k, (target, row, col, f) in enumerate(flat)], dtype=torch.int32).reshape(-1, 5)
+        return native_param_map(entries, *(None if f is None else f.contiguous() for f in fixed),
+                                self._constants()["-P"], [v.contiguous() for v in theta])
 
     def _G_factor(self):
         return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
@@ -750,9 +786,10 @@ class DiffusionBase(torch.nn.Module):
     def _build_coeffs(self, hybrid):
         """A, D, Σ0, ‖A‖₂, the series radius, B(T), whether the native pipeline runs, and on the
         torch path the stacked series coefficients (_series_stacks)."""
-        A, D = self._A_D()
-        native = self._native_ok()  # ‖A‖₂ by one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
-        norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
+        _, D, A, norm = self._mapped()  # ‖A‖₂ from the native map, or
+        native = self._native_ok()  # by one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
+        if norm is None:
+            norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
         c = {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
              "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
              "scale": _series_scale(norm)}

@@ -1141,3 +1141,99 @@ double sdec_norm2(int K, const double *A)
     free(U);
     return sqrt(top);
 }
+
+/* The learned blocks' map from raw parameters to Q, D and A (kernel_native.py's
+   NativeParamMap).  Entry e (five ints: param, offset, target, position, transform) puts
+   v = f(theta[param][offset]) into W (target 0) or S (target 1) at position = row * K + col,
+   f the identity (0), softplus (1, as torch: x past 20 is x itself) or its square root (2).
+   Q = W - W^T unless Qfix is given, D = S S^T unless Dfix is given, A = (Q + D) negP (negP =
+   -Sigma_inf^-1); S is written for the backward.  Returns ||A||_2 (sdec_norm2), -1 if out of
+   memory. */
+INLINE double softplus_value(double x)
+{
+    return x > 20.0 ? x : log1p(exp(x));
+}
+
+INLINE double map_value(int f, double x)
+{
+    double v = f == 0 ? x : softplus_value(x);
+    return f == 2 ? sqrt(v) : v;
+}
+
+double sdec_param_map(int K, int m, const int *entries, const double *const *theta,
+                      const double *Qfix, const double *Dfix, const double *negP,
+                      double *Q, double *D, double *S, double *A)
+{
+    int KK = K * K;
+    double *W = malloc(sizeof(double) * (size_t)(2 * KK > 0 ? 2 * KK : 1));
+    if (!W)
+        return -1.0;
+    double *X = W + KK;
+    memset(W, 0, sizeof(double) * (size_t)KK);
+    memset(S, 0, sizeof(double) * (size_t)KK);
+    for (int e = 0; e < m; e++) {
+        const int *E = entries + 5 * e;
+        (E[2] ? S : W)[E[3]] = map_value(E[4], theta[E[0]][E[1]]);
+    }
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            Q[i * K + j] = Qfix ? Qfix[i * K + j] : W[i * K + j] - W[j * K + i];
+            if (Dfix)
+                D[i * K + j] = Dfix[i * K + j];
+            else {
+                double acc = 0.0;
+                for (int k = 0; k < K; k++)
+                    acc += S[i * K + k] * S[j * K + k];
+                D[i * K + j] = acc;
+            }
+        }
+    for (int i = 0; i < KK; i++)
+        X[i] = Q[i] + D[i];
+    gemm(K, 0, X, 0, negP, 0.0, A);
+    free(W);
+    return sdec_norm2(K, A);
+}
+
+/* Its adjoint: gtheta (each entry of each parameter written once) from the gradients of Q, D
+   and A (any may be NULL: zero), for the S the forward wrote.  With G = gA negP^T: gQ + G
+   reaches W as (.) - (.)^T, gD + G reaches S as ((.) + (.)^T) S, and each entry its raw
+   parameter through f' (softplus' = e^x / (e^x + 1), 1 past 20; the root's 1 / (2 v)).
+   Returns -1 if out of memory. */
+int sdec_param_map_backward(int K, int m, const int *entries, const double *const *theta,
+                            const double *S, const double *negP, const double *gQ, const double *gD,
+                            const double *gA, double *const *gtheta)
+{
+    int KK = K * K;
+    double *G = calloc((size_t)(4 * KK > 0 ? 4 * KK : 1), sizeof(double));
+    if (!G)
+        return -1;
+    double *GQ = G + KK, *GD = G + 2 * KK, *gS = G + 3 * KK;
+    if (gA)
+        gemm(K, 0, gA, 1, negP, 0.0, G);
+    for (int i = 0; i < KK; i++) {
+        GQ[i] = (gQ ? gQ[i] : 0.0) + G[i];
+        GD[i] = (gD ? gD[i] : 0.0) + G[i];
+    }
+    for (int i = 0; i < K; i++)
+        for (int j = 0; j < K; j++) {
+            double acc = 0.0;
+            for (int k = 0; k < K; k++)
+                acc += (GD[i * K + k] + GD[k * K + i]) * S[k * K + j];
+            gS[i * K + j] = acc;
+        }
+    for (int e = 0; e < m; e++) {
+        const int *E = entries + 5 * e;
+        int r = E[3] / K, c = E[3] % K;
+        double g = E[2] ? gS[E[3]] : GQ[E[3]] - GQ[c * K + r];
+        double x = theta[E[0]][E[1]];
+        if (E[4] == 2)
+            g = g / (2.0 * map_value(2, x));
+        if (E[4] != 0 && !(x > 20.0)) {
+            double z = exp(x);
+            g = g * z / (z + 1.0);
+        }
+        gtheta[E[0]][E[1]] = g;
+    }
+    free(G);
+    return 0;
+}

@@ -22,7 +22,8 @@ autograd node (Φ's first column, L, -L⁻ᵀ and G Gᵀ at the batch's times an
 parameter-only terms from one pipeline call; one adjoint call into Q and D); native_terms /
 native_terms_backward, the score's quadratic form and the per-example terms (float32);
 native_rate_table, the importance table; native_gram_form_backward, the quadratic form's
-gradient on the unfused path.
+gradient on the unfused path.  NativeParamMap: a learned process's map from its raw
+parameters to Q, D and A = -(Q + D) Σ∞⁻¹ (and ‖A‖₂), one C call each way.
 
 The library is compiled once per machine with the C compiler ($CC, default cc) into the
 compiled-module cache ($SDEC_CACHE, else <tmp>/sdec-cache-<uid>), named by the hash of its
@@ -100,6 +101,10 @@ def _native_build():
     lib.sdec_gram_form_backward.restype = None
     lib.sdec_norm2.argtypes = [i, p]
     lib.sdec_norm2.restype = d
+    lib.sdec_param_map.argtypes = [i, i] + [p] * 9
+    lib.sdec_param_map.restype = d
+    lib.sdec_param_map_backward.argtypes = [i, i] + [p] * 8
+    lib.sdec_param_map_backward.restype = i
     return lib
 
 
@@ -447,3 +452,44 @@ def native_norm2(A):
     if value < 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return value
+
+
+class NativeParamMap(torch.autograd.Function):
+    """(entries, Qfix, Dfix, -P, *theta) -> Q, D, A (K x K float64) and ‖A‖₂ (a float): the
+    generated module's learned blocks (its _param_map, see kernel_base._native_mapped) as one
+    graph node instead of the torch ops of its _blocks (index_put, softplus, W - Wᵀ, S Sᵀ, the
+    product with -P: some twenty ATen ops and their backward nodes per training step).
+    entries: (m, 5) int32 (param, offset, target, row * K + col, transform; see
+    sdec_param_map); Qfix / Dfix the fixed block or None.  Gradients reach theta only.
+    forward takes ctx, as NativeKernels (no per-call signature binding)."""
+
+    @staticmethod
+    def forward(ctx, entries, Qfix, Dfix, negP, *theta):
+        K = negP.shape[-1]
+        Q, D, S, A = (negP.new_empty(K, K) for _ in range(4))
+        ptrs = (ctypes.c_void_p * len(theta))(*_pointers(*theta))
+        norm = _loaded().sdec_param_map(K, entries.shape[0], _ptr(entries), ptrs, _maybe_ptr(Qfix),
+                                        _maybe_ptr(Dfix), _ptr(negP), *_pointers(Q, D, S, A))
+        if norm < 0:
+            raise MemoryError("sdec native pipeline: out of memory")
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(entries, negP, S, *theta)
+        return Q, D, A, norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gQ, gD, gA, _gnorm):
+        entries, negP, S, *theta = ctx.saved_tensors
+        grads = [None if g is None else g.contiguous() for g in (gQ, gD, gA)]  # held through the call
+        out = [torch.empty_like(v) for v in theta]
+        rc = _loaded().sdec_param_map_backward(
+            negP.shape[-1], entries.shape[0], _ptr(entries), (ctypes.c_void_p * len(theta))(*_pointers(*theta)),
+            *_pointers(S, negP), *[_maybe_ptr(g) for g in grads], (ctypes.c_void_p * len(out))(*_pointers(*out)))
+        if rc != 0:
+            raise MemoryError("sdec native pipeline: out of memory")
+        return None, None, None, None, *out
+
+
+def native_param_map(entries, Qfix, Dfix, negP, theta):
+    """NativeParamMap.apply (see _applied) for float64 CPU contiguous tensors."""
+    return _applied(NativeParamMap, entries, Qfix, Dfix, negP, *theta)

@@ -167,6 +167,7 @@ def _class(w: Writer, plan: KernelPlan):
         w.line(f"T = {plan.T!r}")
         w.line(f"t_min = {plan.t_min!r}")
         w.line(f"noised = {tuple(bool(x) for x in plan.noised)!r}")
+        _param_map(w, plan)
         w.line("")
         _init(w, plan)
         _beta(w, plan)
@@ -174,6 +175,32 @@ def _class(w: Writer, plan: KernelPlan):
         _blocks(w, plan)
         if plan.phi_closed is not None:
             _phi(w, plan)
+
+
+def _param_map(w, plan):
+    """The class attribute _param_map (kernel_base._native_mapped: the native map from the raw
+    parameters to Q, D and A), where Q and D are each learned or fixed: per parameter tensor
+    its attribute and one (target, row, col, transform) per flat entry, as _blocks and
+    _D_sqrt place it (target 0: W of Q = W - Wᵀ, 1: the factor S of D = S Sᵀ; transform 0:
+    as is, 1: softplus, 2: its square root)."""
+    if plan.params or plan.symbolic or not plan.blocks:
+        return
+    out = []
+    for b in plan.blocks:
+        if b.kind == "skew":
+            flats = [[(0, i, j, 0) for i, j in b.entries]]
+        elif b.kind == "psd":
+            flats = [[(1, i, j, 0) for i, j in b.entries], [(1, i, i, 1) for i in b.index]]
+        elif b.kind == "diagonal":
+            flats = [[(1, i, i, 2) for i in b.index]]
+        else:  # lowrank: the n x r factor, row-major
+            flats = [[(1, i, c, 0) for i in b.index for c in range(b.rank)]]
+        for attr, raw, flat in zip(b.attrs_, b.raw_init, flats, strict=True):
+            if raw:  # as _init: no tensor for no free entries
+                if len(raw) != len(flat):
+                    raise AssertionError(f"{attr}: {len(raw)} raw values for {len(flat)} entries")
+                out.append((_ident(attr), tuple(flat)))
+    w.line(f"_param_map = {tuple(out)!r}")
 
 
 def _init(w, plan):

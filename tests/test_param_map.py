@@ -1,0 +1,199 @@
+"""The native map from a learned process's raw parameters to Q, D, A = -(Q + D) Σ∞⁻¹ and
+‖A‖₂ (kernel_native.NativeParamMap, the generated _param_map) against the torch ops of the
+generated _blocks, which stay the reference (and the GPU / SDEC_NATIVE=0 path)."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import sdec
+from sdec.emit import kernel_native
+from strategies import specs
+
+F64 = torch.float64
+SPECS = os.path.join(os.path.dirname(__file__), "..", "specs")
+
+HEAD = """sde m
+state x, v, w
+init (v, w) ~ normal(0, 0.01)
+beta(t) = 0.1 + 9.9 * t
+T = 1
+target normal(0, [[2, 1/2, 0], [1/2, 1, 0], [0, 0, 3]])
+"""
+# every learned kind, on the whole state and on part of it, with the other block fixed
+KINDS = {
+    "skew + psd": "learn Q: skew init [[0, -1, -1], [1, 0, -1], [1, 1, 0]]\nlearn D: psd init diag(1/10, 2, 2)",
+    "skew masked + diagonal": ("learn Q: skew mask [[0, 1, 0], [1, 0, 1], [0, 1, 0]] init [[0, -1, 0], [1, 0, -2], [0, 2, 0]]\n"
+                               "learn D: diagonal init diag(1/2, 1, 3)"),
+    "fixed Q + lowrank": "Q = [[0, -1, 0], [1, 0, -1], [0, 1, 0]]\nlearn D: lowrank(2) init [[1, 1, 0], [1, 2, 2], [0, 2, 4]]",
+    "skew + fixed D": "learn Q: skew init [[0, -1, -1], [1, 0, -1], [1, 1, 0]]\nD = diag(1, 1/2, 1/4)",
+    "skew + psd on": "learn Q: skew init [[0, -1, -1], [1, 0, -1], [1, 1, 0]]\nlearn D: psd on (w, x) init [[1, 0, 1/2], [0, 0, 0], [1/2, 0, 2]]",
+    "skew + lowrank(1) on": ("learn Q: skew init [[0, -1, -1], [1, 0, -1], [1, 1, 0]]\n"
+                             "learn D: lowrank(1) on (v, w) init [[0, 0, 0], [0, 1, 2], [0, 2, 4]]"),
+}
+
+
+def _proc(text, monkeypatch, native=True):
+    monkeypatch.setenv("SDEC_NATIVE", "1" if native else "0")
+    return sdec.compile_text(text)
+
+
+def _moved(proc, seed, scale=0.4):
+    """proc with every raw parameter moved off its initial value (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return proc
+
+
+def _reference(proc):
+    """Q, D, A by the generated _blocks' torch ops (with their graph)."""
+    Q, D = (m.to(F64) for m in proc._blocks())
+    return Q, D, (Q + D) @ proc._constants()["-P"]
+
+
+def _assert_map_matches(proc, seed):
+    assert type(proc)._param_map is not None and proc._native_ok()
+    Q, D, A, norm = proc._native_mapped()
+    ref = _reference(proc)
+    for got, want in zip((Q, D, A), ref):
+        assert torch.allclose(got, want, rtol=1e-15, atol=1e-15)
+    assert abs(norm - float(torch.linalg.matrix_norm(ref[2].detach(), ord=2))) <= 1e-13 * max(1.0, norm)
+    # gradients into the raw parameters of a random functional of Q, D and A, and of each alone
+    gen = torch.Generator().manual_seed(seed)
+    params = list(proc.parameters())
+    weights = [torch.randn(proc.K, proc.K, generator=gen, dtype=F64) for _ in range(3)]
+    for use in ((0, 1, 2), (0,), (1,), (2,)):
+        out = proc._native_mapped()
+        got = torch.autograd.grad(sum((weights[i] * out[i]).sum() for i in use), params, allow_unused=True)
+        ref = _reference(proc)
+        loss = sum((weights[i] * ref[i]).sum() for i in use)
+        if not loss.requires_grad:  # a fixed block alone: no parameter reaches it
+            assert all(g is None or float(g.abs().max()) == 0.0 for g in got), use
+            continue
+        want = torch.autograd.grad(loss, params, allow_unused=True)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None or float(g.abs().max()) == 0.0
+                continue
+            assert torch.allclose(g, w, rtol=1e-13, atol=1e-14 * float(w.abs().max()) + 1e-300), use
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_native_map_matches_the_generated_torch_blocks(kind, monkeypatch):
+    proc = _moved(_proc(HEAD + KINDS[kind], monkeypatch), seed=len(kind))
+    _assert_map_matches(proc, seed=1)
+
+
+@pytest.mark.parametrize("name", ("learned2", "learned3"))
+def test_shipped_learned_specs_map_bit_for_bit_at_init(name, monkeypatch):
+    monkeypatch.setenv("SDEC_NATIVE", "1")
+    proc = sdec.compile(os.path.join(SPECS, f"{name}.sde"))
+    Q, D, A, _ = proc._native_mapped()
+    ref = _reference(proc)
+    assert all(torch.equal(a, b.detach()) for a, b in zip((Q.detach(), D.detach(), A.detach()), ref))
+    _assert_map_matches(_moved(proc, seed=3), seed=4)
+
+
+def test_softplus_past_its_threshold_and_the_root_of_a_diagonal(monkeypatch):
+    """Raw values past softplus's threshold (20: softplus is x there, its slope 1) and far
+    below it, for psd's softplus and diagonal's root of softplus."""
+    for kind in ("skew + psd", "skew masked + diagonal"):
+        proc = _proc(HEAD + KINDS[kind], monkeypatch)
+        with torch.no_grad():
+            diag = proc.theta_D_diag if hasattr(proc, "theta_D_diag") else proc.theta_D
+            diag.copy_(torch.tensor([25.0, -30.0, 19.5], dtype=F64))
+        _assert_map_matches(proc, seed=5)
+
+
+def test_native_map_passes_gradcheck(monkeypatch):
+    proc = _moved(_proc(HEAD + KINDS["skew + psd"], monkeypatch), seed=6)
+    proc._native_mapped()
+    entries = proc._param_entries
+    theta = [p.detach().clone().requires_grad_(True) for p in proc.parameters()]
+    negP = proc._constants()["-P"]
+
+    def f(*th):
+        Q, D, A, _ = kernel_native.native_param_map(entries, None, None, negP, list(th))
+        return Q, D, A
+    assert torch.autograd.gradcheck(f, theta, eps=1e-6, atol=1e-8, rtol=1e-7)
+
+
+def test_no_map_where_it_does_not_apply(monkeypatch):
+    """Symbolic parameters, nothing learned, the torch path, a module cast to float32: the
+    generated torch ops run, with the same values."""
+    params = HEAD + "param a > 0 = 2\nQ = [[0, -a, 0], [a, 0, -1], [0, 1, 0]]\nD = diag(1, 1, 1)"
+    assert type(_proc(params, monkeypatch))._param_map is None
+    assert type(_proc(HEAD + "Q = [[0, -1, 0], [1, 0, -1], [0, 1, 0]]\nD = diag(1, 1, 1)", monkeypatch))._param_map is None
+    torch_path = _proc(HEAD + KINDS["skew + psd"], monkeypatch, native=False)
+    assert torch_path._native_mapped() is None and torch_path._mapped()[3] is None
+    native = _proc(HEAD + KINDS["skew + psd"], monkeypatch)
+    for got, want in zip(native._A_D(), torch_path._A_D()):
+        assert torch.allclose(got, want, rtol=1e-15, atol=1e-15)
+    cast = _proc(HEAD + KINDS["skew + psd"], monkeypatch).float()
+    assert cast._native_mapped() is None
+    assert torch.allclose(cast._A_D()[0], native._A_D()[0].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_every_way_of_changing_a_parameter_reaches_the_mapped_values(monkeypatch):
+    """The mapped Q, D, A are cached by value where no graph is needed: a write through
+    .data, an in-place write, load_state_dict and an optimizer step each show up."""
+    proc = _proc(HEAD + KINDS["skew + psd"], monkeypatch)
+    other = _moved(_proc(HEAD + KINDS["skew + psd"], monkeypatch), seed=8)
+
+    def drift():
+        with torch.no_grad():
+            return proc.drift(torch.tensor([0.5], dtype=F64))[0].clone()
+
+    def expected():
+        return (0.1 + 9.9 * 0.5) * _reference(proc)[2].detach()
+    writes = [
+        lambda: proc.theta_Q.data.add_(0.25),
+        lambda: proc.theta_D_diag.detach().mul_(0.5),
+        lambda: proc.load_state_dict(other.state_dict()),
+    ]
+    for write in writes:
+        before = drift()
+        write()
+        after = drift()
+        assert not torch.equal(before, after)
+        assert torch.allclose(after, expected(), rtol=1e-14, atol=1e-14)
+    opt = torch.optim.SGD(proc.parameters(), lr=0.1)
+    before = drift()
+    terms = proc.elbo(torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=F64),
+                      lambda y, t: -y, generator=torch.Generator().manual_seed(1))
+    terms.total.mean().backward()
+    opt.step()
+    after = drift()
+    assert not torch.equal(before, after) and torch.allclose(after, expected(), rtol=1e-14, atol=1e-14)
+
+
+def _drawn(g):
+    text = g.text if hasattr(g, "text") else g[0]
+    old = os.environ.get("SDEC_NATIVE")
+    os.environ["SDEC_NATIVE"] = "1"
+    try:
+        proc = sdec.compile_text(text)
+        if type(proc)._param_map is None:
+            return
+        _assert_map_matches(_moved(proc, seed=9, scale=0.2), seed=10)
+    finally:
+        if old is None:
+            os.environ.pop("SDEC_NATIVE", None)
+        else:
+            os.environ["SDEC_NATIVE"] = old
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+def test_native_map_matches_on_drawn_learned_specs(g):
+    _drawn(g)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+def test_native_map_matches_on_many_drawn_learned_specs(g):
+    _drawn(g)
