@@ -9,10 +9,11 @@ paired ratios per round to vpsde) of vpsde, learned3 as compiled, and learned3 v
 which stages of its step are replaced by values computed once before the loop, so that they
 cost nothing at all:
 
-  map       the spec's ops from its parameters to Q and D: one autograd node that returns
-            the initial Q, D and a zero gradient (the backward still reaches the parameters,
-            the SGD step still runs on them);
-  settings  A = -(Q + D) Σ∞⁻¹, ‖A‖₂ and the series settings (_coeffs), detached;
+  map       the map from its parameters to Q, D, A = -(Q + D) Σ∞⁻¹ and ‖A‖₂ (_mapped, the
+            native map where it runs): one autograd node that returns the initial values and
+            a zero gradient (the backward still reaches the parameters, the SGD step still
+            runs on them);
+  settings  the series settings (_coeffs: the map's values, ‖A‖₂, radius, scale), detached;
   table     the importance table (its C call and Python wrapper);
   all       the three together: what a native node that took the raw parameters and did the
             map, the settings and the table inside its own call could at most remove (it would
@@ -58,25 +59,26 @@ def frozen(proc, stages):
         proc._coeffs = lambda hybrid: settings
     if "map" in stages:
         params = list(proc.parameters())
-        Q0, D0 = (v.detach().clone() for v in proc._Q_D())
+        Q0, D0, A0 = (v.detach().clone() for v in proc._mapped()[:3])
+        norm0 = proc._mapped()[3]
 
         class Frozen(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *raw):
-                return Q0.clone(), D0.clone()
+                return Q0.clone(), D0.clone(), A0.clone()
 
             @staticmethod
-            def backward(ctx, gQ, gD):
+            def backward(ctx, gQ, gD, gA):
                 return tuple(torch.zeros_like(p) for p in params)
 
-        def q_d():  # once per elbo() call, as _cached does
+        def mapped():  # once per elbo() call, as _cached does
             memo = proc._call_memo
             if memo is None:
-                return Frozen.apply(*params)
-            if "frozen Q_D" not in memo:
-                memo["frozen Q_D"] = Frozen.apply(*params)
-            return memo["frozen Q_D"]
-        proc._Q_D = q_d
+                return (*Frozen.apply(*params), norm0)
+            if "frozen map" not in memo:
+                memo["frozen map"] = (*Frozen.apply(*params), norm0)
+            return memo["frozen map"]
+        proc._mapped = mapped
     return proc
 
 

@@ -459,9 +459,10 @@ def elbo_step(proc, x):
         # each step's parameters new values, as in training (the importance table and the
         # cached values are rebuilt, as after an optimizer step)
         count[0] += 1
-        with torch.no_grad():
-            for p, v in zip(params, start):
-                p.copy_(v + 1e-9 * count[0])
+        if params:  # two foreach ops for all parameters (the reset is the harness's, not the ELBO's)
+            with torch.no_grad():
+                torch._foreach_copy_(params, start)
+                torch._foreach_add_(params, 1e-9 * count[0])
         terms = proc.elbo(x, lambda y, t: torch.zeros_like(y), time_sampler="importance",
                           generator=gen)
         if opt is not None:

@@ -206,8 +206,8 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
 
 def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch):
     """With importance times the table (no grad) is rebuilt after every parameter change; inside
-    elbo() it takes the coefficients the call built with their graph, detached, and equals a
-    table built on its own."""
+    elbo() it reads the coefficients the call built with their graph (passed in, no detached
+    copy), and equals a table built on its own."""
     proc = compiled("learned3")
     counts = {"coeffs": 0}
     build, build_table, tables = proc._build_coeffs, proc._build_table, []
@@ -216,8 +216,8 @@ def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch)
         counts["coeffs"] += 1
         return build(hybrid)
 
-    def recorded_table(t_min):
-        tables.append(build_table(t_min))
+    def recorded_table(t_min, c=None):
+        tables.append(build_table(t_min, c))
         return tables[-1]
 
     monkeypatch.setattr(proc, "_build_coeffs", counted_build)

@@ -758,15 +758,16 @@ class DiffusionBase(torch.nn.Module):
         tensor (a module cast with .float(), say)."""
         if self._param_map is None or not self._native_ok():
             return None
-        theta = [getattr(self, attr) for attr, _ in self._param_map]
-        fixed = [self._buffers.get(name) for name in ("_Q_fixed", "_D_fixed")]
-        if any(v.dtype != torch.float64 for v in theta + [f for f in fixed if f is not None]):
-            return None
         entries = self.__dict__.get("_param_entries")
         if entries is None:
             entries = self._param_entries = torch.tensor(
                 [(p, k, target, row * self.K + col, f) for p, (_, flat) in enumerate(self._param_map)
                  for k, (target, row, col, f) in enumerate(flat)], dtype=torch.int32).reshape(-1, 5)
+        params, buffers = self._parameters, self._buffers
+        theta = [params[attr] for attr, _ in self._param_map]
+        fixed = [buffers.get("_Q_fixed"), buffers.get("_D_fixed")]
+        if any(v is not None and v.dtype != torch.float64 for v in theta + fixed):
+            return None
         return native_param_map(entries, *(None if f is None else f.contiguous() for f in fixed),
                                 self._constants()["-P"], [v.contiguous() for v in theta])
 
@@ -807,8 +808,14 @@ class DiffusionBase(torch.nn.Module):
 
     def _native_ok(self):
         """Whether Φ, Σ and their factors come from the native pipeline (kernel_native): K > 1,
-        on the CPU, and the library is available."""
-        return self.K > 1 and self._device().type == "cpu" and native_library() is not None
+        on the CPU, and the library is available (looked up once per elbo() call)."""
+        memo = getattr(self, "_call_memo", None)
+        if memo is not None and "_native" in memo:
+            return memo["_native"]
+        ok = self.K > 1 and self._device().type == "cpu" and native_library() is not None
+        if memo is not None:
+            memo["_native"] = ok
+        return ok
 
     def _time(self, t):
         """(flat float64 t, shape, dtype, device) of a python float or tensor t."""
@@ -1283,8 +1290,9 @@ class DiffusionBase(torch.nn.Module):
             # parameters cannot change inside the call), without the cross-call cache's copy
             # and comparison of the module state
             if ("call_table", t_min) not in memo:
-                with torch.no_grad():
-                    memo[("call_table", t_min)] = build()
+                c = self._coeffs(True) if self.K > 1 else None  # this call's, with its graph:
+                with torch.no_grad():  # the table reads values only (no detached copy of them)
+                    memo[("call_table", t_min)] = self._build_table(t_min, c)
             return memo[("call_table", t_min)]
         if refresh <= 1 or not self._needs_graph():
             return self._cached(key, build, graph=False)
@@ -1299,7 +1307,7 @@ class DiffusionBase(torch.nn.Module):
         held_tables[t_min] = (table, self.T, self._device(), self._versions)
         return table
 
-    def _build_table(self, t_min):
+    def _build_table(self, t_min, c=None):
         """Bin edges, bin probabilities and piecewise-constant density of p ∝ tr(Σ⁻¹GGᵀ).
 
         _TABLE_BINS = 128 geometric bins: on every shipped process the importance weight's own
@@ -1312,7 +1320,8 @@ class DiffusionBase(torch.nn.Module):
         if not 0.0 < t_min < self.T:
             raise ValueError(f"importance sampling needs 0 < t_min < T, got t_min={t_min}")
         edges, widths, B = self._table_grid(t_min)
-        c = self._coeffs(True) if self.K > 1 else None
+        if c is None and self.K > 1:  # else the caller's _coeffs(True), read without a graph
+            c = self._coeffs(True)
         if c is not None and c["native"]:  # the same sums in one C call, unless a bin needs the below
             done = native_rate_table(c["A"], c["D"], c["S0"], B, self._squarings(B, c, c["s_T"]),
                                      c["radius"], c["norm"], _SERIES_TERMS, widths)
