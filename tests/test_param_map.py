@@ -196,3 +196,40 @@ def test_native_map_matches_on_drawn_learned_specs(g):
 @given(g=specs(forms=("learn",), min_K=2, max_K=4))
 def test_native_map_matches_on_many_drawn_learned_specs(g):
     _drawn(g)
+
+
+def _elbo_grads(proc, score_fn):
+    x = torch.randn(16, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    terms = proc.elbo(x, score_fn(proc), time_sampler="importance", generator=torch.Generator().manual_seed(1))
+    terms.total.mean().backward()
+    return terms.total.detach(), [p.grad.clone() for p in proc.parameters()]
+
+
+@pytest.mark.parametrize("reads_process", [False, True])
+def test_fused_elbo_node_runs_the_map_adjoint_itself_with_every_gradient_kept(reads_process, monkeypatch):
+    """In a training step the fused ELBO node takes the raw parameters and runs the map's
+    adjoint in its own backward (no map node).  Its gradients equal the ones through the
+    generated torch blocks (native pipeline, no native map) and the torch path's; a score
+    that reads the process itself (here its drift) still sends its gradient to the parameters
+    (through the map's own node, built when it is read)."""
+    def score_fn(proc):
+        if not reads_process:
+            return lambda y, t: -y
+        return lambda y, t: -y * (1.0 + proc.drift(t)[:, 1, 0].reshape(-1, 1, 1, 1))
+
+    results = []
+    for native, mapped in ((True, True), (True, False), (False, False)):
+        proc = _moved(_proc(HEAD + KINDS["skew + psd"], monkeypatch, native=native), seed=11)
+        if not mapped:
+            proc._param_map = None
+        used = {}
+        build = proc._build_coeffs
+        monkeypatch.setattr(proc, "_build_coeffs", lambda h: used.setdefault(h, build(h)))
+        results.append(_elbo_grads(proc, score_fn))
+        assert (used[True]["map"] is not None) == mapped
+    (t0, g0), (t1, g1), (t2, g2) = results
+    assert torch.allclose(t0, t1, rtol=1e-13, atol=0) and torch.allclose(t0, t2, rtol=1e-11, atol=1e-11)
+    for a, b, c in zip(g0, g1, g2):
+        assert float(a.abs().max()) > 0
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14 * float(b.abs().max()))
+        assert torch.allclose(a, c, rtol=1e-9, atol=1e-12)

@@ -102,7 +102,8 @@ import torch
 from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
                             native_elbo_kernels, native_gram, native_gram2,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
-                            native_norm2, native_param_map, native_rate_table, native_terms,  # package only
+                            native_norm2, native_param_map, native_param_values,  # package only
+                            native_rate_table, native_terms,  # package only
                             native_terms_backward,  # package only
                             native_terms_ok)  # package only: generated modules carry it inline
 
@@ -753,9 +754,15 @@ class DiffusionBase(torch.nn.Module):
     _param_map = None
 
     def _native_mapped(self):
-        """NativeParamMap's (Q, D, A, ‖A‖₂), or None where the torch ops run: no _param_map,
-        the torch path (_native_ok), or a parameter or fixed block that is not a float64
-        tensor (a module cast with .float(), say)."""
+        """NativeParamMap's (Q, D, A, ‖A‖₂), or None where the torch ops run (see
+        _native_map_inputs)."""
+        inputs = self._native_map_inputs()
+        return None if inputs is None else native_param_map(*inputs)
+
+    def _native_map_inputs(self):
+        """(entries, Q fixed, D fixed, -P, raw parameters) for the native map, or None where the
+        torch ops run: no _param_map, the torch path (_native_ok), or a parameter or fixed block
+        that is not a float64 tensor (a module cast with .float(), say)."""
         if self._param_map is None or not self._native_ok():
             return None
         entries = self.__dict__.get("_param_entries")
@@ -768,8 +775,8 @@ class DiffusionBase(torch.nn.Module):
         fixed = [buffers.get("_Q_fixed"), buffers.get("_D_fixed")]
         if any(v is not None and v.dtype != torch.float64 for v in theta + fixed):
             return None
-        return native_param_map(entries, *(None if f is None else f.contiguous() for f in fixed),
-                                self._constants()["-P"], [v.contiguous() for v in theta])
+        return (entries, *(None if f is None else f.contiguous() for f in fixed), self._constants()["-P"],
+                [v.contiguous() for v in theta])
 
     def _G_factor(self):
         return self._cached("D_sqrt", lambda: self._D_sqrt().to(torch.float64))
@@ -787,13 +794,22 @@ class DiffusionBase(torch.nn.Module):
     def _build_coeffs(self, hybrid):
         """A, D, Σ0, ‖A‖₂, the series radius, B(T), whether the native pipeline runs, and on the
         torch path the stacked series coefficients (_series_stacks)."""
-        _, D, A, norm = self._mapped()  # ‖A‖₂ from the native map, or
-        native = self._native_ok()  # by one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
-        if norm is None:
+        native = self._native_ok()
+        inputs = self._native_map_inputs() if native else None
+        if inputs is not None:
+            # the native map's values, without a graph: the fused ELBO node takes the raw
+            # parameters itself (c["map"]) and native_kernels reads A, D with their graph
+            # from _A_D; ‖A‖₂ comes with them
+            _, D, S, A, norm = native_param_values(*inputs)
+            mapping = (inputs[0], inputs[3], S, inputs[4])
+        else:
+            _, D, A, norm = self._mapped()
+            mapping = None
+        if norm is None:  # one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
             norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
         c = {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
              "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
-             "scale": _series_scale(norm)}
+             "scale": _series_scale(norm), "map": mapping}
         if not c["native"]:
             c["stacks"] = self._series_stacks(c)
         return c
@@ -905,8 +921,8 @@ class DiffusionBase(torch.nn.Module):
         c = self._coeffs(hybrid)
         j = self._squarings(s, c, s_max)
         if c["native"] and not s.requires_grad:
-            Phi, Sig, L, Li, hld, ok = native_kernels(c["A"], c["D"], c["S0"], s, j, c["radius"],
-                                                      c["norm"], _SERIES_TERMS)
+            A, D = self._A_D() if c["map"] is not None else (c["A"], c["D"])  # with their graph
+            Phi, Sig, L, Li, hld, ok = native_kernels(A, D, c["S0"], s, j, c["radius"], c["norm"], _SERIES_TERMS)
             L._sdec_inverse, L._sdec_half_log_det = Li, hld  # read by _inverse_T and _log_det
             Sig._sdec_factors = (L, ok)  # read by _cholesky
             return Phi, Sig  # Φ squared, also where a closed form exists (CLD: within 1.1e-15 of it)
@@ -1058,10 +1074,12 @@ class DiffusionBase(torch.nn.Module):
         if not c["native"]:
             return None
         const, n = self._constants(), t.shape[0]
+        # gradients to the raw parameters through the node's own map adjoint (c["map"]), else to Q, D
+        Q, D = (None, c["D"]) if c["map"] is not None else self._Q_D()
         col, L, U, GG, terms, ok = native_elbo_kernels(
-            *self._Q_D(), c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
+            Q, D, c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
             _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),
-            like.dtype)
+            like.dtype, c["map"])
         if not ok:
             return None
         return {"col": col, "L": L, "U": U, "GG": GG, "terms": terms}

@@ -242,7 +242,7 @@ class NativeElboKernels(torch.autograd.Function):
     no small ATen op runs on either side."""
 
     @staticmethod
-    def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype):
+    def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping, *theta):
         A, D, S0, s, P, beta = (v.detach().contiguous() for v in (A, D, S0, s, P, beta))
         K, m = A.shape[-1], s.shape[0]
         n = m - 2
@@ -251,7 +251,7 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]))
+        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[16:]))
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms),
@@ -259,14 +259,15 @@ class NativeElboKernels(torch.autograd.Function):
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li, keep)
+        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li, keep, *theta)
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
+        ctx.mapping = None if mapping is None else mapping[:3]  # (entries, -P, S); theta saved above
         return col, Lb, U, GG, out_terms, rc == 0
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gcol, gL, gU, gGG, gterms, _ok):
-        A, D, S0, s, beta, P, Phi, L, Li, keep = ctx.saved_tensors
+        A, D, S0, s, beta, P, Phi, L, Li, keep, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
@@ -275,10 +276,13 @@ class NativeElboKernels(torch.autograd.Function):
             ctx.d, ctx.f32, *[_maybe_ptr(g) for g in grads], *_pointers(gA, gQ, gD), _maybe_ptr(keep))
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        return gQ, gD, *([None] * 12)
+        if ctx.mapping is None:
+            return gQ, gD, *([None] * 13)
+        entries, negP, S = ctx.mapping
+        return None, None, *([None] * 13), *_param_map_backward(entries, negP, S, theta, gQ, gD, None)
 
 
-def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype):
+def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping=None):
     """One elbo() call's process quantities from one native pipeline call, for s = B(t) of
     the batch's n times followed by B(t_min) and B(T), and A = -(Q + D) P (its values: the
     gradients go to Q and D, so autograd never walks A's own graph):
@@ -289,8 +293,14 @@ def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_de
     (c = Φ_T[:, 0], P = Σ∞⁻¹), then d times the score norm ½ (R(T) - R(t_min)), the
     divergence tr A (s_T - s_min) and the truncation tr A s_min (d: data dimensions); and
     ok, a bool: False where some Σ's Cholesky pivot is not > 0 (the outputs are then not
-    written).  Gradients reach Q and D only."""
-    return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype)
+    written).  Gradients reach Q and D only; or, with mapping = (entries, -P, S, theta) of the
+    native map that made D and A (native_param_values; Q is then None), the raw parameters
+    theta themselves, the map's adjoint run in the node's own backward (no node of its own)."""
+    if mapping is None:
+        return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d,
+                        dtype, None)
+    return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d,
+                    dtype, mapping, *mapping[3])
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
@@ -454,6 +464,32 @@ def native_norm2(A):
     return value
 
 
+def native_param_values(entries, Qfix, Dfix, negP, theta):
+    """The native map's values without a graph: (Q, D, S, A, ‖A‖₂) from one C call
+    (sdec_param_map) for float64 CPU contiguous tensors (see NativeParamMap)."""
+    K = negP.shape[-1]
+    Q, D, S, A = (negP.new_empty(K, K) for _ in range(4))
+    ptrs = (ctypes.c_void_p * len(theta))(*_pointers(*theta))
+    norm = _loaded().sdec_param_map(K, entries.shape[0], _ptr(entries), ptrs, _maybe_ptr(Qfix),
+                                    _maybe_ptr(Dfix), _ptr(negP), *_pointers(Q, D, S, A))
+    if norm < 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return Q, D, S, A, norm
+
+
+def _param_map_backward(entries, negP, S, theta, gQ, gD, gA):
+    """The native map's adjoint (sdec_param_map_backward): the gradient of each raw parameter
+    in theta from those of Q, D and A (each None or a (K, K) float64 tensor)."""
+    grads = [None if g is None else g.contiguous() for g in (gQ, gD, gA)]  # held through the call
+    out = [torch.empty_like(v) for v in theta]
+    rc = _loaded().sdec_param_map_backward(
+        negP.shape[-1], entries.shape[0], _ptr(entries), (ctypes.c_void_p * len(theta))(*_pointers(*theta)),
+        *_pointers(S, negP), *[_maybe_ptr(g) for g in grads], (ctypes.c_void_p * len(out))(*_pointers(*out)))
+    if rc != 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return out
+
+
 class NativeParamMap(torch.autograd.Function):
     """(entries, Qfix, Dfix, -P, *theta) -> Q, D, A (K x K float64) and ‖A‖₂ (a float): the
     generated module's learned blocks (its _param_map, see kernel_base._native_mapped) as one
@@ -465,13 +501,7 @@ class NativeParamMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, entries, Qfix, Dfix, negP, *theta):
-        K = negP.shape[-1]
-        Q, D, S, A = (negP.new_empty(K, K) for _ in range(4))
-        ptrs = (ctypes.c_void_p * len(theta))(*_pointers(*theta))
-        norm = _loaded().sdec_param_map(K, entries.shape[0], _ptr(entries), ptrs, _maybe_ptr(Qfix),
-                                        _maybe_ptr(Dfix), _ptr(negP), *_pointers(Q, D, S, A))
-        if norm < 0:
-            raise MemoryError("sdec native pipeline: out of memory")
+        Q, D, S, A, norm = native_param_values(entries, Qfix, Dfix, negP, theta)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(entries, negP, S, *theta)
         return Q, D, A, norm
@@ -480,14 +510,7 @@ class NativeParamMap(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gQ, gD, gA, _gnorm):
         entries, negP, S, *theta = ctx.saved_tensors
-        grads = [None if g is None else g.contiguous() for g in (gQ, gD, gA)]  # held through the call
-        out = [torch.empty_like(v) for v in theta]
-        rc = _loaded().sdec_param_map_backward(
-            negP.shape[-1], entries.shape[0], _ptr(entries), (ctypes.c_void_p * len(theta))(*_pointers(*theta)),
-            *_pointers(S, negP), *[_maybe_ptr(g) for g in grads], (ctypes.c_void_p * len(out))(*_pointers(*out)))
-        if rc != 0:
-            raise MemoryError("sdec native pipeline: out of memory")
-        return None, None, None, None, *out
+        return None, None, None, None, *_param_map_backward(entries, negP, S, theta, gQ, gD, gA)
 
 
 def native_param_map(entries, Qfix, Dfix, negP, theta):
