@@ -9,15 +9,14 @@ paired ratios per round to vpsde) of vpsde, learned3 as compiled, and learned3 v
 which stages of its step are replaced by values computed once before the loop, so that they
 cost nothing at all:
 
-  map       the map from its parameters to Q, D, A = -(Q + D) Σ∞⁻¹ and ‖A‖₂ (_mapped, the
-            native map where it runs): one autograd node that returns the initial values and
-            a zero gradient (the backward still reaches the parameters, the SGD step still
-            runs on them);
-  settings  the series settings (_coeffs: the map's values, ‖A‖₂, radius, scale), detached;
+  settings  _coeffs: the native map's values from the parameters (Q, D, A = -(Q + D) Σ∞⁻¹,
+            ‖A‖₂; since the parameter map went native, its only forward work in the step)
+            and the series settings, computed once (the ELBO node still runs the map's
+            adjoint in its backward, the SGD step still moves the parameters);
   table     the importance table (its C call and Python wrapper);
-  all       the three together: what a native node that took the raw parameters and did the
-            map, the settings and the table inside its own call could at most remove (it would
-            still spend the table's C time, ~20 µs, which this variant does not).
+  all       both: what a native node that took the raw parameters and did the settings and
+            the table inside its own call could at most remove (it would still spend the
+            table's C time, ~17 µs, which this variant does not).
 
 Every variant still runs the rest of the step as compiled: the time draw, the native pipeline
 and its adjoint, randn, the perturbation and its score, the terms, backward, the SGD step and
@@ -25,6 +24,10 @@ the benchmark's parameter copy.  The variants' Q and D do not follow their param
 their ELBO is not a process's: before timing, the script checks that at the initial
 parameters each variant's ELBO terms equal the compiled process's (the same draw), so the
 same work is timed.
+
+After the timing, marshalling() instruments learned3's step (time inside each native node's
+forward and backward, and inside the C calls it makes): what a single native autograd node
+for the whole fused ELBO, with no Python between its C calls, could remove on top.
 
 Writes bench/results/elbo_bound.json and elbo_bound.md (machine and load included).
 """
@@ -41,7 +44,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import kernels  # noqa: E402  (bench/kernels.py: compiled, consecutive, elbo_step, machine, load)
 
-VARIANTS = ("map", "settings", "table")
+VARIANTS = ("settings", "table")
 
 
 def frozen(proc, stages):
@@ -57,28 +60,6 @@ def frozen(proc, stages):
         finally:
             proc._call_memo = None
         proc._coeffs = lambda hybrid: settings
-    if "map" in stages:
-        params = list(proc.parameters())
-        Q0, D0, A0 = (v.detach().clone() for v in proc._mapped()[:3])
-        norm0 = proc._mapped()[3]
-
-        class Frozen(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *raw):
-                return Q0.clone(), D0.clone(), A0.clone()
-
-            @staticmethod
-            def backward(ctx, gQ, gD, gA):
-                return tuple(torch.zeros_like(p) for p in params)
-
-        def mapped():  # once per elbo() call, as _cached does
-            memo = proc._call_memo
-            if memo is None:
-                return (*Frozen.apply(*params), norm0)
-            if "frozen map" not in memo:
-                memo["frozen map"] = (*Frozen.apply(*params), norm0)
-            return memo["frozen map"]
-        proc._mapped = mapped
     return proc
 
 
@@ -93,6 +74,72 @@ def same_terms(proc, reference, x):
     return float(((out[0] - out[1]).abs() / out[1].abs().clamp(min=1e-30)).max())
 
 
+NODES = ("NativeElboKernels", "_PairApply", "_Terms")   # learned3's native graph nodes in elbo()
+C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward",),
+           "NativeElboKernels.backward": ("sdec_elbo_backward", "sdec_param_map_backward"),
+           "_PairApply.forward": ("sdec_apply2_f32",), "_PairApply.backward": ("sdec_gram_f32", "sdec_gram2_f32"),
+           "_Terms.forward": ("sdec_terms_forward",), "_Terms.backward": ("sdec_terms_backward",),
+           "native_rate_table": ("sdec_rate_table",)}
+
+
+def marshalling(x, steps=1500, warmup=200):
+    """Where learned3's step spends its time around the C calls: mean µs per step inside each
+    native node's forward / backward (and the importance table's wrapper) against the µs inside
+    the C calls it makes, by wrapping both (perf_counter_ns; the wrappers' own cost is in the
+    node column).  The difference is the Python and ATen work of marshalling (allocating the
+    outputs, pointers, ctypes arguments, saving for the backward)."""
+    proc = kernels.compiled("learned3")
+    mod = sys.modules[type(proc).__module__]
+    spent, lib = {}, mod._loaded()
+
+    class Timed:
+        def __getattr__(self, name):
+            f = getattr(lib, name)
+
+            def timed(*a):
+                t0 = time.perf_counter_ns()
+                try:
+                    return f(*a)
+                finally:
+                    spent[name] = spent.get(name, 0) + time.perf_counter_ns() - t0
+            return timed
+
+    def wrapped(key, f):
+        def timed(*a):
+            t0 = time.perf_counter_ns()
+            try:
+                return f(*a)
+            finally:
+                spent[key] = spent.get(key, 0) + time.perf_counter_ns() - t0
+        return timed
+
+    saved = [(cls, meth, cls.__dict__[meth]) for cls in (getattr(mod, n) for n in NODES) for meth in ("forward", "backward")]
+    table = mod.native_rate_table
+    try:
+        mod._NATIVE_STATE["lib"] = Timed()
+        for cls, meth, original in saved:
+            setattr(cls, meth, staticmethod(wrapped(f"{cls.__name__}.{meth}", original.__func__)))
+        mod.native_rate_table = wrapped("native_rate_table", table)
+        step = kernels.elbo_step(proc, x)
+        for i in range(warmup + steps):
+            if i == warmup:
+                spent.clear()
+                t0 = time.perf_counter_ns()
+            step()
+        total = (time.perf_counter_ns() - t0) / steps / 1e3
+    finally:
+        mod._NATIVE_STATE["lib"] = lib
+        for cls, meth, original in saved:
+            setattr(cls, meth, original)
+        mod.native_rate_table = table
+    rows = {}
+    for key, calls in C_CALLS.items():
+        node = spent.get(key, 0) / steps / 1e3
+        c = sum(spent.get(name, 0) for name in calls) / steps / 1e3
+        rows[key] = {"node_us": node, "c_us": c, "marshalling_us": node - c}
+    return {"step_us": total, "rows": rows}
+
+
 def main(argv=None):
     if argv is None:
         kernels.keep_buffers_mapped(__file__)
@@ -103,7 +150,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     x = torch.randn(kernels.B, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     runs = {"vpsde": (), "learned3": (), **{f"learned3, no {v}": (v,) for v in VARIANTS},
-            "learned3, none of the three": VARIANTS}
+            "learned3, neither": VARIANTS}
     procs = {key: ("vpsde" if key == "vpsde" else "learned3", stages) for key, stages in runs.items()}
     check = {}
     for key, (name, stages) in procs.items():
@@ -122,6 +169,14 @@ def main(argv=None):
              f"ELBO machinery per step, 50 consecutive steps ({args.rounds} rounds, medians, paired ratios).", "",
              "| process | µs per step | ratio to vpsde |", "|---|---|---|"]
     lines += [f"| {k} | {r['us']:.0f} | {r['ratio_to_vpsde']:.2f}x |" for k, r in out["rows"].items()]
+    out["marshalling"] = m = marshalling(x)
+    lines += ["", f"learned3's step ({m['step_us']:.0f} µs, instrumented), per native node: µs inside it and inside "
+              "the C calls it makes; the rest is marshalling (outputs, pointers, ctypes arguments, saved tensors).", "",
+              "| node | µs in the node | µs in C | marshalling µs |", "|---|---|---|---|"]
+    lines += [f"| {k} | {r['node_us']:.1f} | {r['c_us']:.1f} | {r['marshalling_us']:.1f} |" for k, r in m["rows"].items()]
+    lines.append(f"| all | {sum(r['node_us'] for r in m['rows'].values()):.1f} | "
+                 f"{sum(r['c_us'] for r in m['rows'].values()):.1f} | "
+                 f"{sum(r['marshalling_us'] for r in m['rows'].values()):.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     pathlib.Path(args.out + ".json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
