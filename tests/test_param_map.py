@@ -276,3 +276,31 @@ def test_drawn_learned_specs_elbo_gradients_native_against_torch(g):
 @given(g=specs(forms=("learn",), min_K=2, max_K=4))
 def test_many_drawn_learned_specs_elbo_gradients_native_against_torch(g):
     _drawn_elbo_gradients_agree(g)
+
+
+def test_fused_node_keeps_its_chains_when_only_the_first_parameter_learns(monkeypatch):
+    """The node keeps the squaring chains for its adjoint (rather than recomputing them) as
+    soon as any raw parameter needs a gradient, the first one included; that gradient equals
+    the one with every parameter learning."""
+    import sys
+    monkeypatch.setenv("SDEC_NATIVE", "1")
+    grads = []
+    for freeze in (False, True):
+        proc = sdec.compile(os.path.join(SPECS, "learned3.sde"))
+        first = type(proc)._param_map[0][0]
+        if freeze:
+            for name, p in proc.named_parameters():
+                p.requires_grad_(name == first)
+        mod = sys.modules[type(proc).__module__]
+        asked = []
+
+        def recorded(A, m, j, needed, asked=asked, chain_buffer=mod._chain_buffer):
+            asked.append(needed)
+            return chain_buffer(A, m, j, needed)
+        monkeypatch.setattr(mod, "_chain_buffer", recorded)
+        x = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+        terms = proc.elbo(x, lambda y, t: -y, time_sampler="importance", generator=torch.Generator().manual_seed(1))
+        terms.total.mean().backward()
+        assert asked == [True]
+        grads.append(getattr(proc, first).grad.clone())
+    assert torch.equal(grads[0], grads[1]) and float(grads[0].abs().max()) > 0

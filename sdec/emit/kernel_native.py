@@ -251,7 +251,7 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[16:]))
+        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[15:]))  # Q, D or theta
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms),
