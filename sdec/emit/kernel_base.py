@@ -1308,8 +1308,8 @@ class DiffusionBase(torch.nn.Module):
             # parameters cannot change inside the call), without the cross-call cache's copy
             # and comparison of the module state
             if ("call_table", t_min) not in memo:
-                c = self._coeffs(True) if self.K > 1 else None  # this call's, with its graph:
-                with torch.no_grad():  # the table reads values only (no detached copy of them)
+                c = self._coeffs(True) if self.K > 1 else None  # this call's coefficients as built:
+                with torch.no_grad():  # the table reads their values only (no detached copy)
                     memo[("call_table", t_min)] = self._build_table(t_min, c)
             return memo[("call_table", t_min)]
         if refresh <= 1 or not self._needs_graph():
