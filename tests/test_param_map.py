@@ -1,7 +1,9 @@
 """The native map from a learned process's raw parameters to Q, D, A = -(Q + D) Σ∞⁻¹ and
 ‖A‖₂ (kernel_native.NativeParamMap, the generated _param_map) against the torch ops of the
 generated _blocks, which stay the reference (and the GPU / SDEC_NATIVE=0 path)."""
+import contextlib
 import os
+import sys
 
 import pytest
 import torch
@@ -170,19 +172,26 @@ def test_every_way_of_changing_a_parameter_reaches_the_mapped_values(monkeypatch
     assert not torch.equal(before, after) and torch.allclose(after, expected(), rtol=1e-14, atol=1e-14)
 
 
-def _drawn(g):
+@contextlib.contextmanager
+def _native_env(value):
+    """SDEC_NATIVE set to value, restored after (Hypothesis tests take no monkeypatch)."""
     old = os.environ.get("SDEC_NATIVE")
-    os.environ["SDEC_NATIVE"] = "1"
+    os.environ["SDEC_NATIVE"] = value
     try:
-        proc = sdec.compile(parsed(g))
-        if type(proc)._param_map is None:
-            return
-        _assert_map_matches(_moved(proc, seed=9, scale=0.2), seed=10)
+        yield
     finally:
         if old is None:
             os.environ.pop("SDEC_NATIVE", None)
         else:
             os.environ["SDEC_NATIVE"] = old
+
+
+def _drawn(g):
+    with _native_env("1"):
+        proc = sdec.compile(parsed(g))
+        if type(proc)._param_map is None:
+            return
+        _assert_map_matches(_moved(proc, seed=9, scale=0.2), seed=10)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -240,11 +249,9 @@ def _drawn_elbo_gradients_agree(g):
     parameters) on the native path, where the fused node runs the map's adjoint, against the
     torch path's autograd through the generated blocks."""
     spec = parsed(g)
-    old = os.environ.get("SDEC_NATIVE")
-    try:
-        out = []
-        for native in ("1", "0"):
-            os.environ["SDEC_NATIVE"] = native
+    out = []
+    for native in ("1", "0"):
+        with _native_env(native):
             proc = _moved(sdec.compile(spec), seed=12, scale=0.2)
             x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
             terms = proc.elbo(x, lambda y, t: -y, time_sampler="importance",
@@ -252,11 +259,6 @@ def _drawn_elbo_gradients_agree(g):
             terms.total.mean().backward()
             out.append((terms.total.detach(), [p.grad.clone() for p in proc.parameters()],
                         proc._coeffs(True)["map"] is not None))
-    finally:
-        if old is None:
-            os.environ.pop("SDEC_NATIVE", None)
-        else:
-            os.environ["SDEC_NATIVE"] = old
     (t_native, g_native, mapped), (t_torch, g_torch, _) = out
     assert mapped == (type(proc)._param_map is not None)
     assert torch.allclose(t_native, t_torch, rtol=1e-9, atol=1e-9), g.text
@@ -282,7 +284,6 @@ def test_fused_node_keeps_its_chains_when_only_the_first_parameter_learns(monkey
     """The node keeps the squaring chains for its adjoint (rather than recomputing them) as
     soon as any raw parameter needs a gradient, the first one included; that gradient equals
     the one with every parameter learning."""
-    import sys
     monkeypatch.setenv("SDEC_NATIVE", "1")
     grads = []
     for freeze in (False, True):
