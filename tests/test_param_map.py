@@ -194,15 +194,25 @@ def _drawn(g):
         _assert_map_matches(_moved(proc, seed=9, scale=0.2), seed=10)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+LEARNED = specs(forms=("learn",), min_K=2, max_K=4)   # every learned kind, fixed or learned Q
+
+
+def drawn(examples, slow=False):
+    """Hypothesis settings for the drawn-spec tests: derandomized in the default suite (the
+    same draws in every CI run), fresh draws in the slow profile."""
+    return settings(max_examples=examples, deadline=None, derandomize=not slow,
+                    suppress_health_check=list(HealthCheck))
+
+
+@drawn(6)
+@given(g=LEARNED)
 def test_native_map_matches_on_drawn_learned_specs(g):
     _drawn(g)
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+@drawn(60, slow=True)
+@given(g=LEARNED)
 def test_native_map_matches_on_many_drawn_learned_specs(g):
     _drawn(g)
 
@@ -267,15 +277,15 @@ def _drawn_elbo_gradients_agree(g):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-9 * max(scale, 1.0)), (g.text, a, b)
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+@drawn(4)
+@given(g=LEARNED)
 def test_drawn_learned_specs_elbo_gradients_native_against_torch(g):
     _drawn_elbo_gradients_agree(g)
 
 
 @pytest.mark.slow
-@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
-@given(g=specs(forms=("learn",), min_K=2, max_K=4))
+@drawn(50, slow=True)
+@given(g=LEARNED)
 def test_many_drawn_learned_specs_elbo_gradients_native_against_torch(g):
     _drawn_elbo_gradients_agree(g)
 
