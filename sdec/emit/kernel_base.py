@@ -60,11 +60,12 @@ K >= 2 are one native pass over the data (perturb(with_score=True): y and the sc
 pass over ε, as the ELBO asks).  There an elbo() call is a handful of graph nodes, each one
 C call forward and one backward: the process side (Φ's first column, L, -L⁻ᵀ and G Gᵀ at the
 batch's times and the parameter-only terms, from one pipeline call over the batch's times,
-t_min and T: native_elbo_kernels), the perturbation and its score (_PairApply), and the
-score's quadratic form with the per-example terms and their total (_Terms, native_terms);
-the importance table is one C call too (native_rate_table).  A training step's backward walks
-these and the spec's own parameter-to-(Q, D) ops, not about eighty K x K nodes: each node
-costs tens of µs of autograd and dispatch, more than its arithmetic.
+t_min and T, with the perturbation and its score in the same node for float32 data:
+native_elbo_kernels; elsewhere perturb's _PairApply), and the score's quadratic form with the
+per-example terms and their total (_Terms, native_terms); the importance table is one C call
+too (native_rate_table).  A training step's backward walks these (a learned spec's parameter
+map folded into the first: its adjoint runs in that node's backward), not about eighty K x K
+nodes: each node costs tens of µs of autograd and dispatch, more than its arithmetic.
 Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
 for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
@@ -102,7 +103,7 @@ import torch
 from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
                             native_elbo_kernels, native_gram, native_gram2,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
-                            native_norm2, native_param_map, native_param_values,  # package only
+                            native_norm2, native_pair_ok, native_param_map, native_param_values,  # package only
                             native_rate_table, native_terms,  # package only
                             native_terms_backward,  # package only
                             native_terms_ok)  # package only: generated modules carry it inline
@@ -1032,15 +1033,16 @@ class DiffusionBase(torch.nn.Module):
         eye = torch.eye(self.K, dtype=L.dtype, device=L.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).mT
 
-    def _elbo_kernels(self, t, t_min, sampled, like):
+    def _elbo_kernels(self, t, t_min, sampled, like, eps):
         """One Φ, Σ and one Cholesky for every time an elbo() call needs, the batch's t and the
         score norm's t_min and T.  Times this call sampled lie in [t_min, T], so the squarings
         come from B(T) without reading them.
 
         Where the native pipeline runs (and t and the buffers carry no gradient) it is one
         graph node (native_elbo_kernels): the returned dict holds the batch's col, L, -L⁻ᵀ
-        and G Gᵀ in like's dtype (put in the call's memo for perturb and score_from_eps)
-        and the parameter-only terms.  Elsewhere (None is returned) the memo gets the batch's
+        and G Gᵀ in like's dtype (put in the call's memo for perturb and score_from_eps),
+        the parameter-only terms, and where native_pair_ok holds for (like, eps) the batch's
+        perturbation y and its score (else None).  Elsewhere (None is returned) the memo gets the batch's
         (Φ, L, L⁻ᵀ) for the perturbation and the score, the score norm ½ (R(T) - R(t_min))
         from the same factors (see _rate_integral), and (Φ_T, Σ_T) for the prior term."""
         memo, n = self._call_memo, t.shape[0]
@@ -1048,7 +1050,7 @@ class DiffusionBase(torch.nn.Module):
                          torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
         B = self._B(t64)
         s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
-        fused = self._fused_elbo_kernels(t, t64, B, s_max, like)
+        fused = self._fused_elbo_kernels(t, t64, B, s_max, like, eps)
         if fused is not None:
             memo[("cast", id(t), like.dtype)] = (t, t._version, fused)
             return fused
@@ -1062,7 +1064,7 @@ class DiffusionBase(torch.nn.Module):
         memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
         return None
 
-    def _fused_elbo_kernels(self, t, t64, B, s_max, like):
+    def _fused_elbo_kernels(self, t, t64, B, s_max, like, eps):
         """native_elbo_kernels for _elbo_kernels, or None where it does not apply (K = 1, the
         torch path, data neither float32 nor float64, data, a time or a buffer with a gradient,
         a failed Cholesky factorisation: the other path then raises the CholeskyError)."""
@@ -1076,13 +1078,14 @@ class DiffusionBase(torch.nn.Module):
         const, n = self._constants(), t.shape[0]
         # gradients to the raw parameters through the node's own map adjoint (c["map"]), else to Q, D
         Q, D = (None, c["D"]) if c["map"] is not None else self._Q_D()
-        col, L, U, GG, terms, ok = native_elbo_kernels(
+        pair = (like, eps) if native_pair_ok(like, eps, like.dtype) else None
+        col, L, U, GG, terms, ok, y, score = native_elbo_kernels(
             Q, D, c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
             _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),
-            like.dtype, c["map"])
+            like.dtype, c["map"], pair)
         if not ok:
             return None
-        return {"col": col, "L": L, "U": U, "GG": GG, "terms": terms}
+        return {"col": col, "L": L, "U": U, "GG": GG, "terms": terms, "y": y, "score": score}
 
     def _cast_factors(self, t, dtype):
         """The fused (col, L, -L⁻ᵀ) of t in dtype that this elbo() call made, or None."""
@@ -1258,10 +1261,15 @@ class DiffusionBase(torch.nn.Module):
             self._coeffs(True)   # the importance table (no grad) would build them again
         sampled = t is None
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
-        fused = self._elbo_kernels(t, t_min, sampled, x)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)
-        pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
+        fused = self._elbo_kernels(t, t_min, sampled, x, eps)
+        if fused is not None and fused["y"] is not None:  # the perturbation came with it
+            col = fused["col"]
+            pert = Perturbed(fused["y"], eps, lambda: _col(col, x[:, None]) * x[:, None], fused["L"],
+                             fused["score"])
+        else:
+            pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
         model = score_fn(pert.y, t)
         aux = d * self._constants()["aux_entropy"]  # float64, no graph
         if fused is not None:

@@ -235,15 +235,20 @@ def native_kernels(A, D, S0, s, j, radius, anorm, terms):
 
 class NativeElboKernels(torch.autograd.Function):
     """What one elbo() call needs from the process, as one graph node: native_elbo_kernels.
-    Its gradients go to Q and D (A = -(Q + D) P is an input for its values only).
-    Forward and backward are one C call each (sdec_elbo_forward / _backward): the backward
-    folds every output's gradient into the pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients
-    and runs its adjoint, so autograd walks one node instead of about fifty K x K ones, and
-    no small ATen op runs on either side."""
+    Its gradients go to Q and D (A = -(Q + D) P is an input for its values only), or through
+    the map's adjoint to the raw parameters.  Forward and backward are one pipeline call each
+    (sdec_elbo_forward / _backward): the backward folds every output's gradient into the
+    pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients and runs its adjoint, so autograd walks one
+    node instead of about fifty K x K ones, and no small ATen op runs on either side.  With
+    pair = (x, eps) the perturbation (y, score) = (L eps + col x, -L⁻ᵀ eps) is made in the same
+    node (native_apply2), and its gradients (native_gram2) join L's, U's and col's."""
 
     @staticmethod
-    def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping, *theta):
-        A, D, S0, s, P, beta = (v.detach().contiguous() for v in (A, D, S0, s, P, beta))
+    def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping, pair,
+                *theta):
+        # inputs are read through their pointers only (no detach: the node's own outputs carry
+        # the graph)
+        A, D, S0, s, P, beta = (v.contiguous() for v in (A, D, S0, s, P, beta))
         K, m = A.shape[-1], s.shape[0]
         n = m - 2
         Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
@@ -251,24 +256,31 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        keep = _chain_buffer(A, m, j, any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[15:]))  # Q, D or theta
+        need = ctx.needs_input_grad
+        keep = _chain_buffer(A, m, j, need[0] or need[1] or any(need[16:]))  # Q, D or theta
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms),
             _maybe_ptr(keep))
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
+        y = score = None
+        if pair is not None and rc == 0:
+            y, score = native_apply2(Lb, U, col, *pair)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li, keep, *theta)
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
         ctx.mapping = None if mapping is None else mapping[:3]  # (entries, -P, S); theta saved above
-        return col, Lb, U, GG, out_terms, rc == 0
+        ctx.pair = pair  # x and eps: constants of the graph (the caller checked)
+        return col, Lb, U, GG, out_terms, rc == 0, y, score
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gcol, gL, gU, gGG, gterms, _ok):
+    def backward(ctx, gcol, gL, gU, gGG, gterms, _ok, gy, gs):
         A, D, S0, s, beta, P, Phi, L, Li, keep, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
+        if gy is not None or gs is not None:  # the perturbation's share (as _PairApply's)
+            gcol, gL, gU = _pair_grads(ctx.pair, gy, gs, gcol, gL, gU)
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
@@ -277,15 +289,34 @@ class NativeElboKernels(torch.autograd.Function):
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         if ctx.mapping is None:
-            return gQ, gD, *([None] * 13)
+            return gQ, gD, *([None] * 14)
         entries, negP, S = ctx.mapping
-        return None, None, *([None] * 13), *_param_map_backward(entries, negP, S, theta, gQ, gD, None)
+        return None, None, *([None] * 14), *_param_map_backward(entries, negP, S, theta, gQ, gD, None)
 
 
-def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping=None):
+def _pair_grads(pair, gy, gs, gcol, gL, gU):
+    """The gradients of col, L and U with the perturbation's added: d L += tril(gy epsᵀ), d U +=
+    triu(gs epsᵀ) (one pass over eps, native_gram2, where both come) and d col += gy xᵀ."""
+    x, eps = pair
+    if gy is not None and gs is not None:
+        dL, dU = native_gram2(gy, gs, eps)
+    else:
+        dL = None if gy is None else native_gram(gy, eps, "lower")
+        dU = None if gs is None else native_gram(gs, eps, "upper")
+    dcol = None
+    if gy is not None:
+        n, K = gy.shape[0], gy.shape[1]
+        dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
+    add = lambda g, extra: extra if g is None else g if extra is None else g + extra  # noqa: E731
+    return add(gcol, dcol), add(gL, dL), add(gU, dU)
+
+
+def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping=None,
+                        pair=None):
     """One elbo() call's process quantities from one native pipeline call, for s = B(t) of
     the batch's n times followed by B(t_min) and B(T), and A = -(Q + D) P (its values: the
-    gradients go to Q and D, so autograd never walks A's own graph):
+    gradients go to Q and D, so autograd never walks A's own graph); A, D, S0, s, P and beta
+    float64 CPU tensors:
 
     col (n, K) = Φ[:, :, 0], L (n, K, K) = chol Σ, U (n, K, K) = -L⁻ᵀ, GG (n, K, K) =
     2 beta D (beta (n,) at the batch's times), each in ``dtype``; terms (5,) in ``dtype``:
@@ -295,12 +326,21 @@ def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_de
     ok, a bool: False where some Σ's Cholesky pivot is not > 0 (the outputs are then not
     written).  Gradients reach Q and D only; or, with mapping = (entries, -P, S, theta) of the
     native map that made D and A (native_param_values; Q is then None), the raw parameters
-    theta themselves, the map's adjoint run in the node's own backward (no node of its own)."""
-    if mapping is None:
-        return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d,
-                        dtype, None)
+    theta themselves, the map's adjoint run in the node's own backward (no node of its own).
+    Then (y, score): with pair = (x, eps) (native_pair_ok; no graph into either) the batch's
+    perturbation y = col x + L eps and its score U eps, else (or where ok is False) None."""
+    theta = () if mapping is None else mapping[3]
     return _applied(NativeElboKernels, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d,
-                    dtype, mapping, *mapping[3])
+                    dtype, mapping, pair, *theta)
+
+
+def native_pair_ok(x, eps, dtype):
+    """Whether native_elbo_kernels can make the perturbation of x (B, *data) with eps
+    (B, K, *data): float32 CPU tensors without a graph, the outputs' dtype float32, K >= 2."""
+    return (dtype == torch.float32 and x.dtype == eps.dtype == torch.float32 and x.device.type == "cpu"
+            and eps.device.type == "cpu" and not (x.requires_grad or eps.requires_grad) and eps.dim() >= 2
+            and eps.shape[1] >= 2 and x.shape == (eps.shape[0],) + tuple(eps.shape[2:])
+            and x.is_contiguous() and eps.is_contiguous())
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
