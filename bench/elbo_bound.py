@@ -74,10 +74,10 @@ def same_terms(proc, reference, x):
     return float(((out[0] - out[1]).abs() / out[1].abs().clamp(min=1e-30)).max())
 
 
-NODES = ("NativeElboKernels", "_PairApply", "_Terms")   # learned3's native graph nodes in elbo()
-C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward",),
-           "NativeElboKernels.backward": ("sdec_elbo_backward", "sdec_param_map_backward"),
-           "_PairApply.forward": ("sdec_apply2_f32",), "_PairApply.backward": ("sdec_gram_f32", "sdec_gram2_f32"),
+NODES = ("NativeElboKernels", "_Terms")   # learned3's native graph nodes in elbo()
+C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward", "sdec_apply2_f32"),
+           "NativeElboKernels.backward": ("sdec_elbo_backward", "sdec_param_map_backward", "sdec_gram_f32",
+                                          "sdec_gram2_f32"),
            "_Terms.forward": ("sdec_terms_forward",), "_Terms.backward": ("sdec_terms_backward",),
            "native_rate_table": ("sdec_rate_table",)}
 

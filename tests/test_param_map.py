@@ -305,10 +305,10 @@ def test_fused_node_keeps_its_chains_when_only_the_first_parameter_learns(monkey
         mod = sys.modules[type(proc).__module__]
         asked = []
 
-        def recorded(A, m, j, needed, asked=asked, chain_buffer=mod._chain_buffer):
-            asked.append(needed)
-            return chain_buffer(A, m, j, needed)
-        monkeypatch.setattr(mod, "_chain_buffer", recorded)
+        def recorded(A, m, j, keep, asked=asked, workspace=mod._elbo_workspace):
+            asked.append(keep)
+            return workspace(A, m, j, keep)
+        monkeypatch.setattr(mod, "_elbo_workspace", recorded)
         x = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
         terms = proc.elbo(x, lambda y, t: -y, time_sampler="importance", generator=torch.Generator().manual_seed(1))
         terms.total.mean().backward()

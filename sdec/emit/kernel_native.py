@@ -251,24 +251,24 @@ class NativeElboKernels(torch.autograd.Function):
         A, D, S0, s, P, beta = (v.contiguous() for v in (A, D, S0, s, P, beta))
         K, m = A.shape[-1], s.shape[0]
         n = m - 2
-        Phi, Sig, L, Li = (A.new_empty(m, K, K) for _ in range(4))
-        hld, ok = A.new_empty(m), torch.empty(m, dtype=torch.int32)
+        need = ctx.needs_input_grad
+        keep = need[0] or need[1] or any(need[16:])  # Q, D or theta: the squaring chains are kept
+        # the pipeline's own outputs in one float64 workspace (_elbo_workspace's layout)
+        work, (Phi, Sig, L, Li, hld, ok, chains) = _elbo_workspace(A, m, j, keep)
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        need = ctx.needs_input_grad
-        keep = _chain_buffer(A, m, j, need[0] or need[1] or any(need[16:]))  # Q, D or theta
         rc = _loaded().sdec_elbo_forward(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
-            int(dtype == torch.float32), *_pointers(Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, out_terms),
-            _maybe_ptr(keep))
+            int(dtype == torch.float32), Phi, Sig, L, Li, hld, ok, *_pointers(col, Lb, U, GG, out_terms), chains)
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         y = score = None
         if pair is not None and rc == 0:
             y, score = native_apply2(Lb, U, col, *pair)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(A, D, S0, s, beta, P, Phi, L, Li, keep, *theta)
+        ctx.save_for_backward(A, D, S0, s, beta, P, work, *theta)
+        ctx.keep = keep
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
         ctx.mapping = None if mapping is None else mapping[:3]  # (entries, -P, S); theta saved above
         ctx.pair = pair  # x and eps: constants of the graph (the caller checked)
@@ -277,21 +277,40 @@ class NativeElboKernels(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gcol, gL, gU, gGG, gterms, _ok, gy, gs):
-        A, D, S0, s, beta, P, Phi, L, Li, keep, *theta = ctx.saved_tensors
+        A, D, S0, s, beta, P, work, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
+        Phi, _, L, Li, _, _, chains = _elbo_layout(work.data_ptr(), A.shape[-1], s.shape[0], j, ctx.keep)
         if gy is not None or gs is not None:  # the perturbation's share (as _PairApply's)
             gcol, gL, gU = _pair_grads(ctx.pair, gy, gs, gcol, gL, gU)
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
-            A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P, Phi, L, Li),
-            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in grads], *_pointers(gA, gQ, gD), _maybe_ptr(keep))
+            A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P), Phi, L, Li,
+            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in grads], *_pointers(gA, gQ, gD), chains)
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
         if ctx.mapping is None:
             return gQ, gD, *([None] * 14)
         entries, negP, S = ctx.mapping
         return None, None, *([None] * 14), *_param_map_backward(entries, negP, S, theta, gQ, gD, None)
+
+
+def _elbo_layout(base, K, m, j, keep):
+    """Pointers into NativeElboKernels' float64 workspace at address base: Φ, Σ, L, L⁻¹ (m K²
+    each), Σ log L_kk (m), ok (m int32, in m doubles' room) and, when keep, the squaring
+    chains (m 2 (j + 1) K², see _chain_buffer), else None."""
+    mkk = m * K * K
+    at = [base + 8 * k * mkk for k in range(4)]
+    hld, ok = base + 32 * mkk, base + 32 * mkk + 8 * m
+    return (*at, hld, ok, base + 32 * mkk + 16 * m if keep else None)
+
+
+def _elbo_workspace(A, m, j, keep):
+    """(workspace, pointers) for NativeElboKernels: one allocation for its scratch and saved
+    outputs instead of seven (_elbo_layout)."""
+    K = A.shape[-1]
+    work = A.new_empty(4 * m * K * K + 2 * m + (m * 2 * (j + 1) * K * K if keep else 0))
+    return work, _elbo_layout(work.data_ptr(), K, m, j, keep)
 
 
 def _pair_grads(pair, gy, gs, gcol, gL, gU):
@@ -301,8 +320,8 @@ def _pair_grads(pair, gy, gs, gcol, gL, gU):
     if gy is not None and gs is not None:
         dL, dU = native_gram2(gy, gs, eps)
     else:
-        dL = None if gy is None else native_gram(gy, eps, "lower")
-        dU = None if gs is None else native_gram(gs, eps, "upper")
+        dL = None if gy is None else _gram(gy, eps, "lower")
+        dU = None if gs is None else _gram(gs, eps, "upper")
     dcol = None
     if gy is not None:
         n, K = gy.shape[0], gy.shape[1]
@@ -382,14 +401,18 @@ def native_gram(a, c, tri=None):
             or c.device.type != "cpu" or a.dim() < 2 or c.dim() < 2 or a.shape[0] != c.shape[0]
             or a.shape[2:] != c.shape[2:]):
         return None
-    lib = native_library()
-    if lib is None:
+    if native_library() is None:
         return None
+    return _gram(a, c, tri)
+
+
+def _gram(a, c, tri=None):
+    """native_gram's product, for a caller that checked what native_gram checks."""
     B, Ka, Kc = a.shape[0], a.shape[1], c.shape[1]
     a, c = a.contiguous(), c.contiguous()
     out = torch.empty(B, Ka, Kc, dtype=torch.float32)
     N = a[0, 0].numel() if B and Ka else 0
-    lib.sdec_gram_f32(B, Ka, Kc, N, _ptr(a), _ptr(c), _TRI[tri], _ptr(out))
+    _loaded().sdec_gram_f32(B, Ka, Kc, N, _ptr(a), _ptr(c), _TRI[tri], _ptr(out))
     return out
 
 
@@ -438,10 +461,11 @@ def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
 
 
 def native_terms_ok(model, target, GG):
-    """Whether native_terms runs: float32 CPU scores and G Gᵀ, and the library."""
+    """Whether native_terms runs: float32 CPU scores and G Gᵀ, and the library (as loaded: the
+    caller, the fused ELBO path, chose the native path for this call, see _loaded)."""
     return (all(v.dtype == torch.float32 and v.device.type == "cpu" for v in (model, GG))
             and (target is None or (target.dtype == torch.float32 and target.device.type == "cpu"))
-            and native_library() is not None)
+            and _loaded() is not None)
 
 
 def native_terms(scalars, model, target, GG, x, weight, aux_value):
