@@ -37,7 +37,7 @@ INLINE void gemm(int K, int tx, const double *X, int ty, const double *Y, double
         }
 }
 
-INLINE void axpy(int n, double a, const double *x, double *y)
+INLINE void axpy(int n, double a, const double *restrict x, double *restrict y)
 {
     for (int i = 0; i < n; i++)
         y[i] += a * x[i];
