@@ -810,3 +810,15 @@ def test_elbo_gradient_into_the_data_takes_the_unfused_path(monkeypatch):
             down[i, j] -= h
             fd = (total(up).item() - total(down).item()) / (2 * h)
             assert abs(float(x.grad[i, j]) - fd) <= 1e-6 * max(1.0, abs(fd))
+
+
+def test_fused_elbo_node_sees_an_in_place_change_of_its_data(monkeypatch):
+    """The node that made the perturbation keeps x and eps for its backward as saved tensors:
+    changing x in place between elbo() and backward is an error, not a silently wrong
+    gradient (as with _PairApply before it)."""
+    proc = compiled("learned3", monkeypatch, True)
+    x = torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(0))
+    terms = proc.elbo(x, lambda y, t: -0.5 * y, time_sampler="importance", generator=torch.Generator().manual_seed(1))
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        terms.total.mean().backward()

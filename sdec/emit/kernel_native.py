@@ -267,21 +267,21 @@ class NativeElboKernels(torch.autograd.Function):
         if pair is not None and rc == 0:
             y, score = native_apply2(Lb, U, col, *pair)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(A, D, S0, s, beta, P, work, *theta)
+        x, eps = (None, None) if pair is None else pair  # saved: an in-place change of either is caught
+        ctx.save_for_backward(A, D, S0, s, beta, P, work, x, eps, *theta)
         ctx.keep = keep
         ctx.series, ctx.d, ctx.f32 = (j, radius, anorm, terms), float(d), int(dtype == torch.float32)
         ctx.mapping = None if mapping is None else mapping[:3]  # (entries, -P, S); theta saved above
-        ctx.pair = pair  # x and eps: constants of the graph (the caller checked)
         return col, Lb, U, GG, out_terms, rc == 0, y, score
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gcol, gL, gU, gGG, gterms, _ok, gy, gs):
-        A, D, S0, s, beta, P, work, *theta = ctx.saved_tensors
+        A, D, S0, s, beta, P, work, x, eps, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
         Phi, _, L, Li, _, _, chains = _elbo_layout(work.data_ptr(), A.shape[-1], s.shape[0], j, ctx.keep)
         if gy is not None or gs is not None:  # the perturbation's share (as _PairApply's)
-            gcol, gL, gU = _pair_grads(ctx.pair, gy, gs, gcol, gL, gU)
+            gcol, gL, gU = _pair_grads(x, eps, gy, gs, gcol, gL, gU)
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
@@ -313,10 +313,9 @@ def _elbo_workspace(A, m, j, keep):
     return work, _elbo_layout(work.data_ptr(), K, m, j, keep)
 
 
-def _pair_grads(pair, gy, gs, gcol, gL, gU):
+def _pair_grads(x, eps, gy, gs, gcol, gL, gU):
     """The gradients of col, L and U with the perturbation's added: d L += tril(gy epsᵀ), d U +=
     triu(gs epsᵀ) (one pass over eps, native_gram2, where both come) and d col += gy xᵀ."""
-    x, eps = pair
     if gy is not None and gs is not None:
         dL, dU = native_gram2(gy, gs, eps)
     else:
