@@ -34,13 +34,23 @@ def test_bf16_autocasts_the_network_only(tmp_path):
     run.net.out.register_forward_hook(net_hook)  # the network's last layer
     real = run.proc.perturb
 
-    def perturb(*args, **kwargs):  # called by the ELBO, with its K x K algebra
+    def perturb(*args, **kwargs):  # called by the ELBO where it does not fuse, with its K x K algebra
         out = real(*args, **kwargs)
         seen["process"].append((torch.is_autocast_enabled("cpu"), out.y.dtype))
         seen["process"].append((torch.is_autocast_enabled("cpu"), out.chol.dtype))
         return out
 
     run.proc.perturb = perturb
+    kernels = run.proc._elbo_kernels
+
+    def elbo_kernels(*args):  # the fused path makes the perturbation in its own node
+        out = kernels(*args)
+        if out is not None and out["y"] is not None:
+            seen["process"].append((torch.is_autocast_enabled("cpu"), out["y"].dtype))
+            seen["process"].append((torch.is_autocast_enabled("cpu"), out["L"].dtype))
+        return out
+
+    run.proc._elbo_kernels = elbo_kernels
     numbers = [train_step(run, s) for s in range(2)]
     assert seen["net"] and all(seen["net"][i] == (True, torch.bfloat16) for i in range(len(seen["net"])))
     assert seen["process"] and all(not on and dt in (torch.float32, torch.float64)
