@@ -5,7 +5,7 @@
      Phi(s), Sigma(s), L = chol Sigma, L^-1 and sum_k log L_kk,
    by the same method as kernel_base's torch path (the Taylor series about s = 0 where
    |s| <= radius, else the series of E = Phi - I at h = s 2^-ji and ji doublings of E, ji the
-   element's own (doublings); each series with the terms its element needs, terms_at; the
+   element's own (doublings); each series with the terms its element needs, series_weights; the
    chain again in double-double where the double one may have lost digits, needs_dd), and
    the reverse-mode adjoint of all five outputs with respect to A and D.  After them: the float32 state apply and its gradient's products
    (single and paired), and ||A||_2.
@@ -114,26 +114,32 @@ INLINE double recip(int k)
     return k <= RECIP_MAX ? RECIP[k] : 1.0 / k;
 }
 
-/* w_k = s^k / k! by the running product w_k = w_(k-1) (s (1 / k)) */
-INLINE void taylor_weights(int n, double s, double *w)
+/* The terms of the series at h and their weights.  The count: the first k with
+   (2 x)^k / k! <= 1e-24, x = |h| ||A||_2 (the global truncation bound of the 48-term series at
+   s ||A||_2 = 3, kernel_base's doc), plus 2 K - 1 terms, the highest order at which an entry
+   of Sigma can start (structurally small entries such as CLD's s^3 keep that bound relative to
+   their own leading term); at most n.  The weights w_k = ah^k / k! (ah = a h, the scaled
+   coefficients' argument) by the running product w_k = w_(k-1) (ah (1 / k)).  The two
+   running products are one loop, each held in a register: side by side rather than one
+   after the other. */
+INLINE int series_weights(int K, int n, double h, double anorm, double ah, double *w)
 {
-    w[0] = 1.0;
-    for (int k = 1; k < n; k++)
-        w[k] = w[k - 1] * (s * recip(k));
-}
-
-/* Terms of the series at h: the first k with (2 x)^k / k! <= 1e-24, x = |h| ||A||_2 (the
-   global truncation bound of the 48-term series at s ||A||_2 = 3, kernel_base's doc), plus
-   2 K - 1 terms, the highest order at which an entry of Sigma can start (structurally small
-   entries such as CLD's s^3 keep that bound relative to their own leading term); at most n. */
-INLINE int terms_at(int K, int n, double h, double anorm)
-{
-    double x2 = 2.0 * fabs(h) * anorm, b = 1.0;
+    double x2 = 2.0 * fabs(h) * anorm, b = 1.0, v = 1.0;
     int k = 0;
-    while (k < n && b > 1e-24)
-        b *= x2 * recip(++k);
-    k += 2 * K - 1;
-    return k < n ? k : n;
+    w[0] = 1.0;
+    while (k < n && b > 1e-24) {
+        double r = recip(++k);
+        b *= x2 * r;
+        v *= ah * r;
+        if (k < n)
+            w[k] = v;
+    }
+    int total = k + 2 * K - 1 < n ? k + 2 * K - 1 : n;
+    for (int q = k + 1; q < total; q++) {
+        v *= ah * recip(q);
+        w[q] = v;
+    }
+    return total;
 }
 
 /* The doublings of an element above the series radius: the fewest ji with |s| 2^-ji <= radius
@@ -172,11 +178,10 @@ INLINE void plus_identity(int K, const double *E, double *out)
    in a direction that decays slowly over h, Phi(h) = I + E rounds E's digits away and each
    squaring of Phi doubles that loss, while E keeps them (a stiff spectrum, eigenvalues -4.5e6
    and -0.036, lost 4x more in Sigma's own scale over 19 doublings of Phi). */
-INLINE void chain(int K, int n, int j, double ah, const double *P, const double *N, double *w,
+INLINE void chain(int K, int n, int j, const double *P, const double *N, const double *w,
                   double *Pc, double *Sc, double *X)
 {
-    int KK = K * K;
-    taylor_weights(n, ah, w);  /* n: the terms at h (terms_at) */
+    int KK = K * K;  /* n: the terms at h and w their weights (series_weights) */
     series(K, n - 1, w + 1, P + KK, Pc);
     series(K, n, w, N, Sc);
     for (int l = 0; l < j; l++) {
@@ -493,8 +498,7 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
     for (int i = 0; i < m; i++) {
         double *Ph = Phi ? Phi + i * KK : NULL, *Sg = Sig + i * KK;
         if (fabs(s[i]) <= radius) {
-            int ni = terms_at(K, n, s[i], anorm);
-            taylor_weights(ni, sc * s[i], wk.w);
+            int ni = series_weights(K, n, s[i], anorm, sc * s[i], wk.w);
             if (Phi)
                 series(K, ni, wk.w, wk.P, Ph);
             series(K, ni, wk.w, wk.M, Sg);
@@ -505,13 +509,14 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 wk.Pc = keep + (size_t)i * 2 * (j + 1) * KK;
                 wk.Sc = wk.Pc + (j + 1) * KK;
             }
-            chain(K, terms_at(K, n, h, anorm), ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            int nh = series_weights(K, n, h, anorm, sc * h, wk.w);
+            chain(K, nh, ji, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             if (needs_dd(K, ji, wk.Pc)) { /* again in double-double, over the same levels */
                 if (!ensure_dd(K, n, &wk)) {
                     free_work(&wk);
                     return -1;
                 }
-                chain_dd(K, terms_at(K, n, h, anorm), ji, sc * h, wk.Pdd, wk.Ndd, wk.Pc, wk.Sc, wk.Edd,
+                chain_dd(K, nh, ji, sc * h, wk.Pdd, wk.Ndd, wk.Pc, wk.Sc, wk.Edd,
                          wk.Sdd, wk.Tdd);
                 finish_dd(K, wk.Edd, wk.Sdd, S0, Ph, Sg, wk.Tdd);
                 ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, hld + i);
@@ -586,8 +591,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             for (int b = 0; b < K; b++)
                 gS[a * K + b] = 0.5 * (U[a * K + b] + U[b * K + a] + gSg[a * K + b] + gSg[b * K + a]);
         if (fabs(s[i]) <= radius) {
-            int ni = terms_at(K, n, s[i], anorm);
-            taylor_weights(ni, sc * s[i], wk.w);
+            int ni = series_weights(K, n, s[i], anorm, sc * s[i], wk.w);
             for (int k = 0; k < ni; k++) {
                 axpy(KK, wk.w[k], gPhi + i * KK, gP + k * KK);
                 axpy(KK, wk.w[k], gS, gM + k * KK);
@@ -596,12 +600,12 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
         }
         int ji = doublings(s[i], radius, j);
         double h = ldexp(s[i], -ji);
-        int nh = terms_at(K, n, h, anorm);
+        int nh = series_weights(K, n, h, anorm, sc * h, wk.w); /* the adjoint's weights below too */
         if (keep) { /* the forward's chain for this element, bit for bit what chain() gives */
             wk.Pc = (double *)keep + (size_t)i * 2 * (j + 1) * KK;
             wk.Sc = wk.Pc + (j + 1) * KK;
         } else {
-            chain(K, nh, ji, sc * h, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
+            chain(K, nh, ji, wk.P, wk.N, wk.w, wk.Pc, wk.Sc, wk.X);
             if (needs_dd(K, ji, wk.Pc)) { /* the forward's dd chain, rounded as it kept it */
                 if (!ensure_dd(K, n, &wk)) {
                     free(gP);
@@ -635,7 +639,6 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             memcpy(Pb, wk.Y, sizeof(double) * KK);
             gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
         }
-        taylor_weights(nh, sc * h, wk.w);
         for (int k = 0; k < nh; k++) { /* E has no k = 0 term, but gP[0] feeds nothing (P_0 = I) */
             axpy(KK, wk.w[k], Pb, gP + k * KK);
             axpy(KK, wk.w[k], Sb, gN + k * KK);

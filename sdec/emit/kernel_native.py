@@ -7,7 +7,7 @@ small ATen ops (series coefficients, Taylor products, squarings, Cholesky, trian
 solves) and as many backward nodes per learned ELBO step, each a few µs of dispatch on a
 3 x 3 matrix.  The C code runs the same method (the series about s = 0 where |s| <= radius,
 else the series at s 2^-j and j doublings; see kernel_base) in float64 loops, with the terms
-each element needs (terms_at in the C source), and agrees with the torch path to rounding
+each element needs (series_weights in the C source), and agrees with the torch path to rounding
 (tests/test_native.py), except where the float64 squaring chain may have grown its rounding
 past 2^11 u (many doublings, or a non-normal Φ): that element runs again in double-double
 (needs_dd in the C source), and the torch path stays in float64.
