@@ -101,9 +101,10 @@ import math
 import torch
 
 from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # package only
-                            native_elbo_kernels, native_gram, native_gram2,  # package only
+                            native_elbo_kernels, native_gram,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
-                            native_norm2, native_pair_ok, native_param_map, native_param_values,  # package only
+                            native_norm2, native_pair_grads, native_pair_ok,  # package only
+                            native_param_map, native_param_values,  # package only
                             native_rate_table, native_terms,  # package only
                             native_terms_backward,  # package only
                             native_terms_ok)  # package only: generated modules carry it inline
@@ -287,7 +288,8 @@ def _apply_pair(L, U, col, x, eps):
 class _PairApply(torch.autograd.Function):
     """_apply_pair with a graph into L, U and col (x and eps are constants): the native pass
     forward; backward d L = tril(gy epsᵀ) and d U = triu(gs epsᵀ) in one pass over eps, and
-    d col = gy xᵀ as in _SmallApply, so every gradient equals the two _SmallApply calls'."""
+    d col = gy xᵀ as in _SmallApply (native_pair_grads, shared with the fused ELBO node), so
+    every gradient equals the two _SmallApply calls'."""
 
     @staticmethod
     def forward(ctx, L, U, col, x, eps):
@@ -298,18 +300,7 @@ class _PairApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gs):
         L, U, col, x, eps = ctx.saved_tensors
-        dL = dU = dcol = None
-        if gy is not None and gs is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            dL, dU = native_gram2(gy, gs, eps)
-        else:
-            if gy is not None and ctx.needs_input_grad[0]:
-                dL = native_gram(gy, eps, "lower")
-            if gs is not None and ctx.needs_input_grad[1]:
-                dU = native_gram(gs, eps, "upper")
-        if gy is not None and ctx.needs_input_grad[2]:
-            n, K = gy.shape[0], gy.shape[1]
-            dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
-        return dL, dU, dcol, None, None
+        return (*native_pair_grads(x, eps, gy, gs, ctx.needs_input_grad[:3]), None, None)
 
 
 def _gram_form(diff, GG):

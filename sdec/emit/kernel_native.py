@@ -241,7 +241,7 @@ class NativeElboKernels(torch.autograd.Function):
     pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients and runs its adjoint, so autograd walks one
     node instead of about fifty K x K ones, and no small ATen op runs on either side.  With
     pair = (x, eps) the perturbation (y, score) = (L eps + col x, -L⁻ᵀ eps) is made in the same
-    node (native_apply2), and its gradients (native_gram2) join L's, U's and col's."""
+    node (native_apply2), and its gradients (native_pair_grads) join L's, U's and col's."""
 
     @staticmethod
     def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping, pair,
@@ -280,8 +280,9 @@ class NativeElboKernels(torch.autograd.Function):
         A, D, S0, s, beta, P, work, x, eps, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
         Phi, _, L, Li, _, _, chains = _elbo_layout(work.data_ptr(), A.shape[-1], s.shape[0], j, ctx.keep)
-        if gy is not None or gs is not None:  # the perturbation's share (as _PairApply's)
-            gcol, gL, gU = _pair_grads(x, eps, gy, gs, gcol, gL, gU)
+        if gy is not None or gs is not None:  # the perturbation's share
+            dL, dU, dcol = native_pair_grads(x, eps, gy, gs)
+            gcol, gL, gU = _plus(gcol, dcol), _plus(gL, dL), _plus(gU, dU)
         grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         rc = _loaded().sdec_elbo_backward(
@@ -313,20 +314,26 @@ def _elbo_workspace(A, m, j, keep):
     return work, _elbo_layout(work.data_ptr(), K, m, j, keep)
 
 
-def _pair_grads(x, eps, gy, gs, gcol, gL, gU):
-    """The gradients of col, L and U with the perturbation's added: d L += tril(gy epsᵀ), d U +=
-    triu(gs epsᵀ) (one pass over eps, native_gram2, where both come) and d col += gy xᵀ."""
-    if gy is not None and gs is not None:
+def native_pair_grads(x, eps, gy, gs, want=(True, True, True)):
+    """The matrix gradients of the perturbation (y, s) = (L eps + col x, U eps) (native_apply2)
+    from those of y and s (each None or like eps): (d L, d U, d col) = (tril(gy epsᵀ),
+    triu(gs epsᵀ), gy xᵀ) per example, each None where its gradient is absent or not wanted
+    (want: L, U, col); d L and d U in one pass over eps (native_gram2) where both are made."""
+    dL = dU = dcol = None
+    if gy is not None and gs is not None and want[0] and want[1]:
         dL, dU = native_gram2(gy, gs, eps)
     else:
-        dL = None if gy is None else _gram(gy, eps, "lower")
-        dU = None if gs is None else _gram(gs, eps, "upper")
-    dcol = None
-    if gy is not None:
+        dL = _gram(gy, eps, "lower") if gy is not None and want[0] else None
+        dU = _gram(gs, eps, "upper") if gs is not None and want[1] else None
+    if gy is not None and want[2]:
         n, K = gy.shape[0], gy.shape[1]
         dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
-    add = lambda g, extra: extra if g is None else g if extra is None else g + extra  # noqa: E731
-    return add(gcol, dcol), add(gL, dL), add(gU, dU)
+    return dL, dU, dcol
+
+
+def _plus(g, extra):
+    """g + extra, either of which may be None (no gradient)."""
+    return extra if g is None else g if extra is None else g + extra
 
 
 def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping=None,
