@@ -675,9 +675,10 @@ def _elbo_run(proc, x, score_fn, fused, weights, extra=()):
 @pytest.mark.parametrize("model", ["linear", "zero"])
 def test_fused_elbo_node_equals_the_unfused_path(name, dtype, weights, model, monkeypatch):
     """One graph node for the K x K side of elbo() (native_elbo_kernels, its C adjoint; with the
-    perturbation in float32) and one for the terms (_Terms, in C for float32): the terms bit for bit (in float32 the sums in the
-    prior and the score's quadratic form to rounding), the gradients of the total alone and of every term weighted
-    apart to rounding; and the node did run."""
+    perturbation in float32) and one for the terms (_Terms, in C for float32): the terms bit
+    for bit (in float32 the sums in the prior and the score's quadratic form to rounding), the
+    gradients of the total alone and of every term weighted apart to rounding; and the node
+    did run."""
     proc = compiled(name, monkeypatch, True)
     calls = []
     fused_call = proc._fused_elbo_kernels
