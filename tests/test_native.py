@@ -643,6 +643,7 @@ def test_native_apply2_equals_two_applies_on_odd_shapes_and_strides(shape, B):
         assert torch.equal(dU, kernel_native.native_gram(gs, eps, "upper"))
     assert not kernel_native.native_apply2_ok(L.double(), U, col, x, eps)  # float32 only
     assert not kernel_native.native_apply2_ok(L[:, :1, :1], U[:, :1, :1], col[:, :1], x, eps[:, :1])  # K = 1
+    assert not kernel_native.native_apply2_ok(L, U, col, x, eps.detach().requires_grad_())  # a graph into eps
 
 
 # ------------------------------------------------------- the fused ELBO node

@@ -278,7 +278,7 @@ def _apply_pair(L, U, col, x, eps):
     """(L eps + col x, U eps) for the perturbation and its score, L lower and U upper (B, K, K),
     in one native pass over eps (see native_apply2), or None where the two _apply calls must
     run (not float32 on the CPU, K = 1, no library, or a graph into x or eps)."""
-    if x.requires_grad or eps.requires_grad or not native_apply2_ok(L, U, col, x, eps):
+    if not native_apply2_ok(L, U, col, x, eps):
         return None
     if torch.is_grad_enabled() and (L.requires_grad or U.requires_grad or col.requires_grad):
         return _PairApply.apply(L, U, col, x, eps)
@@ -1069,7 +1069,7 @@ class DiffusionBase(torch.nn.Module):
         const, n = self._constants(), t.shape[0]
         # gradients to the raw parameters through the node's own map adjoint (c["map"]), else to Q, D
         Q, D = (None, c["D"]) if c["map"] is not None else self._Q_D()
-        pair = (like, eps) if native_pair_ok(like, eps, like.dtype) else None
+        pair = (like, eps) if native_pair_ok(like, eps) else None
         col, L, U, GG, terms, ok, y, score = native_elbo_kernels(
             Q, D, c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
             _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),

@@ -319,7 +319,7 @@ def native_pair_grads(x, eps, gy, gs, want=(True, True, True)):
     from those of y and s (each None or like eps): (d L, d U, d col) = (tril(gy epsᵀ),
     triu(gs epsᵀ), gy xᵀ) per example, each None where its gradient is absent or not wanted
     (want: L, U, col); d L and d U in one pass over eps (native_gram2) where both are made."""
-    dL = dU = dcol = None
+    dcol = None
     if gy is not None and gs is not None and want[0] and want[1]:
         dL, dU = native_gram2(gy, gs, eps)
     else:
@@ -359,13 +359,12 @@ def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_de
                     dtype, mapping, pair, *theta)
 
 
-def native_pair_ok(x, eps, dtype):
-    """Whether native_elbo_kernels can make the perturbation of x (B, *data) with eps
-    (B, K, *data): float32 CPU tensors without a graph, the outputs' dtype float32, K >= 2."""
-    return (dtype == torch.float32 and x.dtype == eps.dtype == torch.float32 and x.device.type == "cpu"
-            and eps.device.type == "cpu" and not (x.requires_grad or eps.requires_grad) and eps.dim() >= 2
-            and eps.shape[1] >= 2 and x.shape == (eps.shape[0],) + tuple(eps.shape[2:])
-            and x.is_contiguous() and eps.is_contiguous())
+def native_pair_ok(x, eps):
+    """Whether the native pass can make the perturbation of x (B, *data) with eps (B, K, *data)
+    (native_apply2; native_elbo_kernels' pair): float32 CPU tensors without a graph, K >= 2."""
+    return (x.dtype == eps.dtype == torch.float32 and x.device.type == eps.device.type == "cpu"
+            and not (x.requires_grad or eps.requires_grad) and eps.dim() >= 2 and eps.shape[1] >= 2
+            and x.shape == (eps.shape[0],) + tuple(eps.shape[2:]))
 
 
 _TRI = {None: 0, "lower": -1, "upper": 1}
@@ -423,13 +422,13 @@ def _gram(a, c, tri=None):
 
 
 def native_apply2_ok(L, U, col, x, eps):
-    """Whether native_apply2 runs on these: float32 CPU tensors L, U (B, K, K), col (B, K),
-    x (B, *data), eps (B, K, *data), K >= 2, and the library is available."""
-    if any(v.dtype != torch.float32 or v.device.type != "cpu" for v in (L, U, col, x, eps)):
+    """Whether native_apply2 runs on these: x and eps as native_pair_ok takes them, float32 CPU
+    L, U (B, K, K) and col (B, K), and the library is available."""
+    if not native_pair_ok(x, eps) or any(v.dtype != torch.float32 or v.device.type != "cpu" for v in (L, U, col)):
         return False
-    B, K = eps.shape[0], eps.shape[1] if eps.dim() >= 2 else 0
-    return (K >= 2 and L.shape == (B, K, K) and U.shape == (B, K, K) and col.shape == (B, K)
-            and x.shape == (B,) + tuple(eps.shape[2:]) and native_library() is not None)
+    B, K = eps.shape[0], eps.shape[1]
+    return (L.shape == (B, K, K) and U.shape == (B, K, K) and col.shape == (B, K)
+            and native_library() is not None)
 
 
 def native_apply2(L, U, col, x, eps):
