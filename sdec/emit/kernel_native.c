@@ -43,6 +43,36 @@ INLINE void axpy(int n, double a, const double *restrict x, double *restrict y)
         y[i] += a * x[i];
 }
 
+/* The adjoint's accumulation, gX[k] += w[k] x and gY[k] += w[k] y for k < n (K x K each, KK
+   entries): two lanes at a time (GCC / Clang vector extensions, any target; elementwise, so the
+   same doubles as the scalar loop), x and y read once. */
+typedef double v2d __attribute__((vector_size(16)));
+
+INLINE void accumulate(int KK, int n, const double *restrict w, const double *restrict x,
+                       const double *restrict y, double *restrict gX, double *restrict gY)
+{
+    for (int k = 0; k < n; k++) {
+        v2d wv = {w[k], w[k]};
+        double *X = gX + k * KK, *Y = gY + k * KK;
+        int e = 0;
+        for (; e + 2 <= KK; e += 2) {
+            v2d a, b, c, d;
+            memcpy(&a, x + e, sizeof a);
+            memcpy(&b, X + e, sizeof b);
+            memcpy(&c, y + e, sizeof c);
+            memcpy(&d, Y + e, sizeof d);
+            b += wv * a;
+            d += wv * c;
+            memcpy(X + e, &b, sizeof b);
+            memcpy(Y + e, &d, sizeof d);
+        }
+        for (; e < KK; e++) {
+            X[e] += w[k] * x[e];
+            Y[e] += w[k] * y[e];
+        }
+    }
+}
+
 /* coefficients: P, M, N each (n, K, K) */
 INLINE void coefficients(int K, int n, const double *A, const double *D, const double *S0,
                          double *P, double *M, double *N, double *X)
@@ -154,13 +184,36 @@ INLINE int doublings(double s, double radius, int j)
     return ji < j ? ji : j;
 }
 
-/* out = sum_k w_k C_k */
-INLINE void series(int K, int n, const double *w, const double *C, double *out)
+/* out = sum_k w_k C_k, two lanes at a time (see accumulate): the same doubles, in the same
+   order, as the scalar loop */
+INLINE void series(int K, int n, const double *restrict w, const double *restrict C, double *restrict out)
 {
     int KK = K * K;
-    memset(out, 0, sizeof(double) * KK);
-    for (int k = 0; k < n; k++)
-        axpy(KK, w[k], C + k * KK, out);
+    if (KK > 16) {
+        memset(out, 0, sizeof(double) * KK);
+        for (int k = 0; k < n; k++)
+            axpy(KK, w[k], C + k * KK, out);
+        return;
+    }
+    v2d acc[8];
+    double tail = 0.0;
+    for (int e = 0; e + 2 <= KK; e += 2)
+        acc[e / 2] = (v2d){0.0, 0.0};
+    for (int k = 0; k < n; k++) {
+        v2d wv = {w[k], w[k]};
+        const double *Ck = C + k * KK;
+        for (int e = 0; e + 2 <= KK; e += 2) {
+            v2d c;
+            memcpy(&c, Ck + e, sizeof c);
+            acc[e / 2] += wv * c;
+        }
+        if (KK & 1)
+            tail += w[k] * Ck[KK - 1];
+    }
+    for (int e = 0; e + 2 <= KK; e += 2)
+        memcpy(out + e, &acc[e / 2], sizeof acc[0]);
+    if (KK & 1)
+        out[KK - 1] = tail;
 }
 
 /* out = I + E (K x K) */
@@ -592,10 +645,7 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
                 gS[a * K + b] = 0.5 * (U[a * K + b] + U[b * K + a] + gSg[a * K + b] + gSg[b * K + a]);
         if (fabs(s[i]) <= radius) {
             int ni = series_weights(K, n, s[i], anorm, sc * s[i], wk.w);
-            for (int k = 0; k < ni; k++) {
-                axpy(KK, wk.w[k], gPhi + i * KK, gP + k * KK);
-                axpy(KK, wk.w[k], gS, gM + k * KK);
-            }
+            accumulate(KK, ni, wk.w, gPhi + i * KK, gS, gP, gM);
             continue;
         }
         int ji = doublings(s[i], radius, j);
@@ -639,10 +689,8 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
             memcpy(Pb, wk.Y, sizeof(double) * KK);
             gemm(K, 1, Pl, 0, wk.X, 1.0, Sb);        /* Sbar = Sbar' + P^T Sbar' P */
         }
-        for (int k = 0; k < nh; k++) { /* E has no k = 0 term, but gP[0] feeds nothing (P_0 = I) */
-            axpy(KK, wk.w[k], Pb, gP + k * KK);
-            axpy(KK, wk.w[k], Sb, gN + k * KK);
-        }
+        /* E has no k = 0 term, but gP[0] feeds nothing (P_0 = I) */
+        accumulate(KK, nh, wk.w, Pb, Sb, gP, gN);
     }
     /* P_{k+1} = A P_k */
     for (int k = n - 2; k >= 0; k--) {
