@@ -456,7 +456,8 @@ def native_rate_table(A, D, S0, s, j, radius, anorm, terms, widths):
     """(probs, dens) of the importance table from one C call (sdec_rate_table) for float64 CPU
     A, D, S0 (K, K), s = B(edges) (m,) and widths (m - 1,), or None where kernel_base's own
     path must run (a failed Cholesky factorisation or a bin whose mass is not > 0)."""
-    A, D, S0, s, widths = (v.detach().contiguous() for v in (A, D, S0, s, widths))
+    # a detach only where a graph is attached (the training step's A, D come without one)
+    A, D, S0, s, widths = ((v.detach() if v.requires_grad else v).contiguous() for v in (A, D, S0, s, widths))
     probs, dens = torch.empty_like(widths), torch.empty_like(widths)
     rc = _loaded().sdec_rate_table(A.shape[-1], terms, j, radius, anorm, s.shape[0],
                                    *_pointers(A, D, S0, s, widths, probs, dens))
