@@ -1288,3 +1288,55 @@ int sdec_param_map_backward(int K, int m, const int *entries, const double *cons
     free(G);
     return 0;
 }
+
+/* The fused ELBO node's whole backward in one call (kernel_native.NativeElboKernels.backward):
+   when x is not NULL (float32 data, f32 = 1), the perturbation y = col x + L eps, score = U eps
+   of n examples of N values passes its gradients gy, gs (each NULL: none) to col, L and U first:
+   d L = tril(gy eps^T), d U = triu(gs eps^T) and d col = gy x^T per example in float32 (gram_one,
+   as sdec_gram_f32), each added in float32 to the incoming gcol, gLb, gU (NULL: zero); then
+   sdec_elbo_backward; then, when entries is not NULL (the native map made Q, D and A), the map's
+   adjoint (sdec_param_map_backward) into gtheta from gQ and gD.  0, or -1 if out of memory. */
+int sdec_elbo_backward_node(int K, int nterms, int j, double radius, double anorm, int n,
+                            const double *A, const double *D, const double *S0, const double *s,
+                            const double *beta, const double *P, const double *Phi, const double *L,
+                            const double *Li, double d, int f32, const void *gcol, const void *gLb,
+                            const void *gU, const void *gGG, const void *gterms, double *gA, double *gQ,
+                            double *gD, const double *keep, long N, const float *x, const float *eps,
+                            const float *gy, const float *gs, int m, const int *entries,
+                            const double *const *theta, const double *S, const double *negP,
+                            double *const *gtheta)
+{
+    int KK = K * K;
+    float *tmp = NULL;
+    if (x && (gy || gs)) {
+        tmp = malloc(sizeof(float) * ((size_t)n * (2 * KK + K) + 1));
+        if (!tmp)
+            return -1;
+        float *dL = tmp, *dU = dL + (size_t)n * KK, *dcol = dU + (size_t)n * KK;
+        for (int b = 0; b < n; b++) {
+            long o = (long)b * K * N;
+            if (gy) {
+                gram_one(K, K, N, gy + o, eps + o, -1, dL + (size_t)b * KK);
+                gram_one(K, 1, N, gy + o, x + (long)b * N, 0, dcol + (size_t)b * K);
+            }
+            if (gs)
+                gram_one(K, K, N, gs + o, eps + o, 1, dU + (size_t)b * KK);
+        }
+        const float *in[3] = {gcol, gLb, gU};
+        float *add[3] = {gy ? dcol : NULL, gy ? dL : NULL, gs ? dU : NULL};
+        size_t size[3] = {(size_t)n * K, (size_t)n * KK, (size_t)n * KK};
+        for (int q = 0; q < 3; q++)
+            if (add[q] && in[q])
+                for (size_t e = 0; e < size[q]; e++)
+                    add[q][e] = in[q][e] + add[q][e];
+        gcol = add[0] ? add[0] : gcol;
+        gLb = add[1] ? add[1] : gLb;
+        gU = add[2] ? add[2] : gU;
+    }
+    int rc = sdec_elbo_backward(K, nterms, j, radius, anorm, n, A, D, S0, s, beta, P, Phi, L, Li, d, f32,
+                                gcol, gLb, gU, gGG, gterms, gA, gQ, gD, keep);
+    free(tmp);
+    if (rc == 0 && entries)
+        rc = sdec_param_map_backward(K, m, entries, theta, S, negP, gQ, gD, NULL, gtheta);
+    return rc;
+}

@@ -89,8 +89,10 @@ def _native_build():
     lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
     lib.sdec_gram2_f32.restype = None
     lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 12
-    lib.sdec_elbo_backward.argtypes = [i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 9
-    lib.sdec_elbo_forward.restype = lib.sdec_elbo_backward.restype = i
+    lib.sdec_elbo_forward.restype = i
+    lib.sdec_elbo_backward_node.argtypes = ([i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 9
+                                            + [ctypes.c_long] + [p] * 4 + [i] + [p] * 5)
+    lib.sdec_elbo_backward_node.restype = i
     lib.sdec_terms_forward.argtypes = [i, i, ctypes.c_long] + [p] * 6 + [d] + [p] * 10
     lib.sdec_terms_forward.restype = None
     lib.sdec_terms_backward.argtypes = [i, i, ctypes.c_long] + [p] * 11 + [i] + [p] * 3
@@ -277,23 +279,36 @@ class NativeElboKernels(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gcol, gL, gU, gGG, gterms, _ok, gy, gs):
+        # one C call (sdec_elbo_backward_node): the perturbation's share of the gradients of
+        # col, L and U (native_pair_grads' products), the pipeline's adjoint and the map's
         A, D, S0, s, beta, P, work, x, eps, *theta = ctx.saved_tensors
         j, radius, anorm, terms = ctx.series
-        Phi, _, L, Li, _, _, chains = _elbo_layout(work.data_ptr(), A.shape[-1], s.shape[0], j, ctx.keep)
-        if gy is not None or gs is not None:  # the perturbation's share
-            dL, dU, dcol = native_pair_grads(x, eps, gy, gs)
-            gcol, gL, gU = _plus(gcol, dcol), _plus(gL, dL), _plus(gU, dU)
-        grads = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms)]  # held through the call
+        K = A.shape[-1]
+        Phi, _, L, Li, _, _, chains = _elbo_layout(work.data_ptr(), K, s.shape[0], j, ctx.keep)
+        pair = x is not None and (gy is not None or gs is not None)
+        if pair:
+            x, eps = x.contiguous(), eps.contiguous()
+        held = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms, gy, gs)]
         gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
-        rc = _loaded().sdec_elbo_backward(
-            A.shape[-1], terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P), Phi, L, Li,
-            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in grads], *_pointers(gA, gQ, gD), chains)
+        if ctx.mapping is None:
+            mapped = (0, None, None, None, None, None)
+            out = None
+        else:
+            entries, negP, S = ctx.mapping
+            out = [torch.empty_like(v) for v in theta]
+            pointers = ctypes.c_void_p * len(theta)
+            mapped = (entries.shape[0], _ptr(entries), pointers(*_pointers(*theta)), _ptr(S), _ptr(negP),
+                      pointers(*_pointers(*out)))
+        rc = _loaded().sdec_elbo_backward_node(
+            K, terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P), Phi, L, Li,
+            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in held[:5]], *_pointers(gA, gQ, gD), chains,
+            eps[0, 0].numel() if pair and eps.shape[0] else 0, *(_pointers(x, eps) if pair else (None, None)),
+            *[_maybe_ptr(g) if pair else None for g in held[5:]], *mapped)
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        if ctx.mapping is None:
+        if out is None:
             return gQ, gD, *([None] * 14)
-        entries, negP, S = ctx.mapping
-        return None, None, *([None] * 14), *_param_map_backward(entries, negP, S, theta, gQ, gD, None)
+        return None, None, *([None] * 14), *out
 
 
 def _elbo_layout(base, K, m, j, keep):
