@@ -75,7 +75,7 @@ def same_terms(proc, reference, x):
 
 
 NODES = ("NativeElboKernels", "_Terms")   # learned3's native graph nodes in elbo()
-C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward", "sdec_apply2_f32"),
+C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward_node",),
            "NativeElboKernels.backward": ("sdec_elbo_backward_node",),
            "_Terms.forward": ("sdec_terms_forward",), "_Terms.backward": ("sdec_terms_backward",),
            "native_rate_table": ("sdec_rate_table",)}

@@ -1340,3 +1340,21 @@ int sdec_elbo_backward_node(int K, int nterms, int j, double radius, double anor
         rc = sdec_param_map_backward(K, m, entries, theta, S, negP, gQ, gD, NULL, gtheta);
     return rc;
 }
+
+/* The fused ELBO node's forward in one call (kernel_native.NativeElboKernels.forward):
+   sdec_elbo_forward, then, when x is not NULL (float32, f32 = 1) and every Sigma factored, the
+   perturbation y = col x + L eps and its score U eps of the n examples of N values
+   (sdec_apply2_f32).  Returns sdec_elbo_forward's code. */
+int sdec_elbo_forward_node(int K, int nterms, int j, double radius, double anorm, int n, const double *A,
+                           const double *D, const double *S0, const double *s, const double *beta,
+                           const double *P, double log_det_inf, double d, int f32, double *Phi,
+                           double *Sig, double *L, double *Li, double *hld, int *ok, void *col,
+                           void *Lb, void *U, void *GG, void *terms, double *keep, long N,
+                           const float *x, const float *eps, float *y, float *score)
+{
+    int rc = sdec_elbo_forward(K, nterms, j, radius, anorm, n, A, D, S0, s, beta, P, log_det_inf, d, f32,
+                               Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, terms, keep);
+    if (rc == 0 && x)
+        sdec_apply2_f32(n, K, N, Lb, U, col, x, eps, y, score);
+    return rc;
+}

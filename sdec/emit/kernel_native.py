@@ -88,8 +88,9 @@ def _native_build():
     lib.sdec_apply2_f32.restype = None
     lib.sdec_gram2_f32.argtypes = [i, i, ctypes.c_long] + [p] * 5
     lib.sdec_gram2_f32.restype = None
-    lib.sdec_elbo_forward.argtypes = [i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 12
-    lib.sdec_elbo_forward.restype = i
+    lib.sdec_elbo_forward_node.argtypes = ([i, i, i, d, d, i] + [p] * 6 + [d, d, i] + [p] * 12
+                                           + [ctypes.c_long] + [p] * 4)
+    lib.sdec_elbo_forward_node.restype = i
     lib.sdec_elbo_backward_node.argtypes = ([i, i, i, d, d, i] + [p] * 9 + [d, i] + [p] * 9
                                             + [ctypes.c_long] + [p] * 4 + [i] + [p] * 5)
     lib.sdec_elbo_backward_node.restype = i
@@ -238,12 +239,13 @@ def native_kernels(A, D, S0, s, j, radius, anorm, terms):
 class NativeElboKernels(torch.autograd.Function):
     """What one elbo() call needs from the process, as one graph node: native_elbo_kernels.
     Its gradients go to Q and D (A = -(Q + D) P is an input for its values only), or through
-    the map's adjoint to the raw parameters.  Forward and backward are one pipeline call each
-    (sdec_elbo_forward / _backward): the backward folds every output's gradient into the
-    pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients and runs its adjoint, so autograd walks one
-    node instead of about fifty K x K ones, and no small ATen op runs on either side.  With
-    pair = (x, eps) the perturbation (y, score) = (L eps + col x, -L⁻ᵀ eps) is made in the same
-    node (native_apply2), and its gradients (native_pair_grads) join L's, U's and col's."""
+    the map's adjoint to the raw parameters.  Forward and backward are one C call each
+    (sdec_elbo_forward_node / sdec_elbo_backward_node): the backward folds every output's
+    gradient into the pipeline's (Φ, Σ, L, L⁻¹, Σ log L_kk) gradients and runs its adjoint, so
+    autograd walks one node instead of about fifty K x K ones, and no small ATen op runs on
+    either side.  With pair = (x, eps) the perturbation (y, score) = (L eps + col x, -L⁻ᵀ eps) is
+    made in the same call (native_apply2's pass), and its gradients (native_pair_grads' products)
+    join L's, U's and col's in the backward's call; so does the native map's adjoint."""
 
     @staticmethod
     def forward(ctx, Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping, pair,
@@ -260,14 +262,20 @@ class NativeElboKernels(torch.autograd.Function):
         col = torch.empty(n, K, dtype=dtype)
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
-        rc = _loaded().sdec_elbo_forward(
+        y = score = None
+        apply = ()  # the perturbation (native_apply2's pass) in the same C call
+        if pair is not None:
+            x, eps = (v.contiguous() for v in pair)
+            y, score = torch.empty_like(eps), torch.empty_like(eps)
+            apply = (eps[0, 0].numel() if n else 0, *_pointers(x, eps, y, score))
+        rc = _loaded().sdec_elbo_forward_node(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
-            int(dtype == torch.float32), Phi, Sig, L, Li, hld, ok, *_pointers(col, Lb, U, GG, out_terms), chains)
+            int(dtype == torch.float32), Phi, Sig, L, Li, hld, ok, *_pointers(col, Lb, U, GG, out_terms), chains,
+            *(apply or (0, None, None, None, None)))
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
-        y = score = None
-        if pair is not None and rc == 0:
-            y, score = native_apply2(Lb, U, col, *pair)
+        if rc != 0:
+            y = score = None
         ctx.set_materialize_grads(False)
         x, eps = (None, None) if pair is None else pair  # saved: an in-place change of either is caught
         ctx.save_for_backward(A, D, S0, s, beta, P, work, x, eps, *theta)
