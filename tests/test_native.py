@@ -824,3 +824,24 @@ def test_fused_elbo_node_sees_an_in_place_change_of_its_data(monkeypatch):
     x.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         terms.total.mean().backward()
+
+
+def test_fused_elbo_node_takes_non_contiguous_data(monkeypatch):
+    """The fused node's two C calls read x and eps through data pointers: data that is a strided
+    view (every other column of a larger batch) gives the same terms and parameter gradients,
+    to the last bit, as its contiguous copy, with a score that reads y (so the backward's
+    d col = gy xᵀ product reads x too)."""
+    proc = compiled("learned3", monkeypatch, True)
+    big = torch.randn(16, 2, 6, generator=torch.Generator().manual_seed(3))
+    views = {"strided": big[:, :, ::2], "contiguous": big[:, :, ::2].contiguous()}
+    assert not views["strided"].is_contiguous()
+    out = {}
+    for name, x in views.items():
+        terms = proc.elbo(x, lambda y, t: -0.5 * y, time_sampler="importance",
+                          generator=torch.Generator().manual_seed(1))
+        params = [p for p in proc.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(terms.total.mean(), params)
+        out[name] = (terms.total.detach(), grads)
+    assert torch.equal(out["strided"][0], out["contiguous"][0])
+    for a, b in zip(out["strided"][1], out["contiguous"][1]):
+        assert torch.equal(a, b)
