@@ -288,8 +288,9 @@ def _apply_pair(L, U, col, x, eps):
 class _PairApply(torch.autograd.Function):
     """_apply_pair with a graph into L, U and col (x and eps are constants): the native pass
     forward; backward d L = tril(gy epsᵀ) and d U = triu(gs epsᵀ) in one pass over eps, and
-    d col = gy xᵀ as in _SmallApply (native_pair_grads, shared with the fused ELBO node), so
-    every gradient equals the two _SmallApply calls'."""
+    d col = gy xᵀ as in _SmallApply (native_pair_grads), so every gradient equals the two
+    _SmallApply calls'.  (The fused ELBO node forms d L and d U the same way inside its
+    backward's C call, and d col by its own float32 sums.)"""
 
     @staticmethod
     def forward(ctx, L, U, col, x, eps):

@@ -263,7 +263,7 @@ class NativeElboKernels(torch.autograd.Function):
         Lb, U, GG = (torch.empty(n, K, K, dtype=dtype) for _ in range(3))
         out_terms = torch.empty(5, dtype=dtype)
         y = score = None
-        apply = ()  # the perturbation (native_apply2's pass) in the same C call
+        apply = (0, None, None, None, None)  # (N, x, eps, y, score): the perturbation's pass, if made
         if pair is not None:
             x, eps = (v.contiguous() for v in pair)
             y, score = torch.empty_like(eps), torch.empty_like(eps)
@@ -271,7 +271,7 @@ class NativeElboKernels(torch.autograd.Function):
         rc = _loaded().sdec_elbo_forward_node(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), Phi, Sig, L, Li, hld, ok, *_pointers(col, Lb, U, GG, out_terms), chains,
-            *(apply or (0, None, None, None, None)))
+            *apply)
         if rc < 0:
             raise MemoryError("sdec native pipeline: out of memory")
         if rc != 0:
@@ -352,11 +352,6 @@ def native_pair_grads(x, eps, gy, gs, want=(True, True, True)):
         n, K = gy.shape[0], gy.shape[1]
         dcol = (x.reshape(n, 1, -1) @ gy.reshape(n, K, -1).mT).squeeze(1)
     return dL, dU, dcol
-
-
-def _plus(g, extra):
-    """g + extra, either of which may be None (no gradient)."""
-    return extra if g is None else g if extra is None else g + extra
 
 
 def native_elbo_kernels(Q, D, A, S0, s, j, radius, anorm, terms, P, beta, log_det_inf, d, dtype, mapping=None,
