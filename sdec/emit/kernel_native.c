@@ -45,7 +45,7 @@ INLINE void axpy(int n, double a, const double *restrict x, double *restrict y)
 
 /* The adjoint's accumulation, gX[k] += w[k] x and gY[k] += w[k] y for k < n (K x K each, KK
    entries): two lanes at a time (GCC / Clang vector extensions, any target; elementwise, so the
-   same doubles as the scalar loop), x and y read once. */
+   same doubles as the scalar axpy loops it replaces), both accumulations in one pass over k. */
 typedef double v2d __attribute__((vector_size(16)));
 
 INLINE void accumulate(int KK, int n, const double *restrict w, const double *restrict x,
@@ -1308,7 +1308,7 @@ int sdec_elbo_backward_node(int K, int nterms, int j, double radius, double anor
 {
     int KK = K * K;
     float *tmp = NULL;
-    if (x && (gy || gs)) {
+    if (x && f32 && (gy || gs)) {
         tmp = malloc(sizeof(float) * ((size_t)n * (2 * KK + K) + 1));
         if (!tmp)
             return -1;
