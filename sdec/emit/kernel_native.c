@@ -1354,7 +1354,7 @@ int sdec_elbo_forward_node(int K, int nterms, int j, double radius, double anorm
 {
     int rc = sdec_elbo_forward(K, nterms, j, radius, anorm, n, A, D, S0, s, beta, P, log_det_inf, d, f32,
                                Phi, Sig, L, Li, hld, ok, col, Lb, U, GG, terms, keep);
-    if (rc == 0 && x)
+    if (rc == 0 && x && f32)
         sdec_apply2_f32(n, K, N, Lb, U, col, x, eps, y, score);
     return rc;
 }
