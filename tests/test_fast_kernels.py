@@ -206,9 +206,10 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
 
 def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch):
     """With importance times the table (no grad) is rebuilt after every parameter change; inside
-    elbo() it reads the coefficients the call built with their graph (passed in, no detached
-    copy), and equals a table built on its own."""
+    elbo() (here without _prepare's one call) it reads the coefficients the call built with
+    their graph (passed in, no detached copy), and equals a table built on its own."""
     proc = compiled("learned3")
+    monkeypatch.setattr(proc, "_prepare", lambda t_min: False)
     counts = {"coeffs": 0}
     build, build_table, tables = proc._build_coeffs, proc._build_table, []
 
@@ -234,6 +235,85 @@ def test_importance_table_inside_elbo_reuses_the_calls_coefficients(monkeypatch)
         alone = fresh._build_table(fresh.t_min)
     for a, b in zip(inside, alone):  # the series coefficients' graph and no-grad paths round apart
         assert not a.requires_grad and torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def _training_step(proc, x, sampler="importance"):
+    proc.zero_grad(set_to_none=True)
+    e = proc.elbo(x, lambda y, t: -0.5 * y, time_sampler=sampler, generator=gen(1))
+    e.total.mean().backward()
+    return [e.as_dict()[k].detach() for k in ("total", "t", "weight")], [p.grad for p in proc.parameters()]
+
+
+@pytest.mark.parametrize("name", ["learned2", "learned3"])
+@pytest.mark.parametrize("sampler", ["importance", "stratified"])
+def test_training_step_prepares_coefficients_and_table_in_one_call_bit_for_bit(name, sampler, monkeypatch):
+    """A training step with importance times gets its coefficients and its importance table
+    from one C call (_prepare, native_prepare) instead of _build_coeffs and _build_table: the
+    same times, weights, terms and parameter gradients bit for bit, in float32 and float64."""
+    import sys
+    proc = compiled(name)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.add_(0.03)
+    module = sys.modules[type(proc).__module__]
+    calls = {"prepare": 0, "coeffs": 0, "table": 0}
+    prepare, build, build_table = module.native_prepare, proc._build_coeffs, proc._build_table
+
+    def counted(key, f):
+        def g(*args):
+            calls[key] += 1
+            return f(*args)
+        return g
+    monkeypatch.setattr(module, "native_prepare", counted("prepare", prepare))
+    monkeypatch.setattr(proc, "_build_coeffs", counted("coeffs", build))
+    monkeypatch.setattr(proc, "_build_table", counted("table", build_table))
+    for dtype in (torch.float32, F64):
+        x = torch.randn(32, 6, generator=gen(0), dtype=dtype)
+        calls.update(prepare=0, coeffs=0, table=0)
+        one = _training_step(proc, x, sampler)
+        assert calls == {"prepare": 1, "coeffs": 0, "table": 0}
+        monkeypatch.setattr(proc, "_prepare", lambda t_min: False)
+        apart = _training_step(proc, x, sampler)
+        assert calls == {"prepare": 1, "coeffs": 1, "table": 1}
+        monkeypatch.undo()
+        monkeypatch.setattr(module, "native_prepare", counted("prepare", prepare))
+        monkeypatch.setattr(proc, "_build_coeffs", counted("coeffs", build))
+        monkeypatch.setattr(proc, "_build_table", counted("table", build_table))
+        for u, v in zip(one[0] + one[1], apart[0] + apart[1]):
+            assert torch.equal(u, v)
+        assert all(float(g.abs().max()) > 0 for g in one[1])
+
+
+def test_prepare_runs_only_where_a_training_step_draws_importance_times(monkeypatch):
+    """No one-call setup for uniform times (no table), without a gradient (the cached table),
+    with a table held across steps (table_refresh > 1) or for a spec without a native map;
+    where native_prepare declines (a NaN parameter) the separate builds run and raise as before."""
+    import sys
+    proc = compiled("learned3")
+    module = sys.modules[type(proc).__module__]
+    seen = []
+    prepare = module.native_prepare
+    monkeypatch.setattr(module, "native_prepare", lambda *args: seen.append(prepare(*args)) or seen[-1])
+    x = torch.randn(8, 6, generator=gen(0), dtype=F64)
+    _training_step(proc, x, "uniform")
+    with torch.no_grad():
+        proc.elbo(x, lambda y, t: -y, time_sampler="importance", generator=gen(1))
+    proc.table_refresh = 5
+    _training_step(proc, x)
+    assert seen == []
+    proc.table_refresh = 1
+    _training_step(proc, x)
+    assert len(seen) == 1 and seen[0] is not None
+    with torch.no_grad():
+        proc.theta_Q[0] = float("nan")
+    with pytest.raises(sdec.CholeskyError, match="not finite"):
+        _training_step(proc, x)
+    assert len(seen) == 2 and seen[1] is None
+    vp = compiled("cld")
+    vmod = sys.modules[type(vp).__module__]
+    monkeypatch.setattr(vmod, "native_prepare", lambda *args: seen.append("cld"))
+    vp.elbo(x[:, :2], lambda y, t: -y, time_sampler="importance", generator=gen(1))
+    assert len(seen) == 2
 
 
 def test_elbo_clears_its_memo_when_the_score_function_raises():

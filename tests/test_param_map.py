@@ -266,8 +266,8 @@ def test_fused_elbo_node_runs_the_map_adjoint_itself_with_every_gradient_kept(re
         if not mapped:
             proc._param_map = None
         used = {}
-        build = proc._build_coeffs
-        monkeypatch.setattr(proc, "_build_coeffs", lambda h: used.setdefault(h, build(h)))
+        coeffs = proc._coeffs  # the call's coefficients, from _build_coeffs or _prepare
+        monkeypatch.setattr(proc, "_coeffs", lambda h: used.setdefault(h, coeffs(h)))
         results.append(_elbo_grads(proc, score_fn))
         assert (used[True]["map"] is not None) == mapped
     (t0, g0), (t1, g1), (t2, g2) = results

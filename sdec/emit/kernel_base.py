@@ -63,7 +63,8 @@ batch's times and the parameter-only terms, from one pipeline call over the batc
 t_min and T, with the perturbation and its score in the same node for float32 data:
 native_elbo_kernels; elsewhere perturb's _PairApply), and the score's quadratic form with the
 per-example terms and their total (_Terms, native_terms); the importance table is one C call
-too (native_rate_table).  A training step's backward walks these (a learned spec's parameter
+too (native_rate_table), and a training step with importance times gets it together with the
+parameter map's values and the series settings from one more (_prepare).  A training step's backward walks these (a learned spec's parameter
 map folded into the first: its adjoint runs in that node's backward), not about eighty K x K
 nodes: each node costs tens of µs of autograd and dispatch, more than its arithmetic.
 Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
@@ -104,7 +105,7 @@ from .kernel_native import (native_apply, native_apply2, native_apply2_ok,  # pa
                             native_elbo_kernels, native_gram,  # package only
                             native_gram_form_backward, native_kernels, native_library,  # package only
                             native_norm2, native_pair_grads, native_pair_ok,  # package only
-                            native_param_map, native_param_values,  # package only
+                            native_param_map, native_param_values, native_prepare,  # package only
                             native_rate_table, native_terms,  # package only
                             native_terms_backward,  # package only
                             native_terms_ok)  # package only: generated modules carry it inline
@@ -800,12 +801,37 @@ class DiffusionBase(torch.nn.Module):
             mapping = None
         if norm is None:  # one-sided Jacobi in C (a few eps, 4 vs 27 µs), else LAPACK's SVD
             norm = native_norm2(A) if native else float(torch.linalg.matrix_norm(A.detach(), ord=2))
-        c = {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
-             "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
-             "scale": _series_scale(norm), "map": mapping}
+        c = self._coeff_dict(A, D, hybrid, native, norm, mapping)
         if not c["native"]:
             c["stacks"] = self._series_stacks(c)
         return c
+
+    def _coeff_dict(self, A, D, hybrid, native, norm, mapping):
+        return {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
+                "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
+                "scale": _series_scale(norm), "map": mapping}
+
+    def _prepare(self, t_min):
+        """A training step's coefficients (_coeffs(True)) and importance table (_time_table) in
+        one C call (native_prepare), put in this elbo() call's memo; False (nothing done) where
+        it does not apply: a table held across steps (table_refresh > 1), t_min outside (0, T)
+        (_build_table says so), no native map (_native_map_inputs), or native_prepare's None
+        (the separate builds then run, and meet whatever stopped it the same way)."""
+        if int(self.table_refresh) > 1 or not 0.0 < t_min < self.T:
+            return False
+        inputs = self._native_map_inputs()
+        if inputs is None:
+            return False
+        edges, widths, B = self._table_grid(t_min)
+        S0 = self._constants()[("S0", True)]
+        done = native_prepare(*inputs, S0, _SERIES_TERMS, _SERIES_TAU, self._B_T(), B, widths)
+        if done is None:
+            return False
+        D, S, A, norm, probs, dens = done
+        memo = self._call_memo
+        memo[("coeffs", True)] = self._coeff_dict(A, D, True, True, norm, (inputs[0], inputs[3], S, inputs[4]))
+        memo[("call_table", t_min)] = (edges, probs, dens)
+        return True
 
     def _series_stacks(self, c):
         """The series coefficients of Φ, of Σ from Σ0 and of Σn (from 0) as one (n, 3 K²)
@@ -1249,9 +1275,12 @@ class DiffusionBase(torch.nn.Module):
     def _elbo(self, x, score_fn, t, time_sampler, t_min, generator):
         t_min = float(self.t_min if t_min is None else t_min)
         n, d = x.shape[0], x[0].numel()
-        if self._needs_graph():  # build A, D and the series once, with their graph, before
-            self._coeffs(True)   # the importance table (no grad) would build them again
         sampled = t is None
+        # training: A, D and the series settings once (with their graph where one is made),
+        # before the importance table (no grad) would build them again; with the importance
+        # table of this call, both from one C call where _prepare applies
+        if self._needs_graph() and not (sampled and time_sampler != "uniform" and self._prepare(t_min)):
+            self._coeffs(True)
         t, weight = self._elbo_times(n, t, time_sampler, t_min, generator, x)
         eps = torch.randn((n, self.K) + tuple(x.shape[1:]), generator=generator,
                           dtype=x.dtype, device=x.device)

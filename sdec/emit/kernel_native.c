@@ -1358,3 +1358,31 @@ int sdec_elbo_forward_node(int K, int nterms, int j, double radius, double anorm
         sdec_apply2_f32(n, K, N, Lb, U, col, x, eps, y, score);
     return rc;
 }
+
+/* A training step's setup in one call (kernel_base._prepare): the native map's values Q, D, S, A
+   and ||A||_2 (sdec_param_map, into *norm), then the importance table's probs and dens at the
+   m edges s = B(t) (sdec_rate_table) with the series settings kernel_base derives from ||A||_2:
+   radius = tau / ||A||_2 (infinite at 0) and the fewest doublings j with s_T 2^-j <= radius.
+   Returns 0; 1 where the caller's own path must run (||A||_2 not finite, or sdec_rate_table's
+   1); -1 if out of memory. */
+int sdec_elbo_prepare(int K, int me, const int *entries, const double *const *theta, const double *Qfix,
+                      const double *Dfix, const double *negP, const double *S0, int nterms, double tau,
+                      double s_T, int m, const double *s, const double *widths, double *Q, double *D,
+                      double *S, double *A, double *probs, double *dens, double *norm)
+{
+    double anorm = sdec_param_map(K, me, entries, theta, Qfix, Dfix, negP, Q, D, S, A);
+    *norm = anorm;
+    if (anorm < 0.0)
+        return -1;
+    if (!isfinite(anorm))
+        return 1;
+    double radius = anorm > 0.0 ? tau / anorm : INFINITY, top = s_T / radius;
+    int j = 0;
+    if (top > 1.0) {
+        double up = ceil(log2(top));
+        if (!(up < 1e9))
+            return 1;
+        j = up > 0.0 ? (int)up : 0;
+    }
+    return sdec_rate_table(K, nterms, j, radius, anorm, m, A, D, S0, s, widths, probs, dens);
+}

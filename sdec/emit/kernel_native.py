@@ -108,6 +108,8 @@ def _native_build():
     lib.sdec_param_map.restype = d
     lib.sdec_param_map_backward.argtypes = [i, i] + [p] * 8
     lib.sdec_param_map_backward.restype = i
+    lib.sdec_elbo_prepare.argtypes = [i, i] + [p] * 6 + [i, d, d, i] + [p] * 9
+    lib.sdec_elbo_prepare.restype = i
     return lib
 
 
@@ -563,6 +565,25 @@ def native_param_values(entries, Qfix, Dfix, negP, theta):
     if norm < 0:
         raise MemoryError("sdec native pipeline: out of memory")
     return Q, D, S, A, norm
+
+
+def native_prepare(entries, Qfix, Dfix, negP, theta, S0, terms, tau, s_T, s, widths):
+    """A training step's native map values and importance table from one C call
+    (sdec_elbo_prepare): (D, S, A, ‖A‖₂, probs, dens) as native_param_values' and
+    native_rate_table's, for the series settings kernel_base derives from ‖A‖₂ (radius tau / ‖A‖₂,
+    the doublings for s up to s_T); or None where the caller's own path must run (‖A‖₂ not
+    finite, a failed Cholesky factorisation or a bin whose mass is not > 0)."""
+    K, m = negP.shape[-1], s.shape[0]
+    Q, D, S, A = negP.new_empty(4, K, K).unbind(0)
+    probs, dens = s.new_empty(2, m - 1).unbind(0)
+    norm = (ctypes.c_double * 1)()
+    rc = _loaded().sdec_elbo_prepare(
+        K, entries.shape[0], _ptr(entries), (ctypes.c_void_p * len(theta))(*_pointers(*theta)), _maybe_ptr(Qfix),
+        _maybe_ptr(Dfix), *_pointers(negP, S0), terms, tau, s_T, m, *_pointers(s, widths, Q, D, S, A, probs, dens),
+        norm)
+    if rc < 0:
+        raise MemoryError("sdec native pipeline: out of memory")
+    return (D, S, A, norm[0], probs, dens) if rc == 0 else None
 
 
 def _param_map_backward(entries, negP, S, theta, gQ, gD, gA):
