@@ -572,10 +572,16 @@ class DiffusionBase(torch.nn.Module):
             return False
         memo = getattr(self, "_call_memo", None)  # within one elbo() call: looked up once
         if memo is None:
-            return any(p.requires_grad for p in self.parameters())
+            return self._param_grad()
         if "_param_grad" not in memo:
-            memo["_param_grad"] = any(p.requires_grad for p in self.parameters())
+            memo["_param_grad"] = self._param_grad()
         return memo["_param_grad"]
+
+    def _param_grad(self):
+        """Whether some parameter requires a gradient (the module's own dict where it has no
+        submodules: parameters()' generator costs more than the test)."""
+        params = self.parameters() if self._modules else self._parameters.values()
+        return any(p is not None and p.requires_grad for p in params)
 
     def _state_tensors(self):
         """(name, tensor) of every parameter and buffer."""

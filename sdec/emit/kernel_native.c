@@ -1084,10 +1084,14 @@ void sdec_terms_forward(int n, int K, long N, const float *model, const float *t
     long KN = (long)K * N;
     float half = 0.5f * sc[1], a = (float)aux_value;
     for (int b = 0; b < n; b++) {
-        double acc = 0.0;
-        for (long e = 0; e < N; e++)
-            acc += (double)x[b * N + e] * x[b * N + e];
-        sq[b] = (float)acc;
+        double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* four running sums: not one add's latency per value */
+        long e = 0;
+        for (; e + 4 <= N; e += 4)
+            for (int l = 0; l < 4; l++)
+                acc[l] += (double)x[b * N + e + l] * x[b * N + e + l];
+        for (; e < N; e++)
+            acc[0] += (double)x[b * N + e] * x[b * N + e];
+        sq[b] = (float)((acc[0] + acc[2]) + (acc[1] + acc[3]));
         aux[b] = a;
         const float *d = model + b * KN;
         if (target) {
