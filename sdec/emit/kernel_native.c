@@ -266,7 +266,8 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
             return 0;
         double r = sqrt(d);
         L[j * K + j] = r;
-        h += log(r);
+        if (half_logdet)
+            h += log(r);
         for (int i = j + 1; i < K; i++) {
             double v = S[i * K + j];
             for (int k = 0; k < j; k++)
@@ -274,7 +275,8 @@ INLINE int cholesky(int K, const double *S, double *L, double *Li, double *half_
             L[i * K + j] = v / r;
         }
     }
-    *half_logdet = h;
+    if (half_logdet)
+        *half_logdet = h;
     if (!Li)
         return 1;
     for (int c = 0; c < K; c++) { /* forward substitution, column c of L^-1 */
@@ -536,10 +538,13 @@ INLINE void free_work(work *wk)
     free(wk->buf);
 }
 
-/* returns 0 on success, -1 on allocation failure */
+/* returns 0 on success, -1 on allocation failure; hld[i] is formed for i >= hld_from only (the
+   rest is set NaN: a log per pivot is a tenth of an element's time, and the ELBO reads the log
+   dets of t_min and T alone) */
 INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
-                         double *Sig, double *L, double *Li, double *hld, int *ok, double *keep)
+                         double *Sig, double *L, double *Li, double *hld, int *ok, double *keep,
+                         int hld_from)
 {
     int KK = K * K;
     work wk;
@@ -548,6 +553,8 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
     double sc = series_scale(anorm);
     scaled_inputs(K, sc, A, D, wk.As, wk.Ds);
     coefficients(K, n, wk.As, wk.Ds, S0, wk.P, wk.M, wk.N, wk.X);
+    for (int i = 0; i < m && i < hld_from; i++)
+        hld[i] = NAN;
     for (int i = 0; i < m; i++) {
         double *Ph = Phi ? Phi + i * KK : NULL, *Sg = Sig + i * KK;
         if (fabs(s[i]) <= radius) {
@@ -572,7 +579,7 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 chain_dd(K, nh, ji, sc * h, wk.Pdd, wk.Ndd, wk.Pc, wk.Sc, wk.Edd,
                          wk.Sdd, wk.Tdd);
                 finish_dd(K, wk.Edd, wk.Sdd, S0, Ph, Sg, wk.Tdd);
-                ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, hld + i);
+                ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, i >= hld_from ? hld + i : NULL);
                 continue;
             }
             double *Pj = wk.Z;
@@ -586,7 +593,7 @@ INLINE int forward_impl(int K, int n, int j, double radius, double anorm, int m,
                 for (int b = 0; b < K; b++)
                     Sg[a * K + b] = 0.5 * (wk.Y[a * K + b] + wk.Y[b * K + a]);
         }
-        ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, hld + i);
+        ok[i] = cholesky(K, Sg, L + i * KK, Li ? Li + i * KK : NULL, i >= hld_from ? hld + i : NULL);
     }
     free_work(&wk);
     return 0;
@@ -733,15 +740,23 @@ INLINE int backward_impl(int K, int n, int j, double radius, double anorm, int m
    squaring element's chain there (Pc then Sc), and the backward reads it back instead of
    recomputing it (a third of the adjoint's work).  The forward's Phi and Li may be NULL (not
    formed: the importance table needs Sigma's log det only). */
+static int kernels_forward(int K, int n, int j, double radius, double anorm, int m, const double *A,
+                           const double *D, const double *S0, const double *s, double *Phi,
+                           double *Sig, double *L, double *Li, double *hld, int *ok, double *keep,
+                           int hld_from)
+{
+    if (K == 2)
+        return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep, hld_from);
+    if (K == 3)
+        return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep, hld_from);
+    return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep, hld_from);
+}
+
 int sdec_kernels_forward(int K, int n, int j, double radius, double anorm, int m, const double *A,
                          const double *D, const double *S0, const double *s, double *Phi,
                          double *Sig, double *L, double *Li, double *hld, int *ok, double *keep)
 {
-    if (K == 2)
-        return forward_impl(2, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
-    if (K == 3)
-        return forward_impl(3, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
-    return forward_impl(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
+    return kernels_forward(K, n, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep, 0);
 }
 
 int sdec_kernels_backward(int K, int n, int j, double radius, double anorm, int m, const double *A,
@@ -776,7 +791,8 @@ int sdec_elbo_forward(int K, int nterms, int j, double radius, double anorm, int
                       void *Lb, void *U, void *GG, void *terms, double *keep)
 {
     int KK = K * K, m = n + 2;
-    int rc = sdec_kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep);
+    /* the log dets of t_min and T only (the terms'); the batch's are not formed */
+    int rc = kernels_forward(K, nterms, j, radius, anorm, m, A, D, S0, s, Phi, Sig, L, Li, hld, ok, keep, n);
     if (rc != 0)
         return rc;
     for (int i = 0; i < m; i++)
