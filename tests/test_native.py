@@ -845,3 +845,20 @@ def test_fused_elbo_node_takes_non_contiguous_data(monkeypatch):
     assert torch.equal(out["strided"][0], out["contiguous"][0])
     for a, b in zip(out["strided"][1], out["contiguous"][1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ("cld", "learned3"))
+def test_fused_elbo_terms_are_tensors_of_their_own(name, monkeypatch):
+    """The fused path's terms are separate tensors, not views of one buffer: a caller may scale
+    one in place (a view returned by a custom Function may not be), and the gradient through
+    the others is unchanged."""
+    proc = compiled(name, monkeypatch, True)
+    x = torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(0))
+    e = proc.elbo(x, lambda y, t: -0.5 * y, time_sampler="importance", generator=torch.Generator().manual_seed(1))
+    before = e.prior.detach().clone()
+    e.total.mul_(2.0)
+    e.score.add_(1.0)
+    assert torch.equal(e.prior.detach(), before)
+    if name.startswith("learned"):
+        e.prior.sum().backward()
+        assert all(p.grad is not None for p in proc.parameters())

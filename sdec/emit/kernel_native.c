@@ -1315,7 +1315,8 @@ int sdec_param_map_backward(int K, int m, const int *entries, const double *cons
    d L = tril(gy eps^T), d U = triu(gs eps^T) and d col = gy x^T per example in float32 (gram_one,
    as sdec_gram_f32), each added in float32 to the incoming gcol, gLb, gU (NULL: zero); then
    sdec_elbo_backward; then, when entries is not NULL (the native map made Q, D and A), the map's
-   adjoint (sdec_param_map_backward) into gtheta from gQ and gD.  0, or -1 if out of memory. */
+   adjoint (sdec_param_map_backward) into gtheta from gQ and gD.  gA, gQ, gD may then be NULL
+   (scratch of its own; else gA and gD zeroed by the caller).  0, or -1 if out of memory. */
 int sdec_elbo_backward_node(int K, int nterms, int j, double radius, double anorm, int n,
                             const double *A, const double *D, const double *S0, const double *s,
                             const double *beta, const double *P, const double *Phi, const double *L,
@@ -1353,11 +1354,23 @@ int sdec_elbo_backward_node(int K, int nterms, int j, double radius, double anor
         gLb = add[1] ? add[1] : gLb;
         gU = add[2] ? add[2] : gU;
     }
+    double *own = NULL;
+    if (!gA) {
+        own = calloc((size_t)3 * KK + 1, sizeof(double));
+        if (!own) {
+            free(tmp);
+            return -1;
+        }
+        gA = own;
+        gQ = own + KK;
+        gD = own + 2 * KK;
+    }
     int rc = sdec_elbo_backward(K, nterms, j, radius, anorm, n, A, D, S0, s, beta, P, Phi, L, Li, d, f32,
                                 gcol, gLb, gU, gGG, gterms, gA, gQ, gD, keep);
     free(tmp);
     if (rc == 0 && entries)
         rc = sdec_param_map_backward(K, m, entries, theta, S, negP, gQ, gD, NULL, gtheta);
+    free(own);
     return rc;
 }
 

@@ -299,11 +299,13 @@ class NativeElboKernels(torch.autograd.Function):
         if pair:
             x, eps = x.contiguous(), eps.contiguous()
         held = [None if g is None else g.contiguous() for g in (gcol, gL, gU, gGG, gterms, gy, gs)]
-        gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
         if ctx.mapping is None:
+            gA, gQ, gD = torch.zeros_like(A), torch.empty_like(A), torch.zeros_like(D)
+            grads = _pointers(gA, gQ, gD)
             mapped = (0, None, None, None, None, None)
             out = None
-        else:
+        else:  # gA, gQ, gD: the C call's own scratch
+            grads = (None, None, None)
             entries, negP, S = ctx.mapping
             out = [torch.empty_like(v) for v in theta]
             pointers = ctypes.c_void_p * len(theta)
@@ -311,7 +313,7 @@ class NativeElboKernels(torch.autograd.Function):
                       pointers(*_pointers(*out)))
         rc = _loaded().sdec_elbo_backward_node(
             K, terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P), Phi, L, Li,
-            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in held[:5]], *_pointers(gA, gQ, gD), chains,
+            ctx.d, ctx.f32, *[_maybe_ptr(g) for g in held[:5]], *grads, chains,
             eps[0, 0].numel() if pair and eps.shape[0] else 0, *(_pointers(x, eps) if pair else (None, None)),
             *[_maybe_ptr(g) if pair else None for g in held[5:]], *mapped)
         if rc != 0:
