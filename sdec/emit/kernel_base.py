@@ -340,7 +340,7 @@ class _Terms(torch.autograd.Function):
     quadratic, the score norm, divergence and truncation), the model's and the target's
     scores (n, K, ...) (or target None and model the difference (n, K, N)), G Gᵀ at the
     batch's times, and the constants x (sq = |x|² per example), weight and the aux entropy
-    (a float64 scalar, returned per example as the last output):
+    (a float, returned per example as the last output):
     diff = model - target, q = Σ_ij GG_ij <diff_i, diff_j> (_gram_form's arithmetic),
     prior = const - ½ quad sq, score = -½ weight q, the three scalars per example, and
     total = prior + score + score_norm + divergence + truncation + aux (ELBOTerms' order).
@@ -361,7 +361,7 @@ class _Terms(torch.autograd.Function):
         sq = (x * x).reshape(n, -1).sum(1)
         const, quad, norm, div, trunc = scalars.unbind()
         ones = torch.ones_like(sq)
-        aux = aux_value.to(sq.dtype) * ones
+        aux = torch.full_like(sq, aux_value)
         prior, score = const - 0.5 * quad * sq, -0.5 * weight * (gram * GG).sum((1, 2))
         norm, div, trunc = norm * ones, div * ones, trunc * ones
         ctx.save_for_backward(diff, GG, gram, sq, weight)
@@ -721,7 +721,9 @@ class DiffusionBase(torch.nn.Module):
         if self.K > 1:
             aux = (0.5 * (self.K - 1) * (1.0 + math.log(2 * math.pi))
                    + 0.5 * torch.linalg.slogdet(self.aux_init_cov)[1])
-        return {"P": P, "-P": -P, "log_det_inf": 2.0 * torch.log(Linf.diagonal()).sum(), "aux_entropy": aux,
+        log_det_inf = 2.0 * torch.log(Linf.diagonal()).sum()
+        return {"P": P, "-P": -P, "log_det_inf": log_det_inf, "aux_entropy": aux,
+                "floats": (float(log_det_inf), float(aux)),  # as floats, for the fused path's C calls
                 ("S0", True): self._sigma0(True), ("S0", False): self._sigma0(False)}
 
     def _A_D(self):
@@ -1105,7 +1107,7 @@ class DiffusionBase(torch.nn.Module):
         pair = (like, eps) if native_pair_ok(like, eps) else None
         col, L, U, GG, terms, ok, y, score = native_elbo_kernels(
             Q, D, c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
-            _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["log_det_inf"], like[0].numel(),
+            _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["floats"][0], math.prod(like.shape[1:]),
             like.dtype, c["map"], pair)
         if not ok:
             return None
@@ -1298,18 +1300,18 @@ class DiffusionBase(torch.nn.Module):
         else:
             pert = self.perturb(x, t, hybrid=True, eps=eps, with_score=True)
         model = score_fn(pert.y, t)
-        aux = d * self._constants()["aux_entropy"]  # float64, no graph
         if fused is not None:
             if model.shape != pert.score.shape:  # a broadcasting model: its difference first
                 model, target = (model - pert.score).reshape(n, self.K, -1), None
             else:
                 target = pert.score
+            aux = d * self._constants()["floats"][1]  # the same double as d times the float64 tensor
             prior, score, norm, div, trunc, total, aux = _Terms.apply(fused["terms"], model, target, fused["GG"],
                                                                       x, weight, aux)
             return ELBOTerms(prior=prior, score=score, score_norm=norm, divergence=div, truncation=trunc,
                              aux_entropy=aux, t=t, weight=weight, total=total)
         ones = x.new_ones(n)
-        aux = aux.to(x.dtype) * ones
+        aux = (d * self._constants()["aux_entropy"]).to(x.dtype) * ones  # float64, no graph
         diff = (model - pert.score).reshape(n, self.K, -1)
         # diffᵀ G Gᵀ(t) diff = Σ_ij (G Gᵀ)_ij <diff_i, diff_j> (_gram_form)
         q = _gram_form(diff, self.noise_cov(t))
