@@ -269,7 +269,7 @@ class NativeElboKernels(torch.autograd.Function):
         if pair is not None:
             x, eps = (v.contiguous() for v in pair)
             y, score = torch.empty_like(eps), torch.empty_like(eps)
-            apply = (eps[0, 0].numel() if n else 0, *_pointers(x, eps, y, score))
+            apply = (math.prod(eps.shape[2:]) if n else 0, *_pointers(x, eps, y, score))
         rc = _loaded().sdec_elbo_forward_node(
             K, terms, j, radius, anorm, n, *_pointers(A, D, S0, s, beta, P), float(log_det_inf), float(d),
             int(dtype == torch.float32), Phi, Sig, L, Li, hld, ok, *_pointers(col, Lb, U, GG, out_terms), chains,
@@ -314,7 +314,7 @@ class NativeElboKernels(torch.autograd.Function):
         rc = _loaded().sdec_elbo_backward_node(
             K, terms, j, radius, anorm, s.shape[0] - 2, *_pointers(A, D, S0, s, beta, P), Phi, L, Li,
             ctx.d, ctx.f32, *[_maybe_ptr(g) for g in held[:5]], *grads, chains,
-            eps[0, 0].numel() if pair and eps.shape[0] else 0, *(_pointers(x, eps) if pair else (None, None)),
+            math.prod(eps.shape[2:]) if pair and eps.shape[0] else 0, *(_pointers(x, eps) if pair else (None, None)),
             *[_maybe_ptr(g) if pair else None for g in held[5:]], *mapped)
         if rc != 0:
             raise MemoryError("sdec native pipeline: out of memory")
@@ -507,12 +507,12 @@ def native_terms(scalars, model, target, GG, x, weight, aux_value):
         diff = model.reshape(n, K, -1)
     else:
         target = target.contiguous()
-        diff = torch.empty(n, K, model[0].numel() // K if n else 0, dtype=torch.float32)
+        diff = torch.empty(n, K, math.prod(model.shape[1:]) // K if n else 0, dtype=torch.float32)
     gram = torch.empty(n, K, K, dtype=torch.float32)
     sq, aux, *outs = (torch.empty(n, dtype=torch.float32) for _ in range(8))
     N = diff.shape[2]
-    if n and x[0].numel() != N:
-        raise ValueError(f"native_terms: x has {x[0].numel()} values per example, the scores {N}")
+    if n and math.prod(x.shape[1:]) != N:
+        raise ValueError(f"native_terms: x has {math.prod(x.shape[1:])} values per example, the scores {N}")
     _loaded().sdec_terms_forward(n, K, N, *_pointers(model), _maybe_ptr(target),
                                  *_pointers(GG, scalars, x, weight), float(aux_value),
                                  *_pointers(diff, gram, sq, aux, *outs))
