@@ -169,8 +169,8 @@ def test_elbo_builds_each_kernel_quantity_once_and_forgets_it_after_the_call(mon
         counts["cholesky"] += 1
         return cholesky(Sig, t64)
 
-    def counted_fused(t, t64, B, s_max, like, eps):
-        out = fused_call(t, t64, B, s_max, like, eps) if fused else None
+    def counted_fused(t, t64, B, s_max, like, eps, c=None):
+        out = fused_call(t, t64, B, s_max, like, eps, c) if fused else None
         if out is not None:
             assert B.shape == (4 + 2,)  # the batch's times, t_min and T in one call
             counts["fused"] += 1

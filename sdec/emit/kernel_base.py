@@ -1075,8 +1075,9 @@ class DiffusionBase(torch.nn.Module):
         t64 = torch.cat([t.to(torch.float64),
                          torch.tensor([t_min, self.T], dtype=torch.float64, device=t.device)])
         B = self._B(t64)
-        s_max = self._coeffs(True)["s_T"] if sampled and self.K > 1 else None
-        fused = self._fused_elbo_kernels(t, t64, B, s_max, like, eps)
+        c = self._coeffs(True) if self.K > 1 else None
+        s_max = c["s_T"] if sampled and c is not None else None
+        fused = self._fused_elbo_kernels(t, t64, B, s_max, like, eps, c)
         if fused is not None:
             memo[("cast", id(t), like.dtype)] = (t, t._version, fused)
             return fused
@@ -1090,23 +1091,25 @@ class DiffusionBase(torch.nn.Module):
         memo[("at_T",)] = (Phi[n + 1:], Sig[n + 1:])
         return None
 
-    def _fused_elbo_kernels(self, t, t64, B, s_max, like, eps):
+    def _fused_elbo_kernels(self, t, t64, B, s_max, like, eps, c=None):
         """native_elbo_kernels for _elbo_kernels, or None where it does not apply (K = 1, the
         torch path, data neither float32 nor float64, data, a time or a buffer with a gradient,
-        a failed Cholesky factorisation: the other path then raises the CholeskyError)."""
+        a failed Cholesky factorisation: the other path then raises the CholeskyError).  c: the
+        call's _coeffs(True), if the caller has it."""
         if (self.K == 1 or like.dtype not in (torch.float32, torch.float64) or t.requires_grad
                 or like.requires_grad or B.requires_grad or self._sigma_inf.requires_grad
                 or self._aux_init_cov.requires_grad):
             return None
-        c = self._coeffs(True)
+        c = self._coeffs(True) if c is None else c
         if not c["native"]:
             return None
         const, n = self._constants(), t.shape[0]
         # gradients to the raw parameters through the node's own map adjoint (c["map"]), else to Q, D
         Q, D = (None, c["D"]) if c["map"] is not None else self._Q_D()
         pair = (like, eps) if native_pair_ok(like, eps) else None
+        A = c["A"].detach() if c["A"].requires_grad else c["A"]  # its values (see native_elbo_kernels)
         col, L, U, GG, terms, ok, y, score = native_elbo_kernels(
-            Q, D, c["A"].detach(), c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
+            Q, D, A, c["S0"], B, self._squarings(B, c, s_max), c["radius"], c["norm"],
             _SERIES_TERMS, const["P"], self._beta(t64[:n]), const["floats"][0], math.prod(like.shape[1:]),
             like.dtype, c["map"], pair)
         if not ok:
