@@ -814,10 +814,11 @@ class DiffusionBase(torch.nn.Module):
             c["stacks"] = self._series_stacks(c)
         return c
 
-    def _coeff_dict(self, A, D, hybrid, native, norm, mapping):
-        return {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)], "native": native, "norm": norm,
-                "radius": _SERIES_TAU / norm if norm > 0 else math.inf, "s_T": self._B_T(),
-                "scale": _series_scale(norm), "map": mapping}
+    def _coeff_dict(self, A, D, hybrid, native, norm, mapping, S0=None, s_T=None):
+        """_coeffs' dict (S0 = Σ0 and s_T = B(T): their values, if the caller has them)."""
+        return {"A": A, "D": D, "S0": self._constants()[("S0", hybrid)] if S0 is None else S0, "native": native,
+                "norm": norm, "radius": _SERIES_TAU / norm if norm > 0 else math.inf,
+                "s_T": self._B_T() if s_T is None else s_T, "scale": _series_scale(norm), "map": mapping}
 
     def _prepare(self, t_min):
         """A training step's coefficients (_coeffs(True)) and importance table (_time_table) in
@@ -831,13 +832,14 @@ class DiffusionBase(torch.nn.Module):
         if inputs is None:
             return False
         edges, widths, B = self._table_grid(t_min)
-        S0 = self._constants()[("S0", True)]
-        done = native_prepare(*inputs, S0, _SERIES_TERMS, _SERIES_TAU, self._B_T(), B, widths)
+        S0, s_T = self._constants()[("S0", True)], self._B_T()
+        done = native_prepare(*inputs, S0, _SERIES_TERMS, _SERIES_TAU, s_T, B, widths)
         if done is None:
             return False
         D, S, A, norm, probs, dens = done
         memo = self._call_memo
-        memo[("coeffs", True)] = self._coeff_dict(A, D, True, True, norm, (inputs[0], inputs[3], S, inputs[4]))
+        memo[("coeffs", True)] = self._coeff_dict(A, D, True, True, norm, (inputs[0], inputs[3], S, inputs[4]),
+                                                  S0, s_T)
         memo[("call_table", t_min)] = (edges, probs, dens)
         return True
 
