@@ -63,10 +63,11 @@ batch's times and the parameter-only terms, from one pipeline call over the batc
 t_min and T, with the perturbation and its score in the same node for float32 data:
 native_elbo_kernels; elsewhere perturb's _PairApply), and the score's quadratic form with the
 per-example terms and their total (_Terms, native_terms); the importance table is one C call
-too (native_rate_table), and a training step with importance times gets it together with the
-parameter map's values and the series settings from one more (_prepare).  A training step's backward walks these (a learned spec's parameter
-map folded into the first: its adjoint runs in that node's backward), not about eighty K x K
-nodes: each node costs tens of µs of autograd and dispatch, more than its arithmetic.
+too (native_rate_table), and a training step with importance times gets the table, the
+parameter map's values and the series settings from a single call (_prepare).  A training
+step's backward walks these (a learned spec's parameter map folded into the first: its adjoint
+runs in that node's backward), not about eighty K x K nodes: each node costs tens of µs of
+autograd and dispatch, more than its arithmetic.
 Elsewhere (GPU, no C compiler, SDEC_NATIVE=0):
 for K <= _UNROLL_K the state applies (y = Φ x + L ε, the score -L⁻ᵀ ε) are explicit
 multiply-adds, one op per diagonal of the matrix (zero triangles skipped); the Cholesky
@@ -690,7 +691,7 @@ class DiffusionBase(torch.nn.Module):
     def _constants(self):
         """What depends on the buffers Σ∞ and Σ_aux alone, built together once per value of
         those buffers: P = Σ∞⁻¹ (symmetric, from its Cholesky factor), -P, log det Σ∞ and the
-        aux entropy per data dimension.  The parameters change at every training step, and
+        aux entropy per data dimension (both also as floats, for the C calls).  The parameters change at every training step, and
         _cached would rebuild these with them.  Like _cached, it keeps copies of both buffers
         (dtype, device, shape and values) and compares them on every lookup (once per elbo()
         call), so any way of writing a buffer (.data, load_state_dict, .to(), in place) is seen."""
