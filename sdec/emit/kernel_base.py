@@ -513,6 +513,13 @@ def _series_coefficients(A, D, S0, n):
     return P[:, :K, :K], moments
 
 
+def _map_state(inputs, S):
+    """c["map"]: what the fused ELBO node needs of the native map to run its adjoint, (entries,
+    -P, S, raw parameters), from _native_map_inputs' tuple and the factor S its values came with."""
+    entries, _, _, negP, theta = inputs
+    return entries, negP, S, theta
+
+
 def _detached(value):
     if torch.is_tensor(value):
         return value.detach()
@@ -804,7 +811,7 @@ class DiffusionBase(torch.nn.Module):
             # parameters itself (c["map"]) and native_kernels reads A, D with their graph
             # from _A_D; ‖A‖₂ comes with them
             _, D, S, A, norm = native_param_values(*inputs)
-            mapping = (inputs[0], inputs[3], S, inputs[4])
+            mapping = _map_state(inputs, S)
         else:
             _, D, A, norm = self._mapped()
             mapping = None
@@ -839,8 +846,7 @@ class DiffusionBase(torch.nn.Module):
             return False
         D, S, A, norm, probs, dens = done
         memo = self._call_memo
-        memo[("coeffs", True)] = self._coeff_dict(A, D, True, True, norm, (inputs[0], inputs[3], S, inputs[4]),
-                                                  S0, s_T)
+        memo[("coeffs", True)] = self._coeff_dict(A, D, True, True, norm, _map_state(inputs, S), S0, s_T)
         memo[("call_table", t_min)] = (edges, probs, dens)
         return True
 
