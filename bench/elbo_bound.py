@@ -17,8 +17,8 @@ costs nothing at all:
 
 The variant still runs the rest of the step as compiled: the time draw, the native pipeline
 and its adjoint, randn, the perturbation and its score, the terms, backward, the SGD step and
-the benchmark's parameter copy.  The variants' Q and D do not follow their parameters, so
-their ELBO is not a process's: before timing, the script checks that at the initial
+the benchmark's parameter copy.  The variant's Q and D do not follow its parameters, so
+its ELBO is not a process's: before timing, the script checks that at the initial
 parameters each variant's ELBO terms equal the compiled process's (the same draw), so the
 same work is timed.
 
@@ -86,10 +86,11 @@ C_CALLS = {"NativeElboKernels.forward": ("sdec_elbo_forward_node",),
 
 def marshalling(x, steps=1500, warmup=200):
     """Where learned3's step spends its time around the C calls: mean µs per step inside each
-    native node's forward / backward (and the importance table's wrapper) against the µs inside
-    the C calls it makes, by wrapping both (perf_counter_ns; the wrappers' own cost is in the
-    node column); native_prepare stands for the setup, the rest of _prepare is not in it.  The difference is the Python and ATen work of marshalling (allocating the
-    outputs, pointers, ctypes arguments, saving for the backward)."""
+    native node's forward / backward and inside the setup's wrapper (native_prepare; the rest of
+    _prepare is not in it) against the µs inside the C calls they make, by wrapping both
+    (perf_counter_ns; the wrappers' own cost is in the node column).  The difference is the
+    Python and ATen work of marshalling (allocating the outputs, pointers, ctypes arguments,
+    saving for the backward)."""
     proc = kernels.compiled("learned3")
     mod = sys.modules[type(proc).__module__]
     spent, lib = {}, mod._loaded()
