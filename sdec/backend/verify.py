@@ -206,18 +206,27 @@ def _expm_reference(M, rounded=True):
 def check_semigroup(proc):
     """Φ(t2) against expm((B(t2) - B(t1)) A) Φ(t1), the step and the product at 40 digits
     (_expm_reference); NaN (a failure) where anything is not finite."""
-    t1, t2 = 0.2 * proc.T, 0.7 * proc.T
+    t1, t2 = SEMIGROUP_TIMES[0] * proc.T, SEMIGROUP_TIMES[1] * proc.T
     Phi1, _ = proc.transition(torch.tensor(t1, dtype=torch.float64))
     Phi2, _ = proc.transition(torch.tensor(t2, dtype=torch.float64))
+    return [Check("semigroup Φ(t2) = expm((B(t2) - B(t1)) A) Φ(t1)", _semigroup_error(proc, Phi1, Phi2), 1e-10)]
+
+
+SEMIGROUP_TIMES = (0.2, 0.7)   # check_semigroup's t1, t2 as fractions of T
+
+
+def _semigroup_error(proc, Phi1, Phi2):
+    """max |expm((B(t2) - B(t1)) A) Φ1 - Φ2| for check_semigroup's t1, t2 (SEMIGROUP_TIMES),
+    the step and the product at 40 digits; NaN where anything is not finite."""
+    t1, t2 = SEMIGROUP_TIMES[0] * proc.T, SEMIGROUP_TIMES[1] * proc.T
     B = proc.B(torch.tensor([t1, t2], dtype=torch.float64))
     A = _A(proc, torch.tensor(t1, dtype=torch.float64))
     step = _expm_reference(((B[1] - B[0]) * A).detach(), rounded=False)
-    err = math.nan
-    if step is not None and bool(torch.isfinite(Phi1).all()) and bool(torch.isfinite(Phi2).all()):
-        with mp.workdps(40):  # the product at 40 digits too: the check's own rounding stays out
-            R = step * mp.matrix(Phi1.tolist()) - mp.matrix(Phi2.tolist())
-            err = float(max(abs(R[i, j]) for i in range(R.rows) for j in range(R.cols)))
-    return [Check("semigroup Φ(t2) = expm((B(t2) - B(t1)) A) Φ(t1)", err, 1e-10)]
+    if step is None or not (bool(torch.isfinite(Phi1).all()) and bool(torch.isfinite(Phi2).all())):
+        return math.nan
+    with mp.workdps(40):  # the product at 40 digits too: the check's own rounding stays out
+        R = step * mp.matrix(Phi1.tolist()) - mp.matrix(Phi2.tolist())
+        return float(max(abs(R[i, j]) for i in range(R.rows) for j in range(R.cols)))
 
 
 def check_lyapunov(proc):
